@@ -1,0 +1,236 @@
+"""The contract between an algorithm and the engine.
+
+An algorithm says, in plain torch and without Ray:
+
+* **what is sent, and when**: :meth:`Algorithm.plan_client_round` returns
+  the bytes by kind and the FLOPs of each local iteration, and which
+  iterations upload to the server and wait for its reply. The simulated
+  clock and the dry run are derived from this alone.
+* **what a client does**: :meth:`start_round` (load the broadcast),
+  :meth:`forward` (iteration k up to the cut layer; returns the upload, if
+  the plan has one at k), :meth:`receive` (a server reply arrives),
+  :meth:`backward` (finish iteration k), :meth:`end_round` (what the client
+  uploads at the end, by name).
+* **what the server does**: :meth:`serve` (one upload, in simulated arrival
+  order; returns the reply, if the plan has one), :meth:`end_server_round`.
+* **what is aggregated**: the names in :attr:`aggregated` are averaged by
+  the engine with weights n_i / sum n_j, in client-id order, into the global
+  state that is broadcast next round.
+
+The engine never branches on an algorithm's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import Config
+from ..models import SplitArchitecture, state_bytes
+from ..netsim.cost import ModelCosts
+from ..netsim.planner import ClientRoundPlan
+
+State = dict[str, np.ndarray]          # a model's state dict as numpy arrays (zero-copy in Ray)
+LABEL_BYTES = 8                        # labels travel as int64
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Bytes on the wire of each model part, and of the smashed data per sample."""
+
+    client: int
+    server: int
+    aux: int
+    smashed_per_sample: int
+
+    @classmethod
+    def of(cls, arch: SplitArchitecture) -> "ModelSizes":
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            client, server, aux = arch.make_client(), arch.make_server(), arch.make_aux()
+        smashed = int(np.prod(arch.cut_shape)) * 4  # fp32 activations
+        return cls(state_bytes(client), state_bytes(server), state_bytes(aux), smashed)
+
+
+@dataclass
+class ClientState:
+    """One virtual client's persistent state, kept by the worker that hosts it."""
+
+    cid: int
+    num_samples: int
+    models: dict[str, nn.Module] = field(default_factory=dict)
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    carry: dict[str, Any] = field(default_factory=dict)   # forward -> backward of one iteration
+    metrics: dict[str, float] = field(default_factory=dict)  # this round's sums
+
+    def log(self, name: str, value: float) -> None:
+        self.metrics[name] = self.metrics.get(name, 0.0) + float(value)
+
+
+@dataclass
+class ServerState:
+    models: dict[str, nn.Module] = field(default_factory=dict)
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    per_client: dict[int, dict[str, Any]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)     # this round's sums
+    events: list[dict[str, Any]] = field(default_factory=list)  # this round's per-client events
+
+    def log(self, name: str, value: float) -> None:
+        self.metrics[name] = self.metrics.get(name, 0.0) + float(value)
+
+
+# ----------------------------------------------------------------- helpers
+
+def stream_seed(seed: int, *path: int | str) -> int:
+    """A 63-bit seed for the random stream named by (seed, *path).
+
+    Streams are named, not drawn in execution order, so results do not
+    depend on which worker runs what or in which order.
+    """
+    words = [seed] + [w if isinstance(w, int) else int.from_bytes(w.encode(), "little") % 2**32
+                      for w in path]
+    return int(np.random.SeedSequence(words).generate_state(2, dtype=np.uint32).view(np.uint64)[0]
+               >> np.uint64(1))
+
+
+@contextlib.contextmanager
+def seeded(seed: int, *path: int | str):
+    """Run a block (e.g. model construction) on torch's RNG seeded by a named stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stream_seed(seed, *path))
+        yield
+
+
+def to_state(module: nn.Module) -> State:
+    return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def load_state(module: nn.Module, state: State) -> None:
+    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+
+
+def make_optimizer(kind: str, params, lr: float, weight_decay: float,
+                   momentum: float) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+
+
+def cross_entropy_grad(model: nn.Module, h: torch.Tensor, y: torch.Tensor,
+                       create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, dL/dh) of the batch-mean cross-entropy of model(h)."""
+    leaf = h if h.requires_grad else h.detach().requires_grad_()
+    loss = F.cross_entropy(model(leaf), y)
+    (grad,) = torch.autograd.grad(loss, leaf, create_graph=create_graph)
+    return loss, grad
+
+
+# ------------------------------------------------------------- the contract
+
+class Algorithm:
+    name: ClassVar[str]
+    description: ClassVar[str]
+    aggregated: ClassVar[tuple[str, ...]]
+
+    def __init__(self, cfg: Config, arch: SplitArchitecture, sizes: ModelSizes,
+                 costs: ModelCosts):
+        self.cfg, self.arch, self.sizes, self.costs = cfg, arch, sizes, costs
+
+    # -- optimizers, one place so every algorithm builds them alike
+    def client_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        c = self.cfg
+        return make_optimizer(c.client_optimizer, module.parameters(), c.client_lr,
+                              c.client_weight_decay, c.momentum)
+
+    def server_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        c = self.cfg
+        return make_optimizer(c.server_optimizer, module.parameters(), c.server_lr,
+                              c.server_weight_decay, c.momentum)
+
+    def aux_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        c = self.cfg
+        return make_optimizer(c.aux_optimizer, module.parameters(), c.aux_lr,
+                              c.aux_weight_decay, c.momentum)
+
+    # -- initial models; every algorithm seeds x_c and x_s from the same
+    #    streams so that equivalence tests compare like with like.
+    def initial_client_model(self) -> nn.Module:
+        with seeded(self.cfg.seed, "init", "client"):
+            return self.arch.make_client()
+
+    def initial_server_model(self) -> nn.Module:
+        with seeded(self.cfg.seed, "init", "server"):
+            return self.arch.make_server()
+
+    def initial_aux_model(self, cid: int) -> nn.Module:
+        with seeded(self.cfg.seed, "init", "aux", cid):
+            return self.arch.make_aux()
+
+    # -- schedule (pure)
+    def plan_client_round(self, rnd: int, cid: int, batch_sizes: list[int]) -> ClientRoundPlan:
+        raise NotImplementedError
+
+    # -- global state
+    def init_global(self) -> dict[str, State]:
+        raise NotImplementedError
+
+    # -- client side
+    def init_client(self, client: ClientState) -> None:
+        raise NotImplementedError
+
+    def start_round(self, client: ClientState, rnd: int, global_state: dict[str, State]) -> None:
+        raise NotImplementedError
+
+    def forward(self, client: ClientState, rnd: int, k: int, x: torch.Tensor,
+                y: torch.Tensor) -> Any | None:
+        raise NotImplementedError
+
+    def receive(self, client: ClientState, rnd: int, reply: Any) -> None:
+        raise NotImplementedError(f"{self.name} sends no replies to clients")
+
+    def backward(self, client: ClientState, rnd: int, k: int) -> None:
+        raise NotImplementedError
+
+    def end_round(self, client: ClientState, rnd: int) -> dict[str, State]:
+        raise NotImplementedError
+
+    # -- server side
+    def init_server(self) -> ServerState:
+        return ServerState()
+
+    def serve(self, server: ServerState, rnd: int, cid: int, k: int, upload: Any) -> Any | None:
+        raise NotImplementedError(f"{self.name} sends nothing to the server during training")
+
+    def end_server_round(self, server: ServerState, rnd: int,
+                         global_state: dict[str, State]) -> None:
+        """Server work after aggregation (e.g. averaging server-side copies)."""
+
+    def eval_model(self, server: ServerState, global_state: dict[str, State]) -> nn.Module:
+        """The model whose test accuracy is reported for this round."""
+        raise NotImplementedError
+
+
+def weighted_average(weighted_states: list[tuple[float, State]]) -> State:
+    """FedAvg of whole states (parameters and buffers), summed in the order given.
+
+    The caller passes clients in id order so that the floating-point sum, and
+    hence the result, is the same whatever worker computed each state.
+    Sums run in float64 and are cast back to each entry's dtype (integer
+    buffers such as BatchNorm's num_batches_tracked are rounded).
+    """
+    first = weighted_states[0][1]
+    sums = {name: np.zeros(arr.shape, np.float64) for name, arr in first.items()}
+    for weight, state in weighted_states:
+        for name, acc in sums.items():
+            acc += weight * state[name]
+    out = {}
+    for name, acc in sums.items():
+        dtype = first[name].dtype
+        out[name] = (np.rint(acc) if np.issubdtype(dtype, np.integer) else acc).astype(dtype)
+    return out

@@ -1,0 +1,227 @@
+"""FSL-SAGE: federated split learning via smashed activation gradient estimation.
+
+Nair et al., ICML 2025 (arXiv 2505.23182). Client i holds its part x_c,i of
+the model and an auxiliary model x_a,i that *estimates* the gradient the
+server would return for the smashed activations h. The server holds one x_s
+and, per client, the last ``align_buffer`` uploaded smashed samples and a
+copy of x_a,i, which it periodically aligns to the true gradients.
+
+Per local iteration k of client i in round t (q = server_update_interval,
+l = align_interval):
+
+1. h = x_c,i(x)
+2. if k % q == 0: upload (h, y); the server steps x_s on CE(x_s(h), y) and
+   appends (h, y) to client i's buffer. Nothing is sent back ...
+3. ... unless t % l == 0 and k == 0: the server then aligns x_a,i and sends
+   it down; with ``align_blocking`` (the reference) the client waits and uses
+   it at once, otherwise it goes on with the old x_a,i until it arrives.
+4. g_hat = d/dh mean_b CE(x_a,i(h)_b, y_b); backpropagate g_hat through
+   x_c,i and step. The client never updates x_a,i.
+
+End of round: FedAvg of the client models (2 |x_c| per client).
+
+Alignment minimises sum over elements (g_hat - z)^2 for align_epochs epochs
+of Adam, where z are the true cut-layer gradients under the current x_s.
+Scales: z is computed per align-batch-sized chunk of the buffer as the
+gradient of a *summed* loss (one row per sample), and so is the estimate;
+both are divided by the batch size b, which makes them gradients of a
+batch-mean loss as in the reference. With the defaults (buffer 1000, batch
+1000) this is exactly the reference objective; with other sizes each batch
+keeps the batch-mean scale that a client sees during training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..netsim.planner import ClientRoundPlan, Exchange
+from .base import (LABEL_BYTES, Algorithm, ClientState, ServerState, cross_entropy_grad,
+                   load_state, stream_seed, to_state)
+
+
+class FSLSage(Algorithm):
+    name = "fsl_sage"
+    description = ("clients train on auxiliary-model gradient estimates; the server "
+                   "periodically aligns them (Nair et al. ICML 2025)")
+    aggregated = ("client",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Smashed samples each client has uploaded so far, for the cost of
+        # alignment in the plan (plans are made in round order).
+        self._planned_uploads: dict[int, int] = {}
+
+    # ------------------------------------------------------------ schedule
+    def uploads_at(self, k: int) -> bool:
+        return k % self.cfg.server_update_interval == 0
+
+    def aligns_at(self, rnd: int, k: int) -> bool:
+        return rnd % self.cfg.align_interval == 0 and k == 0
+
+    def alignment_flops(self, buffered: int) -> float:
+        targets = self.costs.server_step * buffered
+        return targets + self.cfg.align_epochs * buffered * self.costs.align_step
+
+    def plan_client_round(self, rnd, cid, batch_sizes):
+        c, s = self.costs, self.sizes
+        exchanges = {}
+        for k, b in enumerate(batch_sizes):
+            if not self.uploads_at(k):
+                continue
+            buffered = min(self.cfg.align_buffer, self._planned_uploads.get(cid, 0) + b)
+            self._planned_uploads[cid] = buffered
+            work = c.server_step * b
+            if self.aligns_at(rnd, k):
+                exchanges[k] = Exchange(
+                    k, up={"smashed_up": s.smashed_per_sample * b, "labels_up": LABEL_BYTES * b},
+                    server_flops=work + self.alignment_flops(buffered),
+                    down={"aux_down": s.aux}, blocking=self.cfg.align_blocking)
+            else:
+                exchanges[k] = Exchange(
+                    k, up={"smashed_up": s.smashed_per_sample * b, "labels_up": LABEL_BYTES * b},
+                    server_flops=work)
+        return ClientRoundPlan(
+            cid,
+            download={"client_model_down": s.client},
+            forward_flops=[c.client_forward * b for b in batch_sizes],
+            backward_flops=[(c.aux_estimate + c.client_backward) * b for b in batch_sizes],
+            exchanges=exchanges,
+            upload={"client_model_up": s.client},
+        )
+
+    def init_global(self):
+        return {"client": to_state(self.initial_client_model())}
+
+    # -------------------------------------------------------------- client
+    def init_client(self, client: ClientState) -> None:
+        x_c = self.arch.make_client()
+        client.models["client"] = x_c
+        client.models["aux"] = self.initial_aux_model(client.cid)
+        client.optimizers["client"] = self.client_optimizer(x_c)
+
+    def start_round(self, client, rnd, global_state):
+        load_state(client.models["client"], global_state["client"])
+
+    def forward(self, client, rnd, k, x, y):
+        smashed = client.models["client"](x)
+        client.carry.update(smashed=smashed, y=y)
+        if self.uploads_at(k):
+            return {"smashed": smashed.detach().cpu().numpy(), "y": y.cpu().numpy()}
+        return None
+
+    def receive(self, client, rnd, reply):
+        load_state(client.models["aux"], reply)
+
+    def backward(self, client, rnd, k):
+        smashed, y = client.carry.pop("smashed"), client.carry.pop("y")
+        loss, g_hat = cross_entropy_grad(client.models["aux"], smashed.detach(), y)
+        optimizer = client.optimizers["client"]
+        optimizer.zero_grad()
+        smashed.backward(g_hat)
+        optimizer.step()
+        client.log("train_loss_sum", loss.item() * len(y))
+        client.log("train_samples", len(y))
+
+    def end_round(self, client, rnd):
+        return {"client": to_state(client.models["client"])}
+
+    # -------------------------------------------------------------- server
+    def init_server(self) -> ServerState:
+        x_s = self.initial_server_model()
+        return ServerState(models={"server": x_s}, optimizers={"server": self.server_optimizer(x_s)})
+
+    def _client_slot(self, server: ServerState, cid: int) -> dict:
+        slot = server.per_client.get(cid)
+        if slot is None:
+            # The server's copy of x_a,i starts equal to the client's: both
+            # come from the same named random stream.
+            slot = server.per_client[cid] = {
+                "aux": self.initial_aux_model(cid),
+                "smashed": np.zeros((0,) + self.arch.cut_shape, np.float32),
+                "y": np.zeros(0, np.int64),
+            }
+        return slot
+
+    def serve(self, server, rnd, cid, k, upload):
+        x_s, optimizer = server.models["server"], server.optimizers["server"]
+        smashed, y = torch.from_numpy(upload["smashed"]), torch.from_numpy(upload["y"])
+        loss = F.cross_entropy(x_s(smashed), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        server.log("server_loss_sum", loss.item() * len(y))
+        server.log("server_samples", len(y))
+
+        slot = self._client_slot(server, cid)
+        keep = self.cfg.align_buffer
+        slot["smashed"] = np.concatenate([slot["smashed"], upload["smashed"]])[-keep:]
+        slot["y"] = np.concatenate([slot["y"], upload["y"]])[-keep:]
+        if not self.aligns_at(rnd, k):
+            return None
+        before, after = self.align(server, cid, rnd)
+        server.events.append({"client": cid, "round": rnd, "nmse_before": before,
+                              "nmse_after": after, "buffered": len(slot["y"])})
+        return to_state(slot["aux"])
+
+    # ----------------------------------------------------------- alignment
+    def true_gradients(self, x_s: nn.Module, smashed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample cut-layer gradients z of CE(x_s(h), y), leaving x_s untouched.
+
+        No optimizer step and no parameter gradients; BatchNorm running
+        statistics, which a train-mode forward would move, are restored.
+        """
+        saved = {name: buf.clone() for name, buf in x_s.named_buffers()}
+        chunks = []
+        for h, target in zip(smashed.split(self.cfg.align_batch_size),
+                             y.split(self.cfg.align_batch_size)):
+            leaf = h.detach().requires_grad_()
+            loss = F.cross_entropy(x_s(leaf), target, reduction="sum")
+            (z,) = torch.autograd.grad(loss, leaf)
+            chunks.append(z)
+        with torch.no_grad():
+            for name, buf in x_s.named_buffers():
+                buf.copy_(saved[name])
+        return torch.cat(chunks)
+
+    def estimates(self, aux: nn.Module, smashed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample g_hat over the buffer, chunked as the targets are."""
+        chunks = []
+        for h, target in zip(smashed.split(self.cfg.align_batch_size),
+                             y.split(self.cfg.align_batch_size)):
+            _, g = cross_entropy_grad(aux, h, target)
+            chunks.append(g * len(target))
+        return torch.cat(chunks)
+
+    @staticmethod
+    def nmse(estimate: torch.Tensor, target: torch.Tensor) -> float:
+        return float((estimate - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30))
+
+    def align(self, server: ServerState, cid: int, rnd: int) -> tuple[float, float]:
+        """Train the server's copy of x_a,i on the buffer; returns NMSE before and after."""
+        slot = self._client_slot(server, cid)
+        aux = slot["aux"]
+        smashed, y = torch.from_numpy(slot["smashed"]), torch.from_numpy(slot["y"])
+        z = self.true_gradients(server.models["server"], smashed, y)
+        before = self.nmse(self.estimates(aux, smashed, y), z)
+
+        optimizer = self.aux_optimizer(aux)
+        order = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "align", cid, rnd))
+        for _ in range(self.cfg.align_epochs):
+            for batch in torch.randperm(len(y), generator=order).split(self.cfg.align_batch_size):
+                b = len(batch)
+                _, g_hat = cross_entropy_grad(aux, smashed[batch], y[batch], create_graph=True)
+                loss = (g_hat - z[batch] / b).pow(2).sum()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        return before, self.nmse(self.estimates(aux, smashed, y), z)
+
+    def eval_model(self, server, global_state):
+        lower = server.models.get("eval_client")
+        if lower is None:
+            lower = server.models["eval_client"] = self.arch.make_client()
+        load_state(lower, global_state["client"])
+        return nn.Sequential(lower, server.models["server"])

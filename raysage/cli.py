@@ -1,0 +1,133 @@
+"""The ``raysage`` command: a thin layer over :mod:`raysage`'s Python API.
+
+Every config field is a flag of ``raysage simulate`` with the field's name
+(``client_lr`` -> ``--client-lr``); the flags are generated from the Config
+dataclass so that the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .config import FIELDS, load_config
+from .errors import RaysageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Simulate federated split learning (FSL-SAGE and baselines) on Ray.")
+
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": str}
+
+
+def _field_options() -> list[inspect.Parameter]:
+    params = []
+    for name, f in FIELDS.items():
+        kind = str(f.type).replace(" | None", "")
+        meta = f.metadata
+        help_text = meta["help"]
+        if meta.get("choices"):
+            help_text += f"; one of: {', '.join(meta['choices'])}"
+        if f.default is not None:
+            help_text += f" (default: {f.default})"
+        option = typer.Option(None, f"--{name.replace('_', '-')}", help=help_text,
+                              show_default=False)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=Optional[_FLAG_TYPES.get(kind, str)]))
+    return params
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.{digits}f}"
+
+
+def _run_simulate(config_file: Optional[Path], **overrides: Any) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .engine.orchestrator import GIB, simulate
+
+    console = Console(stderr=True)
+    try:
+        cfg = load_config(config_file, **overrides)
+        progress = Progress(TextColumn("round {task.completed}/{task.total}"), BarColumn(),
+                            TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                            console=console, transient=False)
+        with progress:
+            task = progress.add_task("simulate", total=cfg.rounds, status="starting")
+
+            def on_round(row: dict) -> None:
+                status = (f"acc {_fmt(row['accuracy'])}  {row['cumulative_bytes'] / GIB:.3f} GiB  "
+                          f"sim {row['sim_time']:.1f} s")
+                progress.update(task, completed=row["round"] + 1, status=status)
+
+            result = simulate(cfg, on_round=on_round,
+                              announce=lambda line: progress.console.print(line))
+    except RaysageError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; the run folder holds the rounds that finished")
+
+    s = result.summary
+    table = Table(title=f"raysage {s['algorithm']} - {s['clients']} clients, {s['rounds']} rounds")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for label, value in [
+        ("final test accuracy", _fmt(s["final_accuracy"])),
+        ("best test accuracy", _fmt(s["best_accuracy"])),
+        ("communication (GiB, labels included)", f"{s['total_gib']:.4f}"),
+        ("communication (bytes, paper total)", f"{s['paper_total_bytes']:,}"),
+        ("simulated time (s)", f"{s['sim_time_s']:.2f}"),
+        ("wall time (s, after start-up)", f"{s['wall_time_s']:.2f}"),
+        ("start-up (s)", f"{s['startup_s']:.2f}"),
+        ("run folder", s["run_dir"]),
+    ]:
+        table.add_row(label, value)
+    Console().print(table)
+
+
+def simulate_command(config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="YAML file of config fields; flags override it"),
+        **overrides: Any) -> None:
+    """Run one simulation and write its run folder."""
+    _run_simulate(config, **overrides)
+
+
+simulate_command.__signature__ = inspect.Signature(
+    [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY,
+                       default=inspect.signature(simulate_command).parameters["config"].default,
+                       annotation=Optional[Path])]
+    + _field_options())
+app.command("simulate")(simulate_command)
+
+
+@app.command("algorithms")
+def algorithms_command() -> None:
+    """List the simulated algorithms."""
+    from .algorithms import ALGORITHMS
+
+    for name, cls in ALGORITHMS.items():
+        typer.echo(f"{name:10s} {cls.description}")
+
+
+def main() -> None:
+    try:
+        app()
+    except RaysageError as exc:  # errors raised outside a command body
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

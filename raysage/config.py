@@ -1,0 +1,278 @@
+"""One validated configuration object for a simulation.
+
+A :class:`Config` is built from defaults, then a YAML file, then CLI flags
+(each later source overrides the earlier). Every field is a flat, typed
+value so that every field is also a CLI flag (``--client-lr 0.01``) and a
+YAML key (``client_lr: 0.01``). Validation happens in one place and fails
+with a one-line :class:`~raysage.errors.ConfigError` naming the field, the
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+# Names are checked here (not by importing the algorithm and model modules)
+# so that loading a config stays cheap and torch-free; the engine checks that
+# each name really maps to an implementation.
+ALGORITHM_NAMES = ("fsl_sage", "fedavg")
+MODEL_NAMES = ("cnn", "resnet18")
+DATASET_NAMES = ("synthetic", "cifar10", "cifar100")
+PARTITION_NAMES = ("iid", "dirichlet", "shards")
+OPTIMIZER_NAMES = ("adam", "sgd")
+BACKEND_NAMES = ("ray", "serial")
+PROFILE_NAMES = ("uniform", "heterogeneous")
+
+
+def _meta(help: str, *, choices: tuple[str, ...] | None = None, minimum: float | None = None,
+          maximum: float | None = None, exclusive_min: bool = False) -> dict[str, Any]:
+    return {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum,
+            "exclusive_min": exclusive_min}
+
+
+@dataclass
+class Config:
+    # What to simulate.
+    algorithm: str = field(default="fsl_sage", metadata=_meta(
+        "algorithm to simulate", choices=ALGORITHM_NAMES))
+    model: str = field(default="cnn", metadata=_meta("split model", choices=MODEL_NAMES))
+    dataset: str = field(default="synthetic", metadata=_meta(
+        "dataset: synthetic (embedded, no files), cifar10 or cifar100 (need --data-dir)",
+        choices=DATASET_NAMES))
+    data_dir: str | None = field(default=None, metadata=_meta(
+        "folder with cifar-10-batches-py/ or cifar-100-python/, or an .npz file"))
+    samples_per_client: int | None = field(default=None, metadata=_meta(
+        "training samples per client (default: 100 for synthetic, train size / clients otherwise)",
+        minimum=1))
+    test_samples: int | None = field(default=None, metadata=_meta(
+        "test samples (default: 1000 for synthetic, the whole test split otherwise)", minimum=1))
+    partition: str = field(default="iid", metadata=_meta(
+        "how training data is split over clients", choices=PARTITION_NAMES))
+    alpha: float = field(default=0.5, metadata=_meta(
+        "Dirichlet concentration (partition=dirichlet); smaller is more skewed",
+        minimum=0.0, exclusive_min=True))
+    shards_per_client: int = field(default=2, metadata=_meta(
+        "label-sorted shards per client (partition=shards)", minimum=1))
+
+    # Federation.
+    clients: int = field(default=10, metadata=_meta("number of clients m", minimum=1))
+    participation: float = field(default=1.0, metadata=_meta(
+        "fraction of clients sampled each round", minimum=0.0, maximum=1.0, exclusive_min=True))
+    rounds: int = field(default=10, metadata=_meta("communication rounds T", minimum=1))
+    local_epochs: int = field(default=1, metadata=_meta("local epochs E per round", minimum=1))
+    batch_size: int = field(default=20, metadata=_meta("local batch size B", minimum=1))
+
+    # Optimizers of the client model x_c, server model x_s and auxiliary model x_a.
+    client_optimizer: str = field(default="adam", metadata=_meta(
+        "optimizer of x_c", choices=OPTIMIZER_NAMES))
+    client_lr: float = field(default=1e-3, metadata=_meta(
+        "learning rate of x_c", minimum=0.0, exclusive_min=True))
+    client_weight_decay: float = field(default=1e-4, metadata=_meta(
+        "weight decay of x_c", minimum=0.0))
+    server_optimizer: str = field(default="adam", metadata=_meta(
+        "optimizer of x_s", choices=OPTIMIZER_NAMES))
+    server_lr: float = field(default=1e-3, metadata=_meta(
+        "learning rate of x_s", minimum=0.0, exclusive_min=True))
+    server_weight_decay: float = field(default=1e-4, metadata=_meta(
+        "weight decay of x_s", minimum=0.0))
+    aux_optimizer: str = field(default="adam", metadata=_meta(
+        "optimizer of x_a when trained (alignment, local-loss methods)", choices=OPTIMIZER_NAMES))
+    aux_lr: float = field(default=1e-3, metadata=_meta(
+        "learning rate of x_a", minimum=0.0, exclusive_min=True))
+    aux_weight_decay: float = field(default=0.0, metadata=_meta(
+        "weight decay of x_a", minimum=0.0))
+    momentum: float = field(default=0.0, metadata=_meta(
+        "momentum of every SGD optimizer", minimum=0.0, maximum=1.0))
+
+    # FSL-SAGE / CSE-FSL parameters.
+    server_update_interval: int = field(default=5, metadata=_meta(
+        "q: clients upload smashed data every q-th local iteration", minimum=1))
+    align_interval: int = field(default=10, metadata=_meta(
+        "l: the server aligns auxiliary models in rounds t with t % l == 0", minimum=1))
+    align_epochs: int = field(default=100, metadata=_meta(
+        "epochs of each alignment", minimum=1))
+    align_batch_size: int = field(default=1000, metadata=_meta(
+        "batch size of alignment", minimum=1))
+    align_buffer: int = field(default=1000, metadata=_meta(
+        "smashed samples the server keeps per client for alignment", minimum=1))
+    align_blocking: bool = field(default=True, metadata=_meta(
+        "the client waits for its aligned auxiliary model (true, as the reference) "
+        "or goes on with the old one until it arrives"))
+
+    # Simulated world.
+    profile: str = field(default="uniform", metadata=_meta(
+        "device and link profile preset", choices=PROFILE_NAMES))
+    server_flops: float = field(default=2e13, metadata=_meta(
+        "server compute rate in FLOP/s", minimum=0.0, exclusive_min=True))
+
+    # Execution.
+    backend: str = field(default="ray", metadata=_meta(
+        "ray (actors) or serial (in-process, same results)", choices=BACKEND_NAMES))
+    workers: int = field(default=0, metadata=_meta(
+        "client worker actors (0: as many as the CPUs allow)", minimum=0))
+    cpus_per_worker: float = field(default=1.0, metadata=_meta(
+        "CPUs reserved per client worker (fractions allowed)", minimum=0.0))
+    gpus_per_worker: float = field(default=0.0, metadata=_meta(
+        "GPUs reserved per client worker (fractions such as 0.25 allowed)", minimum=0.0))
+    server_cpus: float = field(default=0.0, metadata=_meta(
+        "CPUs reserved for the server actor", minimum=0.0))
+    server_gpus: float = field(default=0.0, metadata=_meta(
+        "GPUs reserved for the server actor", minimum=0.0))
+    threads: int = field(default=0, metadata=_meta(
+        "torch threads per worker and server (0: CPUs per worker, at least 1)", minimum=0))
+    eval_every: int = field(default=1, metadata=_meta(
+        "evaluate the global model every this many rounds (and after the last)", minimum=1))
+    seed: int = field(default=200, metadata=_meta("seed of every random stream"))
+    out: str | None = field(default=None, metadata=_meta(
+        "run folder (default: runs/<algorithm>-<dataset>-<clients>c-<time>)"))
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def torch_threads(self) -> int:
+        return self.threads or max(1, int(self.cpus_per_worker))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Config":
+        return build_config(self.to_dict(), changes)
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(Config)}
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return str(f.type).replace(" | None", "").replace("None | ", "")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a YAML/CLI value into the field's type, or fail naming the field."""
+    f = FIELDS[name]
+    kind = _type_name(f)
+    optional = "None" in str(f.type)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ConfigError(f"config field '{name}' must not be empty; give a {kind}")
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "yes", "1", "on"):
+                return True
+            if text in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, float) and not number.is_integer():
+                raise ValueError
+            return int(number)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config field '{name}' = {value!r} is not a valid {kind}") from None
+
+
+def _check(name: str, value: Any) -> None:
+    meta = FIELDS[name].metadata
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"config field '{name}' = {value!r} is not allowed; choose one of: "
+                          + ", ".join(choices))
+    low, high = meta.get("minimum"), meta.get("maximum")
+    if low is not None:
+        if meta.get("exclusive_min") and not value > low:
+            raise ConfigError(f"config field '{name}' = {value!r} must be greater than {low:g}")
+        if not meta.get("exclusive_min") and value < low:
+            raise ConfigError(f"config field '{name}' = {value!r} must be at least {low:g}")
+    if high is not None and value > high:
+        raise ConfigError(f"config field '{name}' = {value!r} must be at most {high:g}")
+
+
+def _check_together(cfg: Config) -> None:
+    """Rules that involve more than one field."""
+    if cfg.dataset != "synthetic" and not cfg.data_dir:
+        raise ConfigError(f"dataset '{cfg.dataset}' needs data: pass --data-dir with a folder "
+                          "holding the python-format batches or an .npz file")
+    if cfg.gpus_per_worker > 1 and not float(cfg.gpus_per_worker).is_integer():
+        raise ConfigError(f"config field 'gpus_per_worker' = {cfg.gpus_per_worker} must be a "
+                          "fraction below 1 or a whole number of GPUs")
+    if cfg.cpus_per_worker == 0 and cfg.gpus_per_worker == 0:
+        raise ConfigError("config fields 'cpus_per_worker' and 'gpus_per_worker' are both 0; "
+                          "a worker must reserve some CPU or GPU")
+
+
+def build_config(*sources: dict[str, Any] | None) -> Config:
+    """Merge mappings of field -> value (later wins) over the defaults and validate."""
+    merged: dict[str, Any] = {}
+    for source in sources:
+        for key, value in (source or {}).items():
+            name = key.replace("-", "_")
+            if name not in FIELDS:
+                raise ConfigError(f"unknown config field '{key}'; known fields: "
+                                  + ", ".join(FIELDS))
+            merged[name] = value
+    values = {name: _coerce(name, value) for name, value in merged.items()}
+    for name, value in values.items():
+        _check(name, value)
+    cfg = Config(**values)
+    _check_together(cfg)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{line}; fix its syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of field: value, "
+                          f"not a {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Defaults, then the YAML file (if any), then keyword overrides (None = not given)."""
+    file_values = read_yaml(path) if path is not None else {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return build_config(file_values, given)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_fingerprint(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True)

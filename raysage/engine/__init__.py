@@ -1,0 +1,1 @@
+"""Ray actors (client workers, server), the serial backend, and the orchestrator."""

@@ -1,0 +1,124 @@
+"""Where client workers and the server run: in-process (serial) or as Ray actors.
+
+Both backends offer the same five verbs -- create, put, call, get, close --
+so the orchestrator is one piece of code. With Ray, ``call`` returns object
+references and passes them on unresolved: smashed activations go from a
+client worker to the server, and replies back, through the object store,
+never through the driver.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..config import Config
+from ..errors import RaysageError
+
+
+class SerialBackend:
+    """Everything in this process, in the plan's causal order."""
+
+    name = "serial"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def worker_count(self, num_clients: int) -> int:
+        return max(1, min(self.cfg.workers or 1, num_clients))
+
+    def describe(self) -> str:
+        return "in-process serial backend"
+
+    def create(self, cls, *args, server: bool = False):
+        return cls(*args)
+
+    def put(self, value):
+        return value
+
+    def call(self, target, method: str, *args, num_returns: int = 1):
+        return getattr(target, method)(*args)
+
+    def get(self, value):
+        return value
+
+    def close(self) -> None:
+        pass
+
+
+class RayBackend:
+    """Client workers and the server as Ray actors with fractional resources."""
+
+    name = "ray"
+
+    def __init__(self, cfg: Config):
+        import ray
+
+        self.cfg = cfg
+        self.ray = ray
+        self.started_here = False
+        if not ray.is_initialized():
+            # Keep Ray quiet and light on a laptop: no dashboard, warnings only.
+            os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+            ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+            self.started_here = True
+        resources = ray.cluster_resources()
+        self.cpus = float(resources.get("CPU", 0))
+        self.gpus = float(resources.get("GPU", 0))
+        self.nodes = len([n for n in ray.nodes() if n.get("Alive")])
+        if cfg.gpus_per_worker > 0 and self.gpus == 0:
+            raise RaysageError(f"gpus_per_worker = {cfg.gpus_per_worker} but the Ray cluster has "
+                               "no GPU; set --gpus-per-worker 0 or connect to a cluster with GPUs")
+
+    def worker_count(self, num_clients: int) -> int:
+        cfg = self.cfg
+        if cfg.workers:
+            count = cfg.workers
+        else:
+            # As many workers as the reservations fit beside the server's.
+            fits = []
+            if cfg.cpus_per_worker > 0:
+                fits.append((self.cpus - cfg.server_cpus) // cfg.cpus_per_worker)
+            if cfg.gpus_per_worker > 0:
+                fits.append((self.gpus - cfg.server_gpus) // cfg.gpus_per_worker)
+            count = int(min(fits)) if fits else 1
+        needed_cpus = count * cfg.cpus_per_worker + cfg.server_cpus
+        if needed_cpus > self.cpus + 1e-9:
+            raise RaysageError(f"{count} workers x {cfg.cpus_per_worker} CPUs + server "
+                               f"{cfg.server_cpus} CPUs need {needed_cpus:g} CPUs but the Ray "
+                               f"cluster has {self.cpus:g}; lower --workers or --cpus-per-worker")
+        return max(1, min(count, num_clients))
+
+    def describe(self) -> str:
+        return (f"Ray cluster of {self.nodes} node(s), {self.cpus:g} CPUs, {self.gpus:g} GPUs")
+
+    def create(self, cls, *args, server: bool = False):
+        cfg = self.cfg
+        cpus, gpus = ((cfg.server_cpus, cfg.server_gpus) if server
+                      else (cfg.cpus_per_worker, cfg.gpus_per_worker))
+        actor = self.ray.remote(cls).options(num_cpus=cpus, num_gpus=gpus)
+        return actor.remote(*args)
+
+    def put(self, value):
+        return self.ray.put(value)
+
+    def call(self, target, method: str, *args, num_returns: int = 1):
+        return getattr(target, method).options(num_returns=num_returns).remote(*args)
+
+    def get(self, value):
+        try:
+            return self.ray.get(value)
+        except self.ray.exceptions.RayTaskError as exc:
+            # Our own errors are for the user: show their one line, not Ray's trace.
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, RaysageError):
+                raise type(cause)(str(cause)) from None
+            raise
+
+    def close(self) -> None:
+        if self.started_here:
+            self.ray.shutdown()
+
+
+def make_backend(cfg: Config):
+    return RayBackend(cfg) if cfg.backend == "ray" else SerialBackend(cfg)

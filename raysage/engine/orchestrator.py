@@ -1,0 +1,285 @@
+"""The orchestrator: runs rounds on a backend and writes the results.
+
+Per round: sample participants (seeded by round), plan the round on the
+simulated clock, put the global state in the object store once, execute
+the plan's actions in causal order, average what the algorithm aggregates
+in client-id order, let the server finish the round, evaluate, write.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..algorithms import ModelSizes, algorithm_class
+from ..algorithms.base import Algorithm, State, stream_seed, weighted_average
+from ..config import Config
+from ..data import ArrayDataset, load_dataset, partition
+from ..errors import ConfigError
+from ..models import get_architecture
+from ..netsim.cost import measure_costs
+from ..netsim.planner import RoundSchedule, Segment, plan_round
+from ..netsim.profiles import DeviceProfile, client_profiles
+from ..results import RunWriter
+from .backend import make_backend
+from .runtime import ClientRuntime, ServerRuntime, Setup, batch_sizes, process_memory
+
+# Byte kinds in a fixed order so every row has every column.
+BYTE_KINDS = ("smashed_up", "labels_up", "grad_down", "client_model_up", "client_model_down",
+              "aux_up", "aux_down", "server_model")
+SYNTHETIC_SAMPLES_PER_CLIENT = 100
+SYNTHETIC_TEST_SAMPLES = 1000
+GIB = 2**30
+
+
+@dataclass
+class World:
+    """Everything about a simulation that exists before anything runs."""
+
+    cfg: Config
+    data: ArrayDataset
+    client_indices: list[np.ndarray]
+    algorithm: Algorithm
+    setup: Setup
+    profiles: list[DeviceProfile]
+
+    def participants(self, rnd: int) -> list[int]:
+        m = self.cfg.clients
+        count = max(1, round(self.cfg.participation * m))
+        if count == m:
+            return list(range(m))
+        rng = np.random.default_rng(stream_seed(self.cfg.seed, "participants", rnd))
+        return sorted(int(c) for c in rng.choice(m, size=count, replace=False))
+
+    def plan(self, rnd: int, start: float) -> RoundSchedule:
+        plans = [self.algorithm.plan_client_round(
+                     rnd, cid, batch_sizes(len(self.client_indices[cid]), self.cfg))
+                 for cid in self.participants(rnd)]
+        profiles = {p.cid: self.profiles[p.cid] for p in plans}
+        return plan_round(plans, profiles, self.cfg.server_flops, start)
+
+
+def build_world(cfg: Config) -> World:
+    """Load data, partition it and build the algorithm; every input error surfaces here."""
+    synthetic = cfg.dataset == "synthetic"
+    per_client = cfg.samples_per_client or (SYNTHETIC_SAMPLES_PER_CLIENT if synthetic else None)
+    data = load_dataset(
+        cfg.dataset, cfg.data_dir,
+        num_train=per_client * cfg.clients if synthetic else None,
+        num_test=cfg.test_samples or (SYNTHETIC_TEST_SAMPLES if synthetic else None),
+        seed=cfg.seed)
+    indices = partition(data.y_train, cfg.clients, cfg.partition, alpha=cfg.alpha,
+                        shards_per_client=cfg.shards_per_client, samples_per_client=per_client,
+                        seed=cfg.seed)
+    arch = get_architecture(cfg.model, data.num_classes)
+    sizes, costs = ModelSizes.of(arch), measure_costs(arch)
+    setup = Setup(cfg.to_dict(), data.num_classes, tuple(data.mean), tuple(data.std), sizes, costs)
+    algorithm = algorithm_class(cfg.algorithm)(cfg, arch, sizes, costs)
+    return World(cfg, data, indices, algorithm, setup,
+                 client_profiles(cfg.profile, cfg.clients, cfg.seed))
+
+
+def place_clients(sizes: list[int], workers: int) -> list[int]:
+    """Sticky placement: worker of each client, balancing samples (longest first)."""
+    load = [0] * workers
+    owner = [0] * len(sizes)
+    for cid in sorted(range(len(sizes)), key=lambda c: (-sizes[c], c)):
+        w = min(range(workers), key=lambda i: (load[i], i))
+        owner[cid] = w
+        load[w] += sizes[cid]
+    return owner
+
+
+def default_run_dir(cfg: Config) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.algorithm}-{cfg.dataset}-{cfg.clients}c-{stamp}"
+
+
+@dataclass
+class SimulationResult:
+    run_dir: Path
+    rounds: list[dict[str, Any]]
+    clients: list[dict[str, Any]]
+    summary: dict[str, Any]
+    global_state: dict[str, State] = field(repr=False, default_factory=dict)
+
+
+class Orchestrator:
+    def __init__(self, world: World, announce: Callable[[str], None]):
+        self.world = world
+        self.cfg = world.cfg
+        self.backend = make_backend(self.cfg)
+        try:
+            self._start(announce)
+        except BaseException:
+            self.backend.close()
+            raise
+
+    def _start(self, announce) -> None:
+        cfg, world, backend = self.cfg, self.world, self.backend
+        n_workers = backend.worker_count(cfg.clients)
+        self.owner = place_clients([len(ix) for ix in world.client_indices], n_workers)
+        data = world.data
+        train = backend.put({"x_train": data.x_train, "y_train": data.y_train})
+        test = backend.put({"x_test": data.x_test, "y_test": data.y_test})
+        self.server = backend.create(ServerRuntime, world.setup, test, server=True)
+        self.workers = []
+        for w in range(n_workers):
+            shard = {cid: world.client_indices[cid]
+                     for cid in range(cfg.clients) if self.owner[cid] == w}
+            self.workers.append(backend.create(ClientRuntime, world.setup, train, shard))
+        announce(f"raysage: {cfg.algorithm} with {cfg.clients} virtual clients on {n_workers} "
+                 f"worker(s) ({cfg.cpus_per_worker:g} CPU, {cfg.gpus_per_worker:g} GPU, "
+                 f"{cfg.torch_threads} torch thread(s) each) + 1 server "
+                 f"({cfg.server_cpus:g} CPU, {cfg.server_gpus:g} GPU); {backend.describe()}")
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def execute(self, rnd: int, schedule: RoundSchedule, global_ref) -> dict[int, Any]:
+        """Submit the round's actions in causal order; returns end-of-round refs by client."""
+        backend = self.backend
+        uploads, replies, ends = {}, {}, {}
+        for action in schedule.actions:
+            if isinstance(action, Segment):
+                worker = self.workers[self.owner[action.cid]]
+                reply = replies[action.reply_of] if action.reply_of is not None else None
+                sent, end = backend.call(worker, "run_segment", rnd, action,
+                                         global_ref if action.is_first else None, reply,
+                                         num_returns=2)
+                uploads[action.key] = sent
+                if action.is_last:
+                    ends[action.cid] = end
+            else:
+                replies[action.key] = backend.call(self.server, "serve", rnd, action.cid,
+                                                   action.k, uploads[action.segment])
+        return ends
+
+    def run_round(self, rnd: int, global_state: dict[str, State], start: float):
+        backend, algo = self.backend, self.world.algorithm
+        schedule = self.world.plan(rnd, start)
+        global_ref = backend.put(global_state)
+        ends = self.execute(rnd, schedule, global_ref)
+        results = {cid: backend.get(ends[cid]) for cid in sorted(ends)}
+        total = sum(r["num_samples"] for r in results.values())
+        new_global = dict(global_state)
+        for name in algo.aggregated:
+            new_global[name] = weighted_average(
+                [(r["num_samples"] / total, r["states"][name]) for _, r in sorted(results.items())])
+        server_out = backend.get(backend.call(self.server, "end_round", rnd, new_global))
+        return schedule, results, server_out, new_global
+
+    def evaluate(self, global_state) -> dict[str, float]:
+        return self.backend.get(self.backend.call(self.server, "evaluate", global_state))
+
+    def memory(self) -> dict[str, int]:
+        if self.backend.name == "serial":
+            return {"memory_driver": process_memory(), "memory_workers_max": 0,
+                    "memory_server": 0}
+        get, call = self.backend.get, self.backend.call
+        workers = get([call(w, "memory") for w in self.workers])
+        return {"memory_driver": process_memory(), "memory_workers_max": max(workers),
+                "memory_server": get(call(self.server, "memory"))}
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def round_rows(rnd: int, schedule: RoundSchedule, results: dict[int, Any],
+               server_out: dict[str, Any], owner: list[int]) -> tuple[dict, list[dict]]:
+    """Turn a round's schedule and outcomes into one round row and its client rows."""
+    client_rows = []
+    for cid in sorted(schedule.clients):
+        timing, metrics = schedule.clients[cid], results[cid]["metrics"]
+        row = {"round": rnd, "client": cid, "worker": owner[cid],
+               "num_samples": results[cid]["num_samples"]}
+        row.update({kind: timing.bytes.get(kind, 0) for kind in BYTE_KINDS})
+        row["total_bytes"] = sum(timing.bytes.values())
+        row["paper_total_bytes"] = row["total_bytes"] - row["labels_up"]
+        row.update(sim_compute=timing.compute, sim_upload=timing.upload,
+                   sim_download=timing.download, sim_wait=timing.wait, sim_queue=timing.queue,
+                   sim_finish=timing.finish - schedule.start,
+                   train_loss=metrics.get("train_loss_sum", math.nan)
+                   / max(metrics.get("train_samples", 0), 1))
+        client_rows.append(row)
+
+    metrics, events = server_out["metrics"], server_out["events"]
+    train_loss = sum(r["metrics"].get("train_loss_sum", 0.0) for r in results.values())
+    train_samples = sum(r["metrics"].get("train_samples", 0) for r in results.values())
+    row = {"round": rnd, "participants": len(results)}
+    row.update({kind: sum(r[kind] for r in client_rows) for kind in BYTE_KINDS})
+    row["total_bytes"] = sum(r["total_bytes"] for r in client_rows)
+    row["paper_total_bytes"] = sum(r["paper_total_bytes"] for r in client_rows)
+    row.update(
+        train_loss=train_loss / train_samples if train_samples else math.nan,
+        server_loss=(metrics["server_loss_sum"] / metrics["server_samples"]
+                     if metrics.get("server_samples") else math.nan),
+        alignments=len(events),
+        nmse_before=_mean([e["nmse_before"] for e in events]),
+        nmse_after=_mean([e["nmse_after"] for e in events]),
+        sim_round_time=schedule.duration,
+        sim_server_busy=schedule.server_busy,
+    )
+    return row, client_rows
+
+
+def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None = None,
+             announce: Callable[[str], None] | None = None) -> SimulationResult:
+    """Run a whole simulation; the Python API behind ``raysage simulate``."""
+    announce = announce or (lambda line: print(line, file=sys.stderr))
+    world = build_world(cfg)
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run folder {run_dir} already exists and is not empty; "
+                          "choose another --out or remove it")
+    t0 = time.perf_counter()
+    orchestrator = Orchestrator(world, announce)
+    startup = time.perf_counter() - t0
+    writer = RunWriter(run_dir, cfg)
+    global_state = world.algorithm.init_global()
+    sim_time, totals = 0.0, {"total_bytes": 0, "paper_total_bytes": 0}
+    wall_start = time.perf_counter()
+    try:
+        for rnd in range(cfg.rounds):
+            round_start = time.perf_counter()
+            schedule, results, server_out, global_state = orchestrator.run_round(
+                rnd, global_state, sim_time)
+            row, client_rows = round_rows(rnd, schedule, results, server_out, orchestrator.owner)
+            if (rnd + 1) % cfg.eval_every == 0 or rnd == cfg.rounds - 1:
+                row.update(orchestrator.evaluate(global_state))
+            else:
+                row.update(accuracy=math.nan, test_loss=math.nan)
+            sim_time = schedule.end
+            for key in totals:
+                totals[key] += row[key]
+            row.update(cumulative_bytes=totals["total_bytes"],
+                       cumulative_paper_bytes=totals["paper_total_bytes"],
+                       sim_time=sim_time, wall_round_time=time.perf_counter() - round_start,
+                       wall_time=time.perf_counter() - wall_start)
+            row.update(orchestrator.memory())
+            writer.add_round(row, client_rows)
+            if on_round:
+                on_round(row)
+    finally:
+        orchestrator.close()
+
+    accuracies = [r["accuracy"] for r in writer.rounds if not math.isnan(r["accuracy"])]
+    summary = {
+        "algorithm": cfg.algorithm, "model": cfg.model, "dataset": cfg.dataset,
+        "clients": cfg.clients, "rounds": cfg.rounds,
+        "final_accuracy": accuracies[-1], "best_accuracy": max(accuracies),
+        "total_bytes": totals["total_bytes"], "paper_total_bytes": totals["paper_total_bytes"],
+        "total_gib": totals["total_bytes"] / GIB, "sim_time_s": sim_time,
+        "wall_time_s": time.perf_counter() - wall_start, "startup_s": startup,
+        "run_dir": str(run_dir),
+    }
+    writer.finish(summary)
+    return SimulationResult(run_dir, writer.rounds, writer.clients, summary, global_state)

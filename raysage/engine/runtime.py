@@ -1,0 +1,195 @@
+"""What runs inside a client worker and inside the server.
+
+These are plain classes: the serial backend calls them in-process and the
+Ray backend wraps them with ``ray.remote``, so both backends execute the
+same code on the same inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..algorithms import ClientState, ModelSizes, algorithm_class
+from ..algorithms.base import Algorithm, State, stream_seed
+from ..config import Config, build_config
+from ..data import make_batch
+from ..errors import RaysageError
+from ..models import get_architecture
+from ..netsim.cost import ModelCosts
+from ..netsim.planner import Segment
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything a worker or the server needs to rebuild the algorithm."""
+
+    config: dict[str, Any]
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    sizes: ModelSizes
+    costs: ModelCosts
+
+    def algorithm(self) -> Algorithm:
+        cfg = build_config(self.config)
+        arch = get_architecture(cfg.model, self.num_classes)
+        return algorithm_class(cfg.algorithm)(cfg, arch, self.sizes, self.costs)
+
+
+class NonFiniteLoss(RaysageError):
+    pass
+
+
+def _threads(cfg: Config) -> None:
+    torch.set_num_threads(cfg.torch_threads)
+
+
+def num_batches(num_samples: int, batch_size: int) -> int:
+    return math.ceil(num_samples / batch_size)
+
+
+def batch_sizes(num_samples: int, cfg: Config) -> list[int]:
+    """Sizes of a client's local iterations in one round (the last batch may be short)."""
+    per_epoch = [min(cfg.batch_size, num_samples - j * cfg.batch_size)
+                 for j in range(num_batches(num_samples, cfg.batch_size))]
+    return per_epoch * cfg.local_epochs
+
+
+@lru_cache(maxsize=8)
+def _epoch_order(seed: int, cid: int, rnd: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng(stream_seed(seed, "shuffle", cid, rnd, epoch)).permutation(n)
+
+
+def batch_indices(cfg: Config, indices: np.ndarray, cid: int, rnd: int, k: int) -> np.ndarray:
+    """Training-set indices of client cid's k-th local batch in round rnd.
+
+    A pure function of (seed, client, round, k), so a client's batches do not
+    depend on how its round is cut into segments or where it runs.
+    """
+    per_epoch = num_batches(len(indices), cfg.batch_size)
+    epoch, j = divmod(k, per_epoch)
+    order = _epoch_order(cfg.seed, cid, rnd, epoch, len(indices))
+    return indices[order[j * cfg.batch_size:(j + 1) * cfg.batch_size]]
+
+
+def client_batch(cfg: Config, data: dict[str, np.ndarray], mean, std, indices: np.ndarray,
+                 cid: int, rnd: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The augmented, normalised k-th batch of a client (also used by tests)."""
+    idx = batch_indices(cfg, indices, cid, rnd, k)
+    augment = torch.Generator().manual_seed(stream_seed(cfg.seed, "augment", cid, rnd, k))
+    x = make_batch(data["x_train"][idx], mean, std, train=True, generator=augment)
+    return x, torch.from_numpy(np.asarray(data["y_train"][idx], dtype=np.int64))
+
+
+def _check_finite(metrics: dict[str, float], rnd: int, who: str) -> None:
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"{name.replace('_sum', '')} became {value} in round {rnd} "
+                                f"at {who}; lower the learning rate or check the data")
+
+
+def process_memory() -> int:
+    """Resident set size of this process in bytes."""
+    import psutil
+
+    return psutil.Process(os.getpid()).memory_info().rss
+
+
+class ClientRuntime:
+    """A client worker: hosts a shard of virtual clients and their persistent state."""
+
+    def __init__(self, setup: Setup, train: dict[str, np.ndarray],
+                 client_indices: dict[int, np.ndarray]):
+        self.cfg = build_config(setup.config)
+        _threads(self.cfg)
+        self.setup = setup
+        self.algo = setup.algorithm()
+        self.train = train
+        self.indices = client_indices
+        self.clients: dict[int, ClientState] = {}
+        for cid in sorted(client_indices):
+            client = ClientState(cid, len(client_indices[cid]))
+            self.algo.init_client(client)
+            self.clients[cid] = client
+
+    def run_segment(self, rnd: int, segment: Segment, global_state: dict[str, State] | None,
+                    reply: Any) -> tuple[dict[int, Any], dict[str, Any] | None]:
+        """Run one segment of a client's round; returns (uploads by k, end-of-round result)."""
+        algo, client = self.algo, self.clients[segment.cid]
+        if segment.is_first:
+            client.metrics = {}
+            algo.start_round(client, rnd, global_state)
+        if segment.reply_of is not None:
+            algo.receive(client, rnd, reply)
+        if segment.resume is not None:
+            algo.backward(client, rnd, segment.resume)
+        uploads = {}
+        for k in range(segment.first, segment.stop):
+            x, y = client_batch(self.cfg, self.train, self.setup.mean, self.setup.std,
+                                self.indices[segment.cid], segment.cid, rnd, k)
+            upload = algo.forward(client, rnd, k, x, y)
+            if upload is not None:
+                uploads[k] = upload
+            if k == segment.blocked_at:
+                break
+            algo.backward(client, rnd, k)
+        if not segment.is_last:
+            return uploads, None
+        _check_finite(client.metrics, rnd, f"client {segment.cid}")
+        states = algo.end_round(client, rnd)
+        return uploads, {"states": states, "metrics": dict(client.metrics),
+                         "num_samples": client.num_samples}
+
+    def memory(self) -> int:
+        return process_memory()
+
+
+class ServerRuntime:
+    """The server: the algorithm's server state, fed uploads in simulated arrival order."""
+
+    def __init__(self, setup: Setup, test: dict[str, np.ndarray]):
+        self.cfg = build_config(setup.config)
+        _threads(self.cfg)
+        self.setup = setup
+        self.algo = setup.algorithm()
+        self.state = self.algo.init_server()
+        self.test = test
+
+    def serve(self, rnd: int, cid: int, k: int, uploads: dict[int, Any]) -> Any:
+        return self.algo.serve(self.state, rnd, cid, k, uploads[k])
+
+    def end_round(self, rnd: int, global_state: dict[str, State]) -> dict[str, Any]:
+        self.algo.end_server_round(self.state, rnd, global_state)
+        metrics, events = self.state.metrics, self.state.events
+        self.state.metrics, self.state.events = {}, []
+        _check_finite(metrics, rnd, "the server")
+        return {"metrics": metrics, "events": events}
+
+    @torch.no_grad()
+    def evaluate(self, global_state: dict[str, State], batch_size: int = 500) -> dict[str, float]:
+        model = self.algo.eval_model(self.state, global_state)
+        model.eval()
+        x_all, y_all = self.test["x_test"], self.test["y_test"]
+        correct, loss = 0, 0.0
+        try:
+            for start in range(0, len(y_all), batch_size):
+                x = make_batch(x_all[start:start + batch_size], self.setup.mean, self.setup.std,
+                               train=False, generator=None)
+                y = torch.from_numpy(np.asarray(y_all[start:start + batch_size], dtype=np.int64))
+                logits = model(x)
+                loss += F.cross_entropy(logits, y, reduction="sum").item()
+                correct += int((logits.argmax(1) == y).sum())
+        finally:
+            model.train()
+        return {"accuracy": correct / len(y_all), "test_loss": loss / len(y_all)}
+
+    def memory(self) -> int:
+        return process_memory()

@@ -1,0 +1,23 @@
+"""User-facing errors.
+
+Anything the user can fix (a config value, a missing or corrupt file, an
+unknown name) raises a subclass of :class:`RaysageError` with a one-line
+message saying what was wrong, which value, and what to do. The CLI prints
+that line and exits non-zero instead of showing a traceback.
+"""
+
+
+class RaysageError(Exception):
+    """A problem the user can fix; the message is shown as-is."""
+
+
+class ConfigError(RaysageError):
+    """A config field holds a value that is not allowed."""
+
+
+class DataError(RaysageError):
+    """A dataset is missing, unreadable, corrupt, or cannot be partitioned."""
+
+
+class ModelError(RaysageError):
+    """An unknown model name or an impossible model configuration."""

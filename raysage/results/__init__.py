@@ -1,0 +1,3 @@
+from .writer import RunWriter, atomic_write
+
+__all__ = ["RunWriter", "atomic_write"]
