@@ -28,6 +28,16 @@ both are divided by the batch size b, which makes them gradients of a
 batch-mean loss as in the reference. With the defaults (buffer 1000, batch
 1000) this is exactly the reference objective; with other sizes each batch
 keeps the batch-mean scale that a client sees during training.
+
+Where alignment runs. In the simulated world the server aligns its copy of
+x_a,i and sends it down (|x_a| bytes, server compute on the simulated clock).
+The client never changes x_a,i, so the server's copy and the client's are
+always equal; the simulator therefore keeps a single copy, in the client's
+worker. The server computes the targets z against x_s at the simulated
+moment of the client's upload and hands (buffer, z) to the worker, which
+runs the aux training there. The result is the same model the server would
+send, and alignments of different clients run in parallel on the workers
+instead of one after another in the server process.
 """
 
 from __future__ import annotations
@@ -113,7 +123,11 @@ class FSLSage(Algorithm):
         return None
 
     def receive(self, client, rnd, reply):
-        load_state(client.models["aux"], reply)
+        """The aligned x_a,i arrives (computed here, see "Where alignment runs")."""
+        before, after = self.align(client.models["aux"], client.cid, rnd, reply)
+        client.log("alignments", 1)
+        client.log("nmse_before_sum", before)
+        client.log("nmse_after_sum", after)
 
     def backward(self, client, rnd, k):
         smashed, y = client.carry.pop("smashed"), client.carry.pop("y")
@@ -133,17 +147,11 @@ class FSLSage(Algorithm):
         x_s = self.initial_server_model()
         return ServerState(models={"server": x_s}, optimizers={"server": self.server_optimizer(x_s)})
 
-    def _client_slot(self, server: ServerState, cid: int) -> dict:
-        slot = server.per_client.get(cid)
-        if slot is None:
-            # The server's copy of x_a,i starts equal to the client's: both
-            # come from the same named random stream.
-            slot = server.per_client[cid] = {
-                "aux": self.initial_aux_model(cid),
-                "smashed": np.zeros((0,) + self.arch.cut_shape, np.float32),
-                "y": np.zeros(0, np.int64),
-            }
-        return slot
+    def _buffer(self, server: ServerState, cid: int) -> dict:
+        return server.per_client.setdefault(cid, {
+            "smashed": np.zeros((0,) + self.arch.cut_shape, np.float32),
+            "y": np.zeros(0, np.int64),
+        })
 
     def serve(self, server, rnd, cid, k, upload):
         x_s, optimizer = server.models["server"], server.optimizers["server"]
@@ -155,16 +163,17 @@ class FSLSage(Algorithm):
         server.log("server_loss_sum", loss.item() * len(y))
         server.log("server_samples", len(y))
 
-        slot = self._client_slot(server, cid)
+        buffer = self._buffer(server, cid)
         keep = self.cfg.align_buffer
-        slot["smashed"] = np.concatenate([slot["smashed"], upload["smashed"]])[-keep:]
-        slot["y"] = np.concatenate([slot["y"], upload["y"]])[-keep:]
+        buffer["smashed"] = np.concatenate([buffer["smashed"], upload["smashed"]])[-keep:]
+        buffer["y"] = np.concatenate([buffer["y"], upload["y"]])[-keep:]
         if not self.aligns_at(rnd, k):
             return None
-        before, after = self.align(server, cid, rnd)
-        server.events.append({"client": cid, "round": rnd, "nmse_before": before,
-                              "nmse_after": after, "buffered": len(slot["y"])})
-        return to_state(slot["aux"])
+        # The targets must see x_s as it stands now; the aux training that
+        # follows does not touch x_s (see "Where alignment runs").
+        z = self.true_gradients(x_s, torch.from_numpy(buffer["smashed"]),
+                                torch.from_numpy(buffer["y"]))
+        return {"smashed": buffer["smashed"], "y": buffer["y"], "z": z.numpy()}
 
     # ----------------------------------------------------------- alignment
     def true_gradients(self, x_s: nn.Module, smashed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -199,12 +208,10 @@ class FSLSage(Algorithm):
     def nmse(estimate: torch.Tensor, target: torch.Tensor) -> float:
         return float((estimate - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30))
 
-    def align(self, server: ServerState, cid: int, rnd: int) -> tuple[float, float]:
-        """Train the server's copy of x_a,i on the buffer; returns NMSE before and after."""
-        slot = self._client_slot(server, cid)
-        aux = slot["aux"]
-        smashed, y = torch.from_numpy(slot["smashed"]), torch.from_numpy(slot["y"])
-        z = self.true_gradients(server.models["server"], smashed, y)
+    def align(self, aux: nn.Module, cid: int, rnd: int, targets: dict) -> tuple[float, float]:
+        """Train x_a,i on the buffer towards the true gradients; NMSE before and after."""
+        smashed, y = torch.from_numpy(targets["smashed"]), torch.from_numpy(targets["y"])
+        z = torch.from_numpy(targets["z"])
         before = self.nmse(self.estimates(aux, smashed, y), z)
 
         optimizer = self.aux_optimizer(aux)

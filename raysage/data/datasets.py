@@ -12,6 +12,7 @@ restricted unpickler that only lets numpy rebuild arrays.
 
 from __future__ import annotations
 
+import importlib
 import pickle
 import zipfile
 import zlib
@@ -60,12 +61,14 @@ class _SynthSpec:
     are clearly above chance but far from perfect, while a CNN does well)."""
 
     classes: int = 10
-    templates_per_class: int = 3
+    templates_per_class: int = 4
     max_freq: int = 2  # spatial frequencies 0..max_freq cycles per image: smooth blobs
-    max_shift: int = 3  # pixels, each direction, applied to both templates
+    # Shifts (wrapping around) are what defeat per-pixel linear models; a
+    # CNN is translation-equivariant and shrugs them off.
+    max_shift: int = 5  # pixels, each direction, applied to both templates
     max_mix: float = 0.45  # weight of the other class's template, uniform in [0, max_mix]
-    contrast: tuple[float, float] = (0.5, 1.2)
-    brightness: tuple[float, float] = (-0.25, 0.25)  # in [0, 1] pixel units
+    contrast: tuple[float, float] = (0.7, 1.1)
+    brightness: tuple[float, float] = (-0.1, 0.1)  # in [0, 1] pixel units
     # Pixel noise: raw random bytes read as int8 (uniform in [-128, 127])
     # times this factor. Raw bytes are ~10x faster to draw than bounded
     # integers or normals, and noise is most of the generation cost.
@@ -167,8 +170,6 @@ def _load_synthetic(data_dir: str | None, num_train: int | None, num_test: int |
 def _numpy_global(module: str, name: str) -> Any:
     # numpy 2 moved numpy.core to numpy._core; resolve directly so that old
     # pickles (numpy.core...) load without touching the deprecated alias.
-    import importlib
-
     for candidate in ("numpy._core." + module, "numpy.core." + module):
         try:
             return getattr(importlib.import_module(candidate), name)
@@ -290,8 +291,17 @@ def _read_npz(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.
     return x_train, y_train, x_test, y_test
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
 def _read_npz_arrays(path: Path) -> dict[str, np.ndarray]:
     try:
+        with path.open("rb") as f:
+            magic = f.read(len(_ZIP_MAGIC))
+        # np.load guesses the format from the first bytes and, for anything
+        # that is not a zip, complains about pickles; say what is wrong instead.
+        if magic != _ZIP_MAGIC and not magic.startswith(b"\x93NUM"):
+            raise DataError(f"{path} is not a .npz (zip) archive; re-create it with numpy.savez or re-download it")
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise DataError(f"{path} holds a single array, expected a .npz archive with {', '.join(_NPZ_KEYS)}")
@@ -304,7 +314,7 @@ def _read_npz_arrays(path: Path) -> dict[str, np.ndarray]:
     except FileNotFoundError:
         raise DataError(f"dataset file {path} not found; {_DATA_DIR_HINT}") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-        raise DataError(f"{path} is not a readable .npz archive ({type(e).__name__}: {e}); re-create or re-download it") from None
+        raise DataError(f"{path} is a truncated or corrupt .npz archive ({type(e).__name__}: {e}); re-create or re-download it") from None
 
 
 def _validated_images(x: np.ndarray, what: str) -> np.ndarray:
@@ -401,8 +411,9 @@ def _truncate(ds: ArrayDataset, num_train: int | None, num_test: int | None) -> 
             raise DataError(f"{ds.name} has {len(x)} {split} images, cannot take {n}; lower {flag}")
         return x[:n], y[:n]
 
-    x_train, y_train = take(ds.x_train, ds.y_train, num_train, "training", "--num-train")
-    x_test, y_test = take(ds.x_test, ds.y_test, num_test, "test", "--num-test")
+    # The engine asks for clients * samples_per_client training images.
+    x_train, y_train = take(ds.x_train, ds.y_train, num_train, "training", "--samples-per-client or --clients")
+    x_test, y_test = take(ds.x_test, ds.y_test, num_test, "test", "--test-samples")
     return ArrayDataset(ds.name, x_train, y_train, x_test, y_test, ds.num_classes, ds.mean, ds.std)
 
 
@@ -435,9 +446,9 @@ def load_dataset(
     loader = DATASETS.get(name)
     if loader is None:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    for flag, value in (("--num-train", num_train), ("--num-test", num_test)):
+    for what, value in (("num_train", num_train), ("num_test", num_test)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-            raise DataError(f"{flag} must be a positive integer, got {value!r}")
+            raise DataError(f"{what} must be a positive integer, got {value!r}")
     return loader(data_dir, num_train, num_test, seed)
 
 

@@ -209,9 +209,13 @@ def round_rows(rnd: int, schedule: RoundSchedule, results: dict[int, Any],
                    sim_finish=timing.finish - schedule.start,
                    train_loss=metrics.get("train_loss_sum", math.nan)
                    / max(metrics.get("train_samples", 0), 1))
+        aligned = metrics.get("alignments", 0)
+        row["nmse_before"] = metrics["nmse_before_sum"] / aligned if aligned else math.nan
+        row["nmse_after"] = metrics["nmse_after_sum"] / aligned if aligned else math.nan
         client_rows.append(row)
 
-    metrics, events = server_out["metrics"], server_out["events"]
+    metrics = server_out["metrics"]
+    aligned_rows = [r for r in client_rows if not math.isnan(r["nmse_before"])]
     train_loss = sum(r["metrics"].get("train_loss_sum", 0.0) for r in results.values())
     train_samples = sum(r["metrics"].get("train_samples", 0) for r in results.values())
     row = {"round": rnd, "participants": len(results)}
@@ -222,9 +226,9 @@ def round_rows(rnd: int, schedule: RoundSchedule, results: dict[int, Any],
         train_loss=train_loss / train_samples if train_samples else math.nan,
         server_loss=(metrics["server_loss_sum"] / metrics["server_samples"]
                      if metrics.get("server_samples") else math.nan),
-        alignments=len(events),
-        nmse_before=_mean([e["nmse_before"] for e in events]),
-        nmse_after=_mean([e["nmse_after"] for e in events]),
+        alignments=len(aligned_rows),
+        nmse_before=_mean([r["nmse_before"] for r in aligned_rows]),
+        nmse_after=_mean([r["nmse_after"] for r in aligned_rows]),
         sim_round_time=schedule.duration,
         sim_server_busy=schedule.server_busy,
     )

@@ -4,8 +4,11 @@ No BatchNorm: at batch sizes of a few samples its statistics are noisy, and
 without running buffers the client state is parameters only, which keeps
 aggregation and determinism simple.
 
-Max pooling comes before ReLU: the two commute (ReLU is monotone), so the
-output is the same, but ReLU then runs on a quarter of the elements.
+The first layer is a stride-2 convolution rather than conv + pool: at
+32x32 the pooling backward cost as much as the convolutions, and this model
+runs millions of steps in a 200-client simulation on a laptop. Elsewhere max
+pooling comes before ReLU: the two commute (ReLU is monotone), so the output
+is the same, but ReLU then runs on a quarter of the elements.
 """
 
 from torch import nn
@@ -14,8 +17,7 @@ from torch import nn
 def cnn_client() -> nn.Module:
     """x_c: 3x32x32 -> smashed 32x8x8 (8 KB per sample in fp32)."""
     return nn.Sequential(
-        nn.Conv2d(3, 16, 5, padding=2),
-        nn.MaxPool2d(2),
+        nn.Conv2d(3, 16, 3, stride=2, padding=1),
         nn.ReLU(),
         nn.Conv2d(16, 32, 3, padding=1),
         nn.MaxPool2d(2),
@@ -37,15 +39,15 @@ def cnn_server(num_classes: int) -> nn.Module:
 
 
 def cnn_aux(num_classes: int) -> nn.Module:
-    """x_a: one conv and a linear head on 2x2-pooled features.
+    """x_a: one strided conv and a linear head.
 
-    Keeping a conv before pooling lets x_a see local structure in h, so its
-    gradient with respect to h can track the server's.
+    The conv lets x_a see local structure in h, so its gradient with respect
+    to h can track the server's; the stride keeps alignment (100 epochs of
+    double backward per client) about 8x cheaper than a full-size conv.
     """
     return nn.Sequential(
-        nn.Conv2d(32, 32, 3, padding=1),
+        nn.Conv2d(32, 16, 3, stride=2, padding=1),
         nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
         nn.Flatten(),
-        nn.Linear(32 * 2 * 2, num_classes),
+        nn.Linear(16 * 4 * 4, num_classes),
     )

@@ -1,0 +1,81 @@
+"""Config: defaults, YAML + overrides, one-line errors naming field and value."""
+
+from __future__ import annotations
+
+import pytest
+
+from raysage.config import Config, build_config, load_config
+from raysage.errors import ConfigError
+
+
+def test_defaults_are_the_papers_fsl_sage_parameters():
+    cfg = load_config()
+    assert cfg.algorithm == "fsl_sage"
+    assert (cfg.server_update_interval, cfg.align_interval, cfg.align_epochs,
+            cfg.align_batch_size, cfg.align_buffer, cfg.align_blocking) == (5, 10, 100, 1000, 1000, True)
+    assert (cfg.client_lr, cfg.client_weight_decay, cfg.aux_weight_decay) == (1e-3, 1e-4, 0.0)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("clients: 7\nalpha: 0.1\npartition: dirichlet\nalign_blocking: false\n")
+    cfg = load_config(path, clients=9, seed=None)
+    assert cfg.clients == 9            # flag beats file
+    assert cfg.alpha == 0.1 and cfg.partition == "dirichlet" and cfg.align_blocking is False
+    assert cfg.seed == Config().seed    # None means "not given"
+
+
+def test_cli_strings_are_coerced():
+    cfg = build_config({"clients": "12", "client_lr": "0.05", "align_blocking": "no",
+                        "gpus_per_worker": "0.25", "out": "none"})
+    assert (cfg.clients, cfg.client_lr, cfg.align_blocking, cfg.gpus_per_worker, cfg.out) == \
+        (12, 0.05, False, 0.25, None)
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("alpha", -1, ["'alpha'", "-1", "greater than 0"]),
+    ("clients", 0, ["'clients'", "at least 1"]),
+    ("clients", 2.5, ["'clients'", "2.5", "int"]),
+    ("participation", 1.5, ["'participation'", "at most 1"]),
+    ("algorithm", "sgd", ["'algorithm'", "'sgd'", "fsl_sage", "fedavg"]),
+    ("partition", "zipf", ["'partition'", "iid", "dirichlet", "shards"]),
+    ("align_blocking", "maybe", ["'align_blocking'", "bool"]),
+    ("client_lr", "nan", ["'client_lr'", "float"]),
+])
+def test_bad_values_name_field_value_and_allowed(field, value, words):
+    with pytest.raises(ConfigError) as err:
+        build_config({field: value})
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_unknown_field_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config field 'clinets'"):
+        build_config({"clinets": 3})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("clients: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="--data-dir"):
+        build_config({"dataset": "cifar10"})
+    with pytest.raises(ConfigError, match="gpus_per_worker"):
+        build_config({"gpus_per_worker": 1.5})
+    with pytest.raises(ConfigError, match="both 0"):
+        build_config({"cpus_per_worker": 0, "gpus_per_worker": 0})
+
+
+def test_torch_threads_follow_cpus_per_worker():
+    assert build_config({"cpus_per_worker": 0.5}).torch_threads == 1
+    assert build_config({"cpus_per_worker": 2}).torch_threads == 2
+    assert build_config({"cpus_per_worker": 2, "threads": 1}).torch_threads == 1
