@@ -107,6 +107,12 @@ def seeded(seed: int, *path: int | str):
         yield
 
 
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor on the array's memory; read-only arrays (read zero-copy from
+    Ray's object store) are copied first, since torch must not share them."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 def to_state(module: nn.Module) -> State:
     return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
 
@@ -141,6 +147,14 @@ class Algorithm:
     def __init__(self, cfg: Config, arch: SplitArchitecture, sizes: ModelSizes,
                  costs: ModelCosts):
         self.cfg, self.arch, self.sizes, self.costs = cfg, arch, sizes, costs
+        # Set by the runtime hosting this instance (a GPU when it reserved one).
+        self.device = torch.device("cpu")
+
+    def place(self, module: nn.Module) -> nn.Module:
+        return module.to(self.device)
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        return as_tensor(array).to(self.device)
 
     # -- optimizers, one place so every algorithm builds them alike
     def client_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:

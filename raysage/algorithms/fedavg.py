@@ -42,7 +42,7 @@ class FedAvg(Algorithm):
 
     # -- client
     def init_client(self, client: ClientState) -> None:
-        model = nn.Sequential(self.arch.make_client(), self.arch.make_server())
+        model = self.place(nn.Sequential(self.arch.make_client(), self.arch.make_server()))
         client.models["full"] = model
         client.optimizers["full"] = self.client_optimizer(model)
 
@@ -72,8 +72,8 @@ class FedAvg(Algorithm):
     def eval_model(self, server: ServerState, global_state):
         model = server.models.get("eval")
         if model is None:
-            model = server.models["eval"] = nn.Sequential(self.arch.make_client(),
-                                                          self.arch.make_server())
+            model = server.models["eval"] = self.place(
+                nn.Sequential(self.arch.make_client(), self.arch.make_server()))
         load_state(model[0], global_state["client"])
         load_state(model[1], global_state["server"])
         return model

@@ -107,9 +107,9 @@ class FSLSage(Algorithm):
 
     # -------------------------------------------------------------- client
     def init_client(self, client: ClientState) -> None:
-        x_c = self.arch.make_client()
+        x_c = self.place(self.arch.make_client())
         client.models["client"] = x_c
-        client.models["aux"] = self.initial_aux_model(client.cid)
+        client.models["aux"] = self.place(self.initial_aux_model(client.cid))
         client.optimizers["client"] = self.client_optimizer(x_c)
 
     def start_round(self, client, rnd, global_state):
@@ -144,7 +144,7 @@ class FSLSage(Algorithm):
 
     # -------------------------------------------------------------- server
     def init_server(self) -> ServerState:
-        x_s = self.initial_server_model()
+        x_s = self.place(self.initial_server_model())
         return ServerState(models={"server": x_s}, optimizers={"server": self.server_optimizer(x_s)})
 
     def _buffer(self, server: ServerState, cid: int) -> dict:
@@ -155,7 +155,7 @@ class FSLSage(Algorithm):
 
     def serve(self, server, rnd, cid, k, upload):
         x_s, optimizer = server.models["server"], server.optimizers["server"]
-        smashed, y = torch.from_numpy(upload["smashed"]), torch.from_numpy(upload["y"])
+        smashed, y = self.tensor(upload["smashed"]), self.tensor(upload["y"])
         loss = F.cross_entropy(x_s(smashed), y)
         optimizer.zero_grad()
         loss.backward()
@@ -171,9 +171,8 @@ class FSLSage(Algorithm):
             return None
         # The targets must see x_s as it stands now; the aux training that
         # follows does not touch x_s (see "Where alignment runs").
-        z = self.true_gradients(x_s, torch.from_numpy(buffer["smashed"]),
-                                torch.from_numpy(buffer["y"]))
-        return {"smashed": buffer["smashed"], "y": buffer["y"], "z": z.numpy()}
+        z = self.true_gradients(x_s, self.tensor(buffer["smashed"]), self.tensor(buffer["y"]))
+        return {"smashed": buffer["smashed"], "y": buffer["y"], "z": z.cpu().numpy()}
 
     # ----------------------------------------------------------- alignment
     def true_gradients(self, x_s: nn.Module, smashed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -210,14 +209,15 @@ class FSLSage(Algorithm):
 
     def align(self, aux: nn.Module, cid: int, rnd: int, targets: dict) -> tuple[float, float]:
         """Train x_a,i on the buffer towards the true gradients; NMSE before and after."""
-        smashed, y = torch.from_numpy(targets["smashed"]), torch.from_numpy(targets["y"])
-        z = torch.from_numpy(targets["z"])
+        smashed, y = self.tensor(targets["smashed"]), self.tensor(targets["y"])
+        z = self.tensor(targets["z"])
         before = self.nmse(self.estimates(aux, smashed, y), z)
 
         optimizer = self.aux_optimizer(aux)
         order = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "align", cid, rnd))
         for _ in range(self.cfg.align_epochs):
-            for batch in torch.randperm(len(y), generator=order).split(self.cfg.align_batch_size):
+            shuffled = torch.randperm(len(y), generator=order).to(self.device)
+            for batch in shuffled.split(self.cfg.align_batch_size):
                 b = len(batch)
                 _, g_hat = cross_entropy_grad(aux, smashed[batch], y[batch], create_graph=True)
                 loss = (g_hat - z[batch] / b).pow(2).sum()
@@ -229,6 +229,6 @@ class FSLSage(Algorithm):
     def eval_model(self, server, global_state):
         lower = server.models.get("eval_client")
         if lower is None:
-            lower = server.models["eval_client"] = self.arch.make_client()
+            lower = server.models["eval_client"] = self.place(self.arch.make_client())
         load_state(lower, global_state["client"])
         return nn.Sequential(lower, server.models["server"])

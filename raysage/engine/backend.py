@@ -66,9 +66,11 @@ class RayBackend:
         self.cpus = float(resources.get("CPU", 0))
         self.gpus = float(resources.get("GPU", 0))
         self.nodes = len([n for n in ray.nodes() if n.get("Alive")])
-        if cfg.gpus_per_worker > 0 and self.gpus == 0:
-            raise RaysageError(f"gpus_per_worker = {cfg.gpus_per_worker} but the Ray cluster has "
-                               "no GPU; set --gpus-per-worker 0 or connect to a cluster with GPUs")
+        for name in ("gpus_per_worker", "server_gpus"):
+            if getattr(cfg, name) > 0 and self.gpus == 0:
+                flag = "--" + name.replace("_", "-")
+                raise RaysageError(f"{name} = {getattr(cfg, name)} but the Ray cluster has no GPU; "
+                                   f"set {flag} 0 or connect to a cluster with GPUs")
 
     def worker_count(self, num_clients: int) -> int:
         cfg = self.cfg

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..algorithms import ClientState, ModelSizes, algorithm_class
-from ..algorithms.base import Algorithm, State, stream_seed
+from ..algorithms.base import Algorithm, State, as_tensor, stream_seed
 from ..config import Config, build_config
 from ..data import make_batch
 from ..errors import RaysageError
@@ -50,6 +50,13 @@ class NonFiniteLoss(RaysageError):
 
 def _threads(cfg: Config) -> None:
     torch.set_num_threads(cfg.torch_threads)
+
+
+def pick_device(gpus: float) -> torch.device:
+    """The GPU Ray assigned to this actor (fractions share one), else the CPU."""
+    if gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def num_batches(num_samples: int, batch_size: int) -> int:
@@ -112,6 +119,7 @@ class ClientRuntime:
         _threads(self.cfg)
         self.setup = setup
         self.algo = setup.algorithm()
+        self.algo.device = pick_device(self.cfg.gpus_per_worker)
         self.train = train
         self.indices = client_indices
         self.clients: dict[int, ClientState] = {}
@@ -135,7 +143,7 @@ class ClientRuntime:
         for k in range(segment.first, segment.stop):
             x, y = client_batch(self.cfg, self.train, self.setup.mean, self.setup.std,
                                 self.indices[segment.cid], segment.cid, rnd, k)
-            upload = algo.forward(client, rnd, k, x, y)
+            upload = algo.forward(client, rnd, k, x.to(algo.device), y.to(algo.device))
             if upload is not None:
                 uploads[k] = upload
             if k == segment.blocked_at:
@@ -160,6 +168,7 @@ class ServerRuntime:
         _threads(self.cfg)
         self.setup = setup
         self.algo = setup.algorithm()
+        self.algo.device = pick_device(self.cfg.server_gpus)
         self.state = self.algo.init_server()
         self.test = test
 
@@ -183,7 +192,8 @@ class ServerRuntime:
             for start in range(0, len(y_all), batch_size):
                 x = make_batch(x_all[start:start + batch_size], self.setup.mean, self.setup.std,
                                train=False, generator=None)
-                y = torch.from_numpy(np.asarray(y_all[start:start + batch_size], dtype=np.int64))
+                y = as_tensor(np.asarray(y_all[start:start + batch_size], dtype=np.int64))
+                x, y = x.to(self.algo.device), y.to(self.algo.device)
                 logits = model(x)
                 loss += F.cross_entropy(logits, y, reduction="sum").item()
                 correct += int((logits.argmax(1) == y).sum())
