@@ -135,6 +135,9 @@ class Orchestrator:
             shard = {cid: world.client_indices[cid]
                      for cid in range(cfg.clients) if self.owner[cid] == w}
             self.workers.append(backend.create(ClientRuntime, world.setup, train, shard))
+        # Actor processes start (import torch, build client state) asynchronously;
+        # waiting here counts that as start-up, not as round 0.
+        backend.get([backend.call(actor, "memory") for actor in self.workers + [self.server]])
         announce(f"raysage: {cfg.algorithm} with {cfg.clients} virtual clients on {n_workers} "
                  f"worker(s) ({cfg.cpus_per_worker:g} CPU, {cfg.gpus_per_worker:g} GPU, "
                  f"{cfg.torch_threads} torch thread(s) each) + 1 server "

@@ -153,6 +153,9 @@ class ClientRuntime:
             return uploads, None
         _check_finite(client.metrics, rnd, f"client {segment.cid}")
         states = algo.end_round(client, rnd)
+        # Gradients are dead weight between rounds: one model's worth per client.
+        for optimizer in client.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
         return uploads, {"states": states, "metrics": dict(client.metrics),
                          "num_samples": client.num_samples}
 
