@@ -22,7 +22,8 @@ from .errors import ConfigError
 # Names are checked here (not by importing the algorithm and model modules)
 # so that loading a config stays cheap and torch-free; the engine checks that
 # each name really maps to an implementation.
-ALGORITHM_NAMES = ("fsl_sage", "fedavg")
+ALGORITHM_NAMES = ("fsl_sage", "fedavg", "sl", "splitfed_v1", "splitfed_v2", "fsl_an",
+                   "cse_fsl", "sglr")
 MODEL_NAMES = ("cnn", "resnet18")
 DATASET_NAMES = ("synthetic", "cifar10", "cifar100")
 PARTITION_NAMES = ("iid", "dirichlet", "shards")
@@ -106,6 +107,14 @@ class Config:
         "the client waits for its aligned auxiliary model (true, as the reference) "
         "or goes on with the old one until it arrives"))
 
+    # SGLR parameters.
+    sglr_alpha: float = field(default=0.5, metadata=_meta(
+        "SGLR: server learning rate = client_lr * m ** sglr_alpha (0 turns it off)",
+        minimum=0.0))
+    sglr_phi: float = field(default=0.5, metadata=_meta(
+        "SGLR: fraction of clients that receive the averaged cut-layer gradient (< 1)",
+        minimum=0.0, maximum=1.0))
+
     # Simulated world.
     profile: str = field(default="uniform", metadata=_meta(
         "device and link profile preset", choices=PROFILE_NAMES))
@@ -127,6 +136,9 @@ class Config:
         "GPUs reserved for the server actor", minimum=0.0))
     threads: int = field(default=0, metadata=_meta(
         "torch threads per worker and server (0: CPUs per worker, at least 1)", minimum=0))
+    eval_clients: int = field(default=10, metadata=_meta(
+        "clients whose own models are evaluated when client models are unshared (SGLR)",
+        minimum=1))
     eval_every: int = field(default=1, metadata=_meta(
         "evaluate the global model every this many rounds (and after the last)", minimum=1))
     seed: int = field(default=200, metadata=_meta("seed of every random stream"))
@@ -216,6 +228,9 @@ def _check_together(cfg: Config) -> None:
     if cfg.gpus_per_worker > 1 and not float(cfg.gpus_per_worker).is_integer():
         raise ConfigError(f"config field 'gpus_per_worker' = {cfg.gpus_per_worker} must be a "
                           "fraction below 1 or a whole number of GPUs")
+    if cfg.sglr_phi >= 1:
+        raise ConfigError(f"config field 'sglr_phi' = {cfg.sglr_phi} must be below 1 "
+                          "(phi = 1 diverges, as the SGLR paper reports)")
     if cfg.cpus_per_worker == 0 and cfg.gpus_per_worker == 0:
         raise ConfigError("config fields 'cpus_per_worker' and 'gpus_per_worker' are both 0; "
                           "a worker must reserve some CPU or GPU")

@@ -39,10 +39,11 @@ def test_blocking_exchange_timeline_by_hand():
     assert t.bytes == {"client_model_down": 500, "smashed_up": 300, "aux_down": 400,
                        "client_model_up": 300}
     ops = [a for a in s.actions if isinstance(a, ServerOp)]
-    assert [o.k for o in ops] == [0, 2]
-    assert [x for o in ops for x in (o.arrival, o.start, o.done)] == pytest.approx(
-        [1.55, 1.55, 2.55, 9.15, 9.15, 9.65])
-    kinds = [(type(a).__name__, getattr(a, "index", getattr(a, "k", None))) for a in s.actions]
+    assert [o.uploads for o in ops] == [[(0, 0)], [(0, 2)]]
+    assert [x for o in ops for x in (o.start, o.done)] == pytest.approx([1.55, 2.55, 9.15, 9.65])
+    assert t.queue == 0.0 and ops[0].replies == pytest.approx({(0, 0): 2.85})
+    kinds = [(type(a).__name__, a.index if isinstance(a, Segment) else a.key[1])
+             for a in s.actions]
     assert kinds == [("Segment", 0), ("ServerOp", 0), ("Segment", 1), ("ServerOp", 2)]
     seg0, seg1 = [a for a in s.actions if isinstance(a, Segment)]
     assert (seg0.first, seg0.stop, seg0.blocked_at, seg0.is_first, seg0.is_last) == (0, 1, 0, True, False)
@@ -72,7 +73,7 @@ def test_server_queue_when_uploads_collide_not_when_apart():
 def test_simultaneous_arrivals_are_served_in_client_id_order():
     ex = {0: Exchange(0, up={"smashed_up": 100}, server_flops=1e9)}
     s = plan_round([_plan(c, ex) for c in (3, 1, 2)], {c: SLOW for c in (1, 2, 3)}, SERVER)
-    assert [o.cid for o in s.actions if isinstance(o, ServerOp)] == [1, 2, 3]
+    assert [o.key[0] for o in s.actions if isinstance(o, ServerOp)] == [1, 2, 3]
 
 
 def test_non_blocking_reply_enters_at_first_iteration_after_arrival():
@@ -110,8 +111,8 @@ def test_actions_respect_every_dependency():
                 assert ("op",) + a.reply_of in done
             done.add(("seg", a.cid, a.index))
         else:
-            assert ("seg",) + a.segment in done
-            done.add(("op", a.cid, a.k))
+            assert all(("seg",) + seg in done for seg in a.segments)
+            done.update(("op",) + upload for upload in a.uploads)
     ops = [a for a in s.actions if isinstance(a, ServerOp)]
     assert [o.start for o in ops] == sorted(o.start for o in ops)  # one FIFO server
 
@@ -122,3 +123,36 @@ def test_heterogeneous_profiles_are_seeded_and_spread():
     rates = sorted(p.compute_flops for p in a)
     assert rates[-1] / rates[0] > 5
     assert client_profiles("uniform", 3, 0)[0] == client_profiles("uniform", 3, 9)[2]
+
+
+def test_barrier_group_waits_for_the_slowest_client():
+    """SGLR-style: iteration k is served once every client's upload of k has arrived."""
+    def plan(cid):
+        return _plan(cid, {k: Exchange(k, up={"smashed_up": 100}, server_flops=1e9,
+                                       down={"grad_down": 200}, blocking=True, group=("it", k))
+                           for k in range(2)}, n=2, fwd=1e9, bwd=0.0, download=0, upload=0)
+    fast, slow = SLOW, DeviceProfile(2.5e8, SLOW.uplink, SLOW.downlink, SLOW.latency)  # fwd 4 s
+    s = plan_round([plan(0), plan(1)], {0: fast, 1: slow}, SERVER)
+    ops = [a for a in s.actions if isinstance(a, ServerOp)]
+    assert [sorted(o.uploads) for o in ops] == [[(0, 0), (1, 0)], [(0, 1), (1, 1)]]
+    # Slow client's upload of k=0 arrives at 4 + 0.1 + 0.1 = 4.2; both served until 4.4;
+    # replies (0.1 + 0.1) at 4.6; both forward again (fast 1 s, slow 4 s): slow arrives
+    # at 8.8, served until 9.0, replies at 9.2, which ends the round for both.
+    assert [o.start for o in ops] == pytest.approx([4.2, 8.8])
+    assert s.clients[0].finish == pytest.approx(9.2) == s.clients[1].finish
+    assert s.clients[0].wait > s.clients[1].wait  # the fast client idles at each barrier
+
+
+def test_sequential_clients_round_time_is_the_sum():
+    """Split learning: each client starts when its predecessor's hand-over reached the server."""
+    ex = {0: Exchange(0, up={"smashed_up": 100}, server_flops=1e9, down={"grad_down": 100},
+                      blocking=True)}
+    one = plan_round([_plan(0, ex)], {0: SLOW}, SERVER)
+    chain = [_plan(0, ex)] + [ClientRoundPlan(c, {"server_model": 500}, [1e9] * 3, [2e9] * 3, ex,
+                                              {"server_model": 300}, after=c - 1)
+                              for c in (1, 2)]
+    s = plan_round(chain, {c: SLOW for c in range(3)}, SERVER)
+    assert s.duration == pytest.approx(3 * one.duration)
+    assert s.clients[1].start == pytest.approx(s.clients[0].finish)
+    first = [a for a in s.actions if isinstance(a, Segment) and a.cid == 1][0]
+    assert first.after == 0

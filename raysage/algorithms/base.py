@@ -121,6 +121,29 @@ def load_state(module: nn.Module, state: State) -> None:
     module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
 
 
+def state_nbytes(obj: Any, _seen: set[int] | None = None) -> int:
+    """Bytes held by models (parameters, buffers, gradients), optimizer state and arrays."""
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, nn.Module):
+        total = sum(state_nbytes(t, seen) for t in obj.state_dict(keep_vars=True).values())
+        return total + sum(state_nbytes(p.grad, seen) for p in obj.parameters()
+                           if p.grad is not None)
+    if isinstance(obj, torch.optim.Optimizer):
+        return sum(state_nbytes(v, seen) for st in obj.state.values() for v in st.values())
+    if isinstance(obj, dict):
+        return sum(state_nbytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_nbytes(v, seen) for v in obj)
+    return 0
+
+
 def make_optimizer(kind: str, params, lr: float, weight_decay: float,
                    momentum: float) -> torch.optim.Optimizer:
     if kind == "adam":
@@ -142,7 +165,10 @@ def cross_entropy_grad(model: nn.Module, h: torch.Tensor, y: torch.Tensor,
 class Algorithm:
     name: ClassVar[str]
     description: ClassVar[str]
-    aggregated: ClassVar[tuple[str, ...]]
+    aggregated: ClassVar[tuple[str, ...]] = ()
+    # Unshared client models (SGLR) are evaluated client by client, on a
+    # seeded sample of clients, instead of as one global model.
+    evaluate_on_clients: ClassVar[bool] = False
 
     def __init__(self, cfg: Config, arch: SplitArchitecture, sizes: ModelSizes,
                  costs: ModelCosts):
@@ -187,8 +213,24 @@ class Algorithm:
             return self.arch.make_aux()
 
     # -- schedule (pure)
+    def plan_round(self, rnd: int, batches: dict[int, list[int]]) -> list[ClientRoundPlan]:
+        """Plans of the round's participants (cid -> batch sizes, in id order)."""
+        return [self.plan_client_round(rnd, cid, sizes) for cid, sizes in batches.items()]
+
     def plan_client_round(self, rnd: int, cid: int, batch_sizes: list[int]) -> ClientRoundPlan:
         raise NotImplementedError
+
+    def aggregate(self, rnd: int, results: list[tuple[int, int, dict[str, State]]],
+                  global_state: dict[str, State]) -> dict[str, State]:
+        """New global state from (cid, n_i, uploaded states), given in client-id order.
+
+        FedAvg of every name in ``aggregated`` with weights n_i / sum n_j.
+        """
+        total = sum(n for _, n, _ in results)
+        new = dict(global_state)
+        for name in self.aggregated:
+            new[name] = weighted_average([(n / total, states[name]) for _, n, states in results])
+        return new
 
     # -- global state
     def init_global(self) -> dict[str, State]:
@@ -221,12 +263,30 @@ class Algorithm:
     def serve(self, server: ServerState, rnd: int, cid: int, k: int, upload: Any) -> Any | None:
         raise NotImplementedError(f"{self.name} sends nothing to the server during training")
 
-    def end_server_round(self, server: ServerState, rnd: int,
-                         global_state: dict[str, State]) -> None:
-        """Server work after aggregation (e.g. averaging server-side copies)."""
+    def serve_group(self, server: ServerState, rnd: int,
+                    uploads: list[tuple[int, int, Any]]) -> list[Any]:
+        """A barrier group of uploads (cid, k, upload), in client-id order; one reply each."""
+        raise NotImplementedError(f"{self.name} plans no barrier groups")
+
+    def end_server_round(self, server: ServerState, rnd: int, global_state: dict[str, State],
+                         weights: dict[int, float]) -> None:
+        """Server work after aggregation, e.g. averaging server-side copies with the
+        participants' weights n_i / sum n_j (given in client-id order)."""
 
     def eval_model(self, server: ServerState, global_state: dict[str, State]) -> nn.Module:
-        """The model whose test accuracy is reported for this round."""
+        """The model whose test accuracy is reported: the global x_c below the server's x_s."""
+        lower = server.models.get("eval_client")
+        if lower is None:
+            lower = server.models["eval_client"] = self.place(self.arch.make_client())
+        load_state(lower, global_state["client"])
+        return nn.Sequential(lower, server.models["server"])
+
+    # -- per-client evaluation (evaluate_on_clients)
+    def eval_export(self, server: ServerState) -> dict[str, State]:
+        """What a worker needs from the server to evaluate its clients."""
+        return {"server": to_state(server.models["server"])}
+
+    def client_eval_model(self, client: ClientState, export: dict[str, State]) -> nn.Module:
         raise NotImplementedError
 
 

@@ -225,10 +225,3 @@ class FSLSage(Algorithm):
                 loss.backward()
                 optimizer.step()
         return before, self.nmse(self.estimates(aux, smashed, y), z)
-
-    def eval_model(self, server, global_state):
-        lower = server.models.get("eval_client")
-        if lower is None:
-            lower = server.models["eval_client"] = self.place(self.arch.make_client())
-        load_state(lower, global_state["client"])
-        return nn.Sequential(lower, server.models["server"])

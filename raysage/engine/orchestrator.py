@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..algorithms import ModelSizes, algorithm_class
-from ..algorithms.base import Algorithm, State, stream_seed, weighted_average
+from ..algorithms.base import Algorithm, State, stream_seed
 from ..config import Config
 from ..data import ArrayDataset, load_dataset, partition
 from ..errors import ConfigError
@@ -50,6 +50,14 @@ class World:
     setup: Setup
     profiles: list[DeviceProfile]
 
+    def eval_clients(self, rnd: int) -> list[int]:
+        """Clients whose own models are evaluated: all, or a seeded sample when many."""
+        m, sample = self.cfg.clients, self.cfg.eval_clients
+        if m <= sample:
+            return list(range(m))
+        rng = np.random.default_rng(stream_seed(self.cfg.seed, "eval-clients", rnd))
+        return sorted(int(c) for c in rng.choice(m, size=sample, replace=False))
+
     def participants(self, rnd: int) -> list[int]:
         m = self.cfg.clients
         count = max(1, round(self.cfg.participation * m))
@@ -59,9 +67,9 @@ class World:
         return sorted(int(c) for c in rng.choice(m, size=count, replace=False))
 
     def plan(self, rnd: int, start: float) -> RoundSchedule:
-        plans = [self.algorithm.plan_client_round(
-                     rnd, cid, batch_sizes(len(self.client_indices[cid]), self.cfg))
-                 for cid in self.participants(rnd)]
+        batches = {cid: batch_sizes(len(self.client_indices[cid]), self.cfg)
+                   for cid in self.participants(rnd)}
+        plans = self.algorithm.plan_round(rnd, batches)
         profiles = {p.cid: self.profiles[p.cid] for p in plans}
         return plan_round(plans, profiles, self.cfg.server_flops, start)
 
@@ -128,7 +136,7 @@ class Orchestrator:
         self.owner = place_clients([len(ix) for ix in world.client_indices], n_workers)
         data = world.data
         train = backend.put({"x_train": data.x_train, "y_train": data.y_train})
-        test = backend.put({"x_test": data.x_test, "y_test": data.y_test})
+        self.test = test = backend.put({"x_test": data.x_test, "y_test": data.y_test})
         self.server = backend.create(ServerRuntime, world.setup, test, server=True)
         self.workers = []
         for w in range(n_workers):
@@ -154,15 +162,20 @@ class Orchestrator:
             if isinstance(action, Segment):
                 worker = self.workers[self.owner[action.cid]]
                 reply = replies[action.reply_of] if action.reply_of is not None else None
-                sent, end = backend.call(worker, "run_segment", rnd, action,
-                                         global_ref if action.is_first else None, reply,
+                start = None
+                if action.is_first:
+                    start = ends[action.after] if action.after is not None else global_ref
+                sent, end = backend.call(worker, "run_segment", rnd, action, start, reply,
                                          num_returns=2)
                 uploads[action.key] = sent
                 if action.is_last:
                     ends[action.cid] = end
             else:
-                replies[action.key] = backend.call(self.server, "serve", rnd, action.cid,
-                                                   action.k, uploads[action.segment])
+                n = len(action.uploads)
+                out = backend.call(self.server, "serve", rnd, action.uploads,
+                                   *[uploads[seg] for seg in action.segments], num_returns=n)
+                for upload, reply in zip(action.uploads, out if n > 1 else [out]):
+                    replies[upload] = reply
         return ends
 
     def run_round(self, rnd: int, global_state: dict[str, State], start: float):
@@ -171,16 +184,29 @@ class Orchestrator:
         global_ref = backend.put(global_state)
         ends = self.execute(rnd, schedule, global_ref)
         results = {cid: backend.get(ends[cid]) for cid in sorted(ends)}
-        total = sum(r["num_samples"] for r in results.values())
-        new_global = dict(global_state)
-        for name in algo.aggregated:
-            new_global[name] = weighted_average(
-                [(r["num_samples"] / total, r["states"][name]) for _, r in sorted(results.items())])
-        server_out = backend.get(backend.call(self.server, "end_round", rnd, new_global))
+        new_global = algo.aggregate(
+            rnd, [(cid, r.num_samples, r.states) for cid, r in results.items()], global_state)
+        total = sum(r.num_samples for r in results.values())
+        weights = {cid: r.num_samples / total for cid, r in results.items()}
+        server_out = backend.get(backend.call(self.server, "end_round", rnd, new_global, weights))
         return schedule, results, server_out, new_global
 
-    def evaluate(self, global_state) -> dict[str, float]:
-        return self.backend.get(self.backend.call(self.server, "evaluate", global_state))
+    def evaluate(self, rnd: int, global_state) -> dict[str, float]:
+        backend = self.backend
+        if not self.world.algorithm.evaluate_on_clients:
+            return backend.get(backend.call(self.server, "evaluate", global_state))
+        # Unshared client models: the mean over a seeded sample of clients.
+        cids = self.world.eval_clients(rnd)
+        export = backend.call(self.server, "eval_export")
+        by_worker: dict[int, list[int]] = {}
+        for cid in cids:
+            by_worker.setdefault(self.owner[cid], []).append(cid)
+        scores: dict[int, dict[str, float]] = {}
+        for w, mine in sorted(by_worker.items()):
+            scores.update(backend.get(backend.call(self.workers[w], "evaluate_clients", mine,
+                                                   export, self.test)))
+        return {key: float(np.mean([scores[c][key] for c in cids]))
+                for key in ("accuracy", "test_loss")}
 
     def memory(self) -> dict[str, int]:
         if self.backend.name == "serial":
@@ -201,9 +227,10 @@ def round_rows(rnd: int, schedule: RoundSchedule, results: dict[int, Any],
     """Turn a round's schedule and outcomes into one round row and its client rows."""
     client_rows = []
     for cid in sorted(schedule.clients):
-        timing, metrics = schedule.clients[cid], results[cid]["metrics"]
+        timing, metrics = schedule.clients[cid], results[cid].metrics
         row = {"round": rnd, "client": cid, "worker": owner[cid],
-               "num_samples": results[cid]["num_samples"]}
+               "num_samples": results[cid].num_samples,
+               "client_state_bytes": results[cid].state_bytes}
         row.update({kind: timing.bytes.get(kind, 0) for kind in BYTE_KINDS})
         row["total_bytes"] = sum(timing.bytes.values())
         row["paper_total_bytes"] = row["total_bytes"] - row["labels_up"]
@@ -219,8 +246,8 @@ def round_rows(rnd: int, schedule: RoundSchedule, results: dict[int, Any],
 
     metrics = server_out["metrics"]
     aligned_rows = [r for r in client_rows if not math.isnan(r["nmse_before"])]
-    train_loss = sum(r["metrics"].get("train_loss_sum", 0.0) for r in results.values())
-    train_samples = sum(r["metrics"].get("train_samples", 0) for r in results.values())
+    train_loss = sum(r.metrics.get("train_loss_sum", 0.0) for r in results.values())
+    train_samples = sum(r.metrics.get("train_samples", 0) for r in results.values())
     row = {"round": rnd, "participants": len(results)}
     row.update({kind: sum(r[kind] for r in client_rows) for kind in BYTE_KINDS})
     row["total_bytes"] = sum(r["total_bytes"] for r in client_rows)
@@ -234,6 +261,8 @@ def round_rows(rnd: int, schedule: RoundSchedule, results: dict[int, Any],
         nmse_after=_mean([r["nmse_after"] for r in aligned_rows]),
         sim_round_time=schedule.duration,
         sim_server_busy=schedule.server_busy,
+        server_state_bytes=server_out["state_bytes"],
+        client_state_bytes_max=max(r["client_state_bytes"] for r in client_rows),
     )
     return row, client_rows
 
@@ -261,7 +290,7 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
                 rnd, global_state, sim_time)
             row, client_rows = round_rows(rnd, schedule, results, server_out, orchestrator.owner)
             if (rnd + 1) % cfg.eval_every == 0 or rnd == cfg.rounds - 1:
-                row.update(orchestrator.evaluate(global_state))
+                row.update(orchestrator.evaluate(rnd, global_state))
             else:
                 row.update(accuracy=math.nan, test_loss=math.nan)
             sim_time = schedule.end

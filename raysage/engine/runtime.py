@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..algorithms import ClientState, ModelSizes, algorithm_class
-from ..algorithms.base import Algorithm, State, as_tensor, stream_seed
+from ..algorithms.base import Algorithm, State, as_tensor, state_nbytes, stream_seed
 from ..config import Config, build_config
 from ..data import make_batch
 from ..errors import RaysageError
@@ -46,6 +46,16 @@ class Setup:
 
 class NonFiniteLoss(RaysageError):
     pass
+
+
+@dataclass
+class ClientResult:
+    """What a client's round ends with: its uploads by name, its metrics, its size."""
+
+    states: dict[str, State]
+    metrics: dict[str, float]
+    num_samples: int
+    state_bytes: int          # the client's persistent state (models, optimizer, buffers)
 
 
 def _threads(cfg: Config) -> None:
@@ -110,6 +120,27 @@ def process_memory() -> int:
     return psutil.Process(os.getpid()).memory_info().rss
 
 
+@torch.no_grad()
+def evaluate(model, test: dict[str, np.ndarray], setup: Setup, device,
+             batch_size: int = 500) -> dict[str, float]:
+    """Accuracy and mean loss of a model on the test split (eval mode, then back)."""
+    model.eval()
+    x_all, y_all = test["x_test"], test["y_test"]
+    correct, loss = 0, 0.0
+    try:
+        for start in range(0, len(y_all), batch_size):
+            x = make_batch(x_all[start:start + batch_size], setup.mean, setup.std,
+                           train=False, generator=None)
+            y = as_tensor(np.asarray(y_all[start:start + batch_size], dtype=np.int64))
+            logits = model(x.to(device))
+            y = y.to(device)
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += int((logits.argmax(1) == y).sum())
+    finally:
+        model.train()
+    return {"accuracy": correct / len(y_all), "test_loss": loss / len(y_all)}
+
+
 class ClientRuntime:
     """A client worker: hosts a shard of virtual clients and their persistent state."""
 
@@ -128,13 +159,20 @@ class ClientRuntime:
             self.algo.init_client(client)
             self.clients[cid] = client
 
-    def run_segment(self, rnd: int, segment: Segment, global_state: dict[str, State] | None,
-                    reply: Any) -> tuple[dict[int, Any], dict[str, Any] | None]:
-        """Run one segment of a client's round; returns (uploads by k, end-of-round result)."""
+    def run_segment(self, rnd: int, segment: Segment,
+                    start: dict[str, State] | ClientResult | None,
+                    reply: Any) -> tuple[dict[int, Any], ClientResult | None]:
+        """Run one segment of a client's round; returns (uploads by k, end-of-round result).
+
+        A first segment starts from ``start``: the round's broadcast, or, for a
+        sequential protocol, the previous client's result (its hand-over).
+        """
         algo, client = self.algo, self.clients[segment.cid]
         if segment.is_first:
             client.metrics = {}
-            algo.start_round(client, rnd, global_state)
+            if isinstance(start, ClientResult):
+                start = start.states
+            algo.start_round(client, rnd, start)
         if segment.reply_of is not None:
             algo.receive(client, rnd, reply)
         if segment.resume is not None:
@@ -156,8 +194,16 @@ class ClientRuntime:
         # Gradients are dead weight between rounds: one model's worth per client.
         for optimizer in client.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        return uploads, {"states": states, "metrics": dict(client.metrics),
-                         "num_samples": client.num_samples}
+        return uploads, ClientResult(states, dict(client.metrics), client.num_samples,
+                                     state_nbytes([client.models, client.optimizers]))
+
+    @torch.no_grad()
+    def evaluate_clients(self, cids: list[int], export: dict[str, State],
+                         test: dict[str, np.ndarray]) -> dict[int, dict[str, float]]:
+        """Test metrics of each listed client's own model (unshared client models)."""
+        return {cid: evaluate(self.algo.client_eval_model(self.clients[cid], export), test,
+                              self.setup, self.algo.device)
+                for cid in cids}
 
     def memory(self) -> int:
         return process_memory()
@@ -175,34 +221,30 @@ class ServerRuntime:
         self.state = self.algo.init_server()
         self.test = test
 
-    def serve(self, rnd: int, cid: int, k: int, uploads: dict[int, Any]) -> Any:
-        return self.algo.serve(self.state, rnd, cid, k, uploads[k])
+    def serve(self, rnd: int, uploads: list[tuple[int, int]], *produced: dict[int, Any]):
+        """Serve one upload, or a barrier group at once (one reply per upload)."""
+        payloads = [(cid, k, out[k]) for (cid, k), out in zip(uploads, produced)]
+        if len(payloads) == 1:
+            return self.algo.serve(self.state, rnd, *payloads[0])
+        return tuple(self.algo.serve_group(self.state, rnd, payloads))
 
-    def end_round(self, rnd: int, global_state: dict[str, State]) -> dict[str, Any]:
-        self.algo.end_server_round(self.state, rnd, global_state)
+    def end_round(self, rnd: int, global_state: dict[str, State],
+                  weights: dict[int, float]) -> dict[str, Any]:
+        self.algo.end_server_round(self.state, rnd, global_state, weights)
         metrics, events = self.state.metrics, self.state.events
         self.state.metrics, self.state.events = {}, []
         _check_finite(metrics, rnd, "the server")
-        return {"metrics": metrics, "events": events}
+        return {"metrics": metrics, "events": events,
+                "state_bytes": state_nbytes([self.state.models, self.state.optimizers,
+                                             self.state.per_client])}
 
     @torch.no_grad()
-    def evaluate(self, global_state: dict[str, State], batch_size: int = 500) -> dict[str, float]:
-        model = self.algo.eval_model(self.state, global_state)
-        model.eval()
-        x_all, y_all = self.test["x_test"], self.test["y_test"]
-        correct, loss = 0, 0.0
-        try:
-            for start in range(0, len(y_all), batch_size):
-                x = make_batch(x_all[start:start + batch_size], self.setup.mean, self.setup.std,
-                               train=False, generator=None)
-                y = as_tensor(np.asarray(y_all[start:start + batch_size], dtype=np.int64))
-                x, y = x.to(self.algo.device), y.to(self.algo.device)
-                logits = model(x)
-                loss += F.cross_entropy(logits, y, reduction="sum").item()
-                correct += int((logits.argmax(1) == y).sum())
-        finally:
-            model.train()
-        return {"accuracy": correct / len(y_all), "test_loss": loss / len(y_all)}
+    def evaluate(self, global_state: dict[str, State]) -> dict[str, float]:
+        return evaluate(self.algo.eval_model(self.state, global_state), self.test, self.setup,
+                        self.algo.device)
+
+    def eval_export(self) -> dict[str, State]:
+        return self.algo.eval_export(self.state)
 
     def memory(self) -> int:
         return process_memory()

@@ -18,8 +18,9 @@ reply enters a client's computation.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Hashable, Iterator
 
 from .profiles import DeviceProfile
 
@@ -33,6 +34,9 @@ class Exchange:
     server_flops: float              # work the server does on receipt
     down: dict[str, int] = field(default_factory=dict)  # reply bytes; empty = no reply
     blocking: bool = False           # the client waits for the reply before finishing k
+    # Uploads sharing a group key are served together, once the last of them
+    # has arrived (a barrier, e.g. SGLR's per-iteration step over all clients).
+    group: Hashable | None = None
 
     @property
     def has_reply(self) -> bool:
@@ -49,6 +53,10 @@ class ClientRoundPlan:
     backward_flops: list[float]      # per local iteration, after its upload / reply
     exchanges: dict[int, Exchange]   # by local iteration
     upload: dict[str, int]           # sent after local training
+    # Sequential protocols: start only when this client's end-of-round upload
+    # has reached the server, and begin from that upload instead of the
+    # broadcast (split learning's hand-over of x_c).
+    after: int | None = None
 
     @property
     def iterations(self) -> int:
@@ -76,6 +84,7 @@ class Segment:
     start_time: float = 0.0
     is_first: bool = False
     is_last: bool = False
+    after: int | None = None   # first segment: start from this client's end-of-round upload
 
     @property
     def key(self) -> tuple[int, int]:
@@ -84,19 +93,17 @@ class Segment:
 
 @dataclass
 class ServerOp:
-    """The server handling client ``cid``'s upload of iteration ``k``."""
+    """The server handling one upload, or a barrier group of uploads at once."""
 
-    cid: int
-    k: int
-    arrival: float
+    uploads: list[tuple[int, int]]       # (cid, k) of each upload served
     start: float
     done: float
-    reply_arrival: float | None
-    segment: tuple[int, int] = (0, 0)  # the client segment that produced the upload
+    replies: dict[tuple[int, int], float]  # reply arrival time by upload, if any
+    segments: list[tuple[int, int]] = field(default_factory=list)  # producer of each upload
 
     @property
     def key(self) -> tuple[int, int]:
-        return (self.cid, self.k)
+        return self.uploads[0]
 
 
 @dataclass
@@ -137,11 +144,12 @@ class _Client:
 
     def __init__(self, plan: ClientRoundPlan, profile: DeviceProfile, start: float):
         self.plan, self.profile = plan, profile
-        self.timing = ClientTiming(start=start)
+        self.timing = ClientTiming(start=start, finish=math.inf)
         self.iter_start: list[float] = []
         self.uplink_free = start
         self.reply_at: float | None = None  # set by the scheduler to resume a blocked client
         self.blocked_at: list[int] = []
+        self.arrivals: dict[int, float] = {}  # at the server, by iteration
 
     def _send(self, t: float, nbytes: int) -> float:
         """Uploads share the client's uplink one after another; returns arrival time."""
@@ -165,7 +173,8 @@ class _Client:
                 timing.add_bytes(exchange.up)
                 timing.add_bytes(exchange.down)
                 sent_at = t
-                yield self._send(t, sum(exchange.up.values())), exchange
+                self.arrivals[k] = self._send(t, sum(exchange.up.values()))
+                yield self.arrivals[k], exchange
                 if exchange.blocking:
                     self.blocked_at.append(k)
                     assert self.reply_at is not None, "scheduler must resume a blocked client"
@@ -175,7 +184,7 @@ class _Client:
             step = plan.backward_flops[k] / prof.compute_flops
             t += step
             timing.compute += step
-        if plan.upload:
+        if sum(plan.upload.values()):  # nothing to send costs no latency either
             timing.add_bytes(plan.upload)
             t = self._send(t, sum(plan.upload.values()))
         timing.finish = t
@@ -186,9 +195,16 @@ def plan_round(plans: list[ClientRoundPlan], profiles: dict[int, DeviceProfile],
     """Simulate one round and derive the causal order of client and server work.
 
     The server is a single FIFO queue: uploads are served in order of
-    simulated arrival, ties broken by client id, then iteration.
+    simulated arrival, ties broken by client id, then iteration. A barrier
+    group is served when its last upload arrives.
     """
     clients = {p.cid: _Client(p, profiles[p.cid], start) for p in plans}
+    successors = {p.after: p.cid for p in plans if p.after is not None}
+    group_size: dict[Hashable, int] = {}
+    for p in plans:
+        for ex in p.exchanges.values():
+            if ex.group is not None:
+                group_size[ex.group] = group_size.get(ex.group, 0) + 1
     pending: list[tuple[float, int, int, Exchange]] = []
     runners = {cid: c.run() for cid, c in clients.items()}
 
@@ -198,37 +214,55 @@ def plan_round(plans: list[ClientRoundPlan], profiles: dict[int, DeviceProfile],
             heapq.heappush(pending, (arrival, cid, exchange.k, exchange))
             if exchange.blocking:
                 return
+        successor = successors.get(cid)
+        if successor is not None:
+            nxt = clients[successor]
+            nxt.timing.start = nxt.uplink_free = clients[cid].timing.finish
+            advance(successor)
 
     for cid in sorted(clients):
-        advance(cid)
+        if clients[cid].plan.after is None:
+            advance(cid)
 
     server_free, server_busy = start, 0.0
     ops: list[ServerOp] = []
-    replies: dict[tuple[int, int], float] = {}
+    waiting: dict[Hashable, list[tuple[int, int, Exchange]]] = {}
     while pending:
         arrival, cid, k, exchange = heapq.heappop(pending)
+        members = [(cid, k, exchange)]
+        if exchange.group is not None:
+            waiting.setdefault(exchange.group, []).append((cid, k, exchange))
+            if len(waiting[exchange.group]) < group_size[exchange.group]:
+                continue
+            members = waiting.pop(exchange.group)
         begin = max(arrival, server_free)
-        work = exchange.server_flops / server_flops
+        work = sum(ex.server_flops for _, _, ex in members) / server_flops
         server_free = begin + work
         server_busy += work
-        client = clients[cid]
-        client.timing.queue += begin - arrival
-        reply_arrival = None
-        if exchange.has_reply:
-            reply_arrival = server_free + _transfer(sum(exchange.down.values()),
-                                                    client.profile.downlink,
-                                                    client.profile.latency)
-            client.timing.download += reply_arrival - server_free
-            replies[(cid, k)] = reply_arrival
-        ops.append(ServerOp(cid, k, arrival, begin, server_free, reply_arrival))
-        if exchange.blocking:
-            client.reply_at = reply_arrival
-            advance(cid)
+        replies = {}
+        for member, kk, ex in members:
+            client = clients[member]
+            client.timing.queue += begin - client.arrivals[kk]
+            if ex.has_reply:
+                replies[(member, kk)] = server_free + _transfer(
+                    sum(ex.down.values()), client.profile.downlink, client.profile.latency)
+                client.timing.download += replies[(member, kk)] - server_free
+        ops.append(ServerOp([(m, kk) for m, kk, _ in members], begin, server_free, replies))
+        for member, kk, ex in members:
+            if ex.blocking:
+                clients[member].reply_at = replies[(member, kk)]
+                advance(member)
 
+    unfinished = [cid for cid, c in clients.items() if math.isinf(c.timing.finish)]
+    assert not unfinished, f"clients {unfinished} never finished: a barrier group is incomplete"
     timings = {cid: c.timing for cid, c in clients.items()}
+    replies = {key: t for op in ops for key, t in op.replies.items()}
     segments = {cid: _segments(c, replies) for cid, c in clients.items()}
+    for succ_of, cid in successors.items():
+        segments[cid][0].after = succ_of
     for op in ops:
-        op.segment = next(s.key for s in segments[op.cid] if s.first <= op.k < s.stop)
+        op.segments = [next(s.key for s in segments[c] if s.first <= k < s.stop)
+                       for c, k in op.uploads]
     end = max([server_free] + [t.finish for t in timings.values()])
     actions = _causal_order([s for segs in segments.values() for s in segs], ops)
     return RoundSchedule(start, end, actions, timings, server_busy)
@@ -280,6 +314,10 @@ def _causal_order(segments: list[Segment], ops: list[ServerOp]) -> list[Segment 
     """
     deps: dict[tuple, set[tuple]] = {}
     nodes: dict[tuple, Segment | ServerOp] = {}
+    op_of = {upload: op.key for op in ops for upload in op.uploads}
+    last_index = {}
+    for s in segments:
+        last_index[s.cid] = max(last_index.get(s.cid, 0), s.index)
     for s in segments:
         node = ("seg",) + s.key
         nodes[node] = s
@@ -287,12 +325,14 @@ def _causal_order(segments: list[Segment], ops: list[ServerOp]) -> list[Segment 
         if s.index > 0:
             deps[node].add(("seg", s.cid, s.index - 1))
         if s.reply_of is not None:
-            deps[node].add(("op",) + s.reply_of)
+            deps[node].add(("op",) + op_of[s.reply_of])
+        if s.after is not None:
+            deps[node].add(("seg", s.after, last_index[s.after]))
     previous = None
     for op in ops:
         node = ("op",) + op.key
         nodes[node] = op
-        deps[node] = {("seg",) + op.segment}
+        deps[node] = {("seg",) + seg for seg in op.segments}
         if previous is not None:
             deps[node].add(previous)
         previous = node
