@@ -22,4 +22,12 @@ def simulate(config: Config | None = None, **overrides: Any):
     return run(cfg)
 
 
-__all__ = ["Config", "RaysageError", "load_config", "simulate", "__version__"]
+def plan(config: Config | None = None, **overrides: Any) -> list[dict[str, Any]]:
+    """Bytes by kind and simulated time of every round of a config, without training."""
+    from .engine.orchestrator import plan as dry_run
+
+    cfg = config.replace(**overrides) if config is not None else load_config(**overrides)
+    return dry_run(cfg)
+
+
+__all__ = ["Config", "RaysageError", "load_config", "plan", "simulate", "__version__"]

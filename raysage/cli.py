@@ -112,6 +112,52 @@ simulate_command.__signature__ = inspect.Signature(
 app.command("simulate")(simulate_command)
 
 
+def _run_plan(config_file: Optional[Path], **overrides: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .engine.orchestrator import GIB, plan
+
+    try:
+        cfg = load_config(config_file, **overrides)
+        rows = plan(cfg)
+    except RaysageError as exc:
+        _fail(str(exc))
+    from .engine.orchestrator import BYTE_KINDS
+
+    table = Table(title=f"raysage plan: {cfg.algorithm}, {cfg.model}, {cfg.clients} clients "
+                        "(no training)")
+    for column in ("round", "total bytes", "paper total bytes", "sim round (s)", "sim time (s)"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for r in rows:
+        table.add_row(str(r["round"]), f"{r['total_bytes']:,}", f"{r['paper_total_bytes']:,}",
+                      f"{r['sim_round_time']:.3f}", f"{r['sim_time']:.3f}")
+    total = sum(r["total_bytes"] for r in rows)
+    paper = sum(r["paper_total_bytes"] for r in rows)
+    table.caption = (f"all rounds: {total:,} bytes ({total / GIB:.3f} GiB); "
+                     f"paper total {paper:,} bytes")
+    kinds = Table(title="bytes by kind in round 0")
+    kinds.add_column("kind")
+    kinds.add_column("bytes", justify="right", no_wrap=True)
+    for kind in BYTE_KINDS:
+        if rows[0][kind]:
+            kinds.add_row(kind, f"{rows[0][kind]:,}")
+    console = Console()
+    console.print(table)
+    console.print(kinds)
+
+
+def plan_command(config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="YAML file of config fields; flags override it"),
+        **overrides: Any) -> None:
+    """Dry run: bytes by kind and simulated time of every round, without training."""
+    _run_plan(config, **overrides)
+
+
+plan_command.__signature__ = simulate_command.__signature__
+app.command("plan")(plan_command)
+
+
 @app.command("algorithms")
 def algorithms_command() -> None:
     """List the simulated algorithms."""

@@ -48,4 +48,17 @@ def test_algorithms_lists_each_with_a_description():
     result = runner.invoke(app, ["algorithms"])
     assert result.exit_code == 0
     names = [line.split()[0] for line in result.output.splitlines()]
-    assert names == ["fsl_sage", "fedavg"]
+    assert names == ["fsl_sage", "fedavg", "sl", "splitfed_v1", "splitfed_v2", "fsl_an",
+                     "cse_fsl", "sglr"]
+    assert all(len(line.split()) > 4 for line in result.output.splitlines())
+
+
+def test_plan_prints_bytes_per_round_without_training(tmp_path):
+    result = runner.invoke(app, ["plan", "--algorithm", "splitfed_v2", "--model", "resnet18",
+                                 "--clients", "10", "--samples-per-client", "5000",
+                                 "--batch-size", "256", "--rounds", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("874,000,960") == 2          # the paper's per-round total
+    assert "grad_down" in result.output
+    bad = runner.invoke(app, ["plan", "--algorithm", "nope"])
+    assert bad.exit_code == 2 and "'nope'" in bad.output

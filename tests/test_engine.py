@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from raysage.algorithms import ALGORITHMS
 from raysage.algorithms.base import seeded, to_state
 from raysage.config import build_config, load_config
 from raysage.engine.orchestrator import build_world, place_clients, simulate
@@ -108,7 +109,7 @@ def _comparable(rows):
     return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS + ("worker",)} for r in rows]
 
 
-@pytest.mark.parametrize("algorithm", ["fsl_sage", "fedavg"])
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_same_results_serial_one_worker_two_workers(tmp_path, ray_session, algorithm):
     fields = dict(algorithm=algorithm, clients=5, samples_per_client=30, batch_size=10,
                   rounds=2, align_interval=1, align_epochs=3, server_update_interval=2,
@@ -133,3 +134,14 @@ def test_fsl_sage_learns_real_cifar10_on_ray(tmp_path, ray_session, cifar10_subs
     accuracy = [r["accuracy"] for r in result.rounds]
     assert accuracy[-1] > 0.25, accuracy   # chance is 0.10; observed 0.31 at round 5
     assert result.rounds[0]["nmse_after"] < result.rounds[0]["nmse_before"]
+
+
+# Test accuracy after 3 rounds observed on this machine (10 iid clients, Adam 1e-3):
+# sl 0.42, splitfed_v2 0.41, sglr 0.38, splitfed_v1 = fedavg 0.32, cse_fsl 0.31,
+# fsl_an 0.30 (chance is 0.10); FSL-SAGE is checked on Ray above.
+@pytest.mark.parametrize("algorithm", sorted(set(ALGORITHMS) - {"fsl_sage"}))
+def test_every_baseline_learns_real_cifar10(tmp_path, cifar10_subset, algorithm):
+    result = run(tmp_path, algorithm=algorithm, clients=10, rounds=3, dataset="cifar10",
+                 data_dir=str(cifar10_subset), backend="serial")
+    accuracy = [r["accuracy"] for r in result.rounds]
+    assert accuracy[-1] > 0.25, accuracy

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import Algorithm, ClientState, ModelSizes, ServerState
+from .cse_fsl import CSEFSL
 from .fedavg import FedAvg
+from .fsl_an import FSLAN
 from .fsl_sage import FSLSage
+from .sglr import SGLR
+from .sl import SplitLearning
+from .splitfed_v1 import SplitFedV1
+from .splitfed_v2 import SplitFedV2
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    FSLSage.name: FSLSage,
-    FedAvg.name: FedAvg,
+    cls.name: cls
+    for cls in (FSLSage, FedAvg, SplitLearning, SplitFedV1, SplitFedV2, FSLAN, CSEFSL, SGLR)
 }
 
 

@@ -208,7 +208,7 @@ class Algorithm:
         with seeded(self.cfg.seed, "init", "server"):
             return self.arch.make_server()
 
-    def initial_aux_model(self, cid: int) -> nn.Module:
+    def initial_aux_model(self, cid: int | str) -> nn.Module:
         with seeded(self.cfg.seed, "init", "aux", cid):
             return self.arch.make_aux()
 

@@ -222,6 +222,35 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+def bytes_by_kind(kinds: dict[str, int]) -> dict[str, int]:
+    """Every byte kind as a column, plus ``total_bytes`` and ``paper_total_bytes``
+    (all but labels, as the FSL-SAGE paper counts)."""
+    row = {kind: kinds.get(kind, 0) for kind in BYTE_KINDS}
+    row["total_bytes"] = sum(kinds.values())
+    row["paper_total_bytes"] = row["total_bytes"] - row["labels_up"]
+    return row
+
+
+def plan_rows(world: World, rounds: int | None = None) -> list[dict[str, Any]]:
+    """The dry run: bytes by kind and simulated time of each round, without training."""
+    rows, sim_time = [], 0.0
+    for rnd in range(world.cfg.rounds if rounds is None else rounds):
+        schedule = world.plan(rnd, sim_time)
+        kinds: dict[str, int] = {}
+        for timing in schedule.clients.values():
+            for kind, n in timing.bytes.items():
+                kinds[kind] = kinds.get(kind, 0) + n
+        sim_time = schedule.end
+        rows.append({"round": rnd, "participants": len(schedule.clients), **bytes_by_kind(kinds),
+                     "sim_round_time": schedule.duration, "sim_time": sim_time})
+    return rows
+
+
+def plan(cfg: Config) -> list[dict[str, Any]]:
+    """Python API behind ``raysage plan``: what each round of ``cfg`` would cost."""
+    return plan_rows(build_world(cfg))
+
+
 def round_rows(rnd: int, schedule: RoundSchedule, results: dict[int, Any],
                server_out: dict[str, Any], owner: list[int]) -> tuple[dict, list[dict]]:
     """Turn a round's schedule and outcomes into one round row and its client rows."""
@@ -231,9 +260,7 @@ def round_rows(rnd: int, schedule: RoundSchedule, results: dict[int, Any],
         row = {"round": rnd, "client": cid, "worker": owner[cid],
                "num_samples": results[cid].num_samples,
                "client_state_bytes": results[cid].state_bytes}
-        row.update({kind: timing.bytes.get(kind, 0) for kind in BYTE_KINDS})
-        row["total_bytes"] = sum(timing.bytes.values())
-        row["paper_total_bytes"] = row["total_bytes"] - row["labels_up"]
+        row.update(bytes_by_kind(timing.bytes))
         row.update(sim_compute=timing.compute, sim_upload=timing.upload,
                    sim_download=timing.download, sim_wait=timing.wait, sim_queue=timing.queue,
                    sim_finish=timing.finish - schedule.start,
