@@ -118,7 +118,6 @@ def test_alignment_lowers_nmse_on_a_fixed_buffer(aligned_setup):
 
 def test_tiny_plan_bytes_by_hand():
     algo = make(server_update_interval=2)
-    s = algo.sizes
     # 45 samples, batch 20: iterations of 20, 20, 5; uploads at k = 0 (20) and k = 2 (5).
     plan = algo.plan_client_round(0, 0, [20, 20, 5])
     assert sorted(plan.exchanges) == [0, 2]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn as nn

@@ -198,6 +198,23 @@ class Algorithm:
         return make_optimizer(c.aux_optimizer, module.parameters(), c.aux_lr,
                               c.aux_weight_decay, c.momentum)
 
+    # -- the two moves every split algorithm shares
+    @staticmethod
+    def smashed_upload(smashed: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
+        """What crosses the network for one batch: the smashed activations and labels."""
+        return {"smashed": smashed.detach().cpu().numpy(), "y": y.cpu().numpy()}
+
+    @staticmethod
+    def server_step(server: "ServerState", x_s: nn.Module, optimizer: torch.optim.Optimizer,
+                    smashed: torch.Tensor, y: torch.Tensor) -> None:
+        """Step x_s on CE(x_s(h), y); dL/dh lands in smashed.grad if h requires it."""
+        loss = F.cross_entropy(x_s(smashed), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        server.log("server_loss_sum", loss.item() * len(y))
+        server.log("server_samples", len(y))
+
     # -- initial models; every algorithm seeds x_c and x_s from the same
     #    streams so that equivalence tests compare like with like.
     def initial_client_model(self) -> nn.Module:

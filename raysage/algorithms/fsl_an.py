@@ -60,7 +60,7 @@ class FSLAN(Algorithm):
         smashed = client.models["client"](x)
         client.carry.update(smashed=smashed, y=y)
         if self.uploads_at(k):
-            return {"smashed": smashed.detach().cpu().numpy(), "y": y.cpu().numpy()}
+            return self.smashed_upload(smashed, y)
         return None
 
     def backward(self, client, rnd, k):
@@ -87,13 +87,8 @@ class FSLAN(Algorithm):
 
     def serve(self, server, rnd, cid, k, upload):
         x_s, optimizer = self.server_model(server, rnd, cid)
-        y = self.tensor(upload["y"])
-        loss = F.cross_entropy(x_s(self.tensor(upload["smashed"])), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        server.log("server_loss_sum", loss.item() * len(y))
-        server.log("server_samples", len(y))
+        self.server_step(server, x_s, optimizer, self.tensor(upload["smashed"]),
+                         self.tensor(upload["y"]))
         return None
 
     def end_server_round(self, server, rnd, global_state, weights):

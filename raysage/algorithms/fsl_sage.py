@@ -119,7 +119,7 @@ class FSLSage(Algorithm):
         smashed = client.models["client"](x)
         client.carry.update(smashed=smashed, y=y)
         if self.uploads_at(k):
-            return {"smashed": smashed.detach().cpu().numpy(), "y": y.cpu().numpy()}
+            return self.smashed_upload(smashed, y)
         return None
 
     def receive(self, client, rnd, reply):
@@ -154,14 +154,9 @@ class FSLSage(Algorithm):
         })
 
     def serve(self, server, rnd, cid, k, upload):
-        x_s, optimizer = server.models["server"], server.optimizers["server"]
-        smashed, y = self.tensor(upload["smashed"]), self.tensor(upload["y"])
-        loss = F.cross_entropy(x_s(smashed), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        server.log("server_loss_sum", loss.item() * len(y))
-        server.log("server_samples", len(y))
+        x_s = server.models["server"]
+        self.server_step(server, x_s, server.optimizers["server"], self.tensor(upload["smashed"]),
+                         self.tensor(upload["y"]))
 
         buffer = self._buffer(server, cid)
         keep = self.cfg.align_buffer

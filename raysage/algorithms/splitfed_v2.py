@@ -12,8 +12,6 @@ Bytes per batch: s_h B up (plus labels), s_h B down; per round 2 |x_c|.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from ..netsim.planner import ClientRoundPlan, Exchange
 from .base import LABEL_BYTES, Algorithm, ServerState, load_state, to_state
 
@@ -57,7 +55,7 @@ class SplitFedV2(Algorithm):
     def forward(self, client, rnd, k, x, y):
         smashed = client.models["client"](x)
         client.carry.update(smashed=smashed)
-        return {"smashed": smashed.detach().cpu().numpy(), "y": y.cpu().numpy()}
+        return self.smashed_upload(smashed, y)
 
     def receive(self, client, rnd, reply):
         client.carry["grad"] = self.tensor(reply)
@@ -83,11 +81,5 @@ class SplitFedV2(Algorithm):
     def serve(self, server, rnd, cid, k, upload):
         x_s, optimizer = self.server_model(server, rnd, cid)
         smashed = self.tensor(upload["smashed"]).requires_grad_()
-        y = self.tensor(upload["y"])
-        loss = F.cross_entropy(x_s(smashed), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        server.log("server_loss_sum", loss.item() * len(y))
-        server.log("server_samples", len(y))
+        self.server_step(server, x_s, optimizer, smashed, self.tensor(upload["y"]))
         return smashed.grad.cpu().numpy()

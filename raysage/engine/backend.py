@@ -10,7 +10,6 @@ never through the driver.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from ..config import Config
 from ..errors import RaysageError
