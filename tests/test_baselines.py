@@ -209,3 +209,14 @@ def test_sequential_split_learning_round_time_is_the_sum_of_clients(tmp_path):
     one = plan(build_config(fields | {"algorithm": "sl", "clients": 1}))[0]
     assert sl["sim_round_time"] == pytest.approx(3 * one["sim_round_time"])
     assert one["sim_round_time"] < v2["sim_round_time"] < sl["sim_round_time"]
+
+
+def test_splitfed_v2_clients_queue_at_the_single_server():
+    """Ten identical clients upload together: all but the first wait for the server."""
+    cfg = build_config({"algorithm": "splitfed_v2", "clients": 10, "samples_per_client": 40,
+                        "server_flops": 1e9})   # a slow server makes the queue obvious
+    schedule = build_world(cfg).plan(0, 0.0)
+    queues = [schedule.clients[c].queue for c in range(10)]
+    assert queues[0] < queues[9] and sorted(queues) == queues and queues[9] > 0
+    alone = build_world(cfg.replace(clients=1)).plan(0, 0.0)
+    assert alone.clients[0].queue == 0.0
