@@ -29,7 +29,9 @@ DATASET_NAMES = ("synthetic", "cifar10", "cifar100")
 PARTITION_NAMES = ("iid", "dirichlet", "shards")
 OPTIMIZER_NAMES = ("adam", "sgd")
 BACKEND_NAMES = ("ray", "serial")
-PROFILE_NAMES = ("uniform", "heterogeneous")
+PROFILE_NAMES = ("uniform", "datacenter", "wifi", "4g-mobile", "heterogeneous")
+STRAGGLER_NAMES = ("none", "lognormal", "pareto")
+ROUND_POLICY_NAMES = ("wait_all", "deadline", "over_selection")
 
 
 def _meta(help: str, *, choices: tuple[str, ...] | None = None, minimum: float | None = None,
@@ -118,6 +120,27 @@ class Config:
     # Simulated world.
     profile: str = field(default="uniform", metadata=_meta(
         "device and link profile preset", choices=PROFILE_NAMES))
+    profile_trace: str | None = field(default=None, metadata=_meta(
+        "CSV or Parquet trace, one row per client (compute_flops, uplink_mbps, downlink_mbps, "
+        "latency_ms, availability); overrides the preset"))
+    stragglers: str = field(default="none", metadata=_meta(
+        "spread of client compute rates", choices=STRAGGLER_NAMES))
+    straggler_param: float = field(default=1.0, metadata=_meta(
+        "log-normal sigma, or Pareto shape (smaller: heavier tail of slow clients)",
+        minimum=0.0, exclusive_min=True))
+    availability: float | None = field(default=None, metadata=_meta(
+        "probability a client is reachable in a round (default: from the profile)",
+        minimum=0.0, maximum=1.0))
+    dropout: float = field(default=0.0, metadata=_meta(
+        "probability a participant drops mid-round and loses that round's work",
+        minimum=0.0, maximum=1.0))
+    round_policy: str = field(default="wait_all", metadata=_meta(
+        "when a round ends", choices=ROUND_POLICY_NAMES))
+    deadline: float | None = field(default=None, metadata=_meta(
+        "simulated seconds after which late clients are dropped (round_policy=deadline)",
+        minimum=0.0, exclusive_min=True))
+    over_selection: float = field(default=0.3, metadata=_meta(
+        "extra fraction of clients sampled under round_policy=over_selection", minimum=0.0))
     server_flops: float = field(default=2e13, metadata=_meta(
         "server compute rate in FLOP/s", minimum=0.0, exclusive_min=True))
 
@@ -228,6 +251,9 @@ def _check_together(cfg: Config) -> None:
     if cfg.gpus_per_worker > 1 and not float(cfg.gpus_per_worker).is_integer():
         raise ConfigError(f"config field 'gpus_per_worker' = {cfg.gpus_per_worker} must be a "
                           "fraction below 1 or a whole number of GPUs")
+    if cfg.round_policy == "deadline" and cfg.deadline is None:
+        raise ConfigError("round_policy 'deadline' needs a deadline: pass --deadline SECONDS "
+                          "of simulated time")
     if cfg.sglr_phi >= 1:
         raise ConfigError(f"config field 'sglr_phi' = {cfg.sglr_phi} must be below 1 "
                           "(phi = 1 diverges, as the SGLR paper reports)")

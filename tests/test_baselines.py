@@ -17,6 +17,7 @@ from raysage.engine.orchestrator import build_world, plan, simulate
 from raysage.engine.runtime import client_batch, evaluate
 from raysage.models import get_architecture
 from raysage.netsim.cost import measure_costs
+from raysage.netsim.profiles import MEDIAN_DEVICE
 
 QUIET = {"announce": lambda line: None}
 
@@ -204,10 +205,14 @@ def test_sequential_split_learning_round_time_is_the_sum_of_clients(tmp_path):
     fields = dict(clients=3, samples_per_client=40, rounds=1, model="cnn")
     sl = plan(build_config(fields | {"algorithm": "sl"}))[0]
     v2 = plan(build_config(fields | {"algorithm": "splitfed_v2"}))[0]
-    # Identical uniform clients: in turn, three times one client's round (v2 runs them at
-    # once; its shared server queue makes it a little longer than one client alone).
+    # Identical uniform clients in turn: three times one client's round plus, for each, the
+    # hand-over of x_c (down at its start, up at its end), which a lone client skips.
+    # SplitFed v2 runs them at once; its server queue makes it longer than one client alone.
     one = plan(build_config(fields | {"algorithm": "sl", "clients": 1}))[0]
-    assert sl["sim_round_time"] == pytest.approx(3 * one["sim_round_time"])
+    x_c, d = 5088 * 4, MEDIAN_DEVICE
+    hand_over = 2 * d.latency + x_c / d.downlink + x_c / d.uplink
+    assert sl["server_model"] == 3 * 2 * x_c and one["server_model"] == 0
+    assert sl["sim_round_time"] == pytest.approx(3 * (one["sim_round_time"] + hand_over))
     assert one["sim_round_time"] < v2["sim_round_time"] < sl["sim_round_time"]
 
 

@@ -237,12 +237,17 @@ class Algorithm:
     def plan_client_round(self, rnd: int, cid: int, batch_sizes: list[int]) -> ClientRoundPlan:
         raise NotImplementedError
 
+    def commit_round(self, rnd: int, participants: list[int]) -> None:
+        """The round's final participants (planning may be redone when clients drop)."""
+
     def aggregate(self, rnd: int, results: list[tuple[int, int, dict[str, State]]],
                   global_state: dict[str, State]) -> dict[str, State]:
         """New global state from (cid, n_i, uploaded states), given in client-id order.
 
         FedAvg of every name in ``aggregated`` with weights n_i / sum n_j.
         """
+        if not results:  # everyone dropped: nothing to average
+            return dict(global_state)
         total = sum(n for _, n, _ in results)
         new = dict(global_state)
         for name in self.aggregated:

@@ -60,9 +60,10 @@ class FSLSage(Algorithm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Smashed samples each client has uploaded so far, for the cost of
-        # alignment in the plan (plans are made in round order).
-        self._planned_uploads: dict[int, int] = {}
+        # Smashed samples each client has in the server's buffer at the start
+        # of a round, for the cost of alignment in the plan.
+        self._buffered: dict[int, int] = {}
+        self._uploads_this_round: dict[int, int] = {}
 
     # ------------------------------------------------------------ schedule
     def uploads_at(self, k: int) -> bool:
@@ -78,11 +79,11 @@ class FSLSage(Algorithm):
     def plan_client_round(self, rnd, cid, batch_sizes):
         c, s = self.costs, self.sizes
         exchanges = {}
+        buffered = self._buffered.get(cid, 0)
         for k, b in enumerate(batch_sizes):
             if not self.uploads_at(k):
                 continue
-            buffered = min(self.cfg.align_buffer, self._planned_uploads.get(cid, 0) + b)
-            self._planned_uploads[cid] = buffered
+            buffered = min(self.cfg.align_buffer, buffered + b)
             work = c.server_step * b
             if self.aligns_at(rnd, k):
                 exchanges[k] = Exchange(
@@ -93,6 +94,7 @@ class FSLSage(Algorithm):
                 exchanges[k] = Exchange(
                     k, up={"smashed_up": s.smashed_per_sample * b, "labels_up": LABEL_BYTES * b},
                     server_flops=work)
+        self._uploads_this_round[cid] = buffered
         return ClientRoundPlan(
             cid,
             download={"client_model_down": s.client},
@@ -101,6 +103,11 @@ class FSLSage(Algorithm):
             exchanges=exchanges,
             upload={"client_model_up": s.client},
         )
+
+    def commit_round(self, rnd, participants):
+        for cid in participants:
+            self._buffered[cid] = self._uploads_this_round[cid]
+        self._uploads_this_round = {}
 
     def init_global(self):
         return {"client": to_state(self.initial_client_model())}

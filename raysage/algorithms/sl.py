@@ -4,7 +4,8 @@ One x_c, one x_s. Clients take turns in a seeded order each round: for each
 of its batches the client sends (h, y), the server steps x_s and returns
 dL/dh, and the client steps x_c. Then the client hands x_c to the next
 client through the server (|x_c| up, |x_c| down, counted as
-``server_model``: the hand-over). Nothing runs in parallel, so the simulated
+``server_model``: the hand-over; a round with a single client hands
+nothing over). Nothing runs in parallel, so the simulated
 round time is the sum of the clients' times.
 """
 
@@ -29,7 +30,8 @@ class SplitLearning(SplitFedV2):
         return [cids[i] for i in rng.permutation(len(cids))]
 
     def plan_round(self, rnd, batches):
-        hand_over = {"server_model": self.sizes.client}
+        # A lone client keeps x_c: there is nobody to hand it to.
+        hand_over = {"server_model": self.sizes.client} if len(batches) > 1 else {}
         plans, previous = [], None
         for cid in self.order(rnd, sorted(batches)):
             plan = self.plan_client_round(rnd, cid, batches[cid])

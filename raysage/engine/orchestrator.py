@@ -25,7 +25,8 @@ from ..data import ArrayDataset, load_dataset, partition
 from ..errors import ConfigError
 from ..models import get_architecture
 from ..netsim.cost import measure_costs
-from ..netsim.planner import RoundSchedule, Segment, plan_round
+from ..netsim.planner import RoundSchedule, Segment
+from ..netsim.policy import available_clients, plan_with_policy, selection_size
 from ..netsim.profiles import DeviceProfile, client_profiles
 from ..results import RunWriter
 from .backend import make_backend
@@ -58,20 +59,36 @@ class World:
         rng = np.random.default_rng(stream_seed(self.cfg.seed, "eval-clients", rnd))
         return sorted(int(c) for c in rng.choice(m, size=sample, replace=False))
 
+    def target_participants(self) -> int:
+        return max(1, round(self.cfg.participation * self.cfg.clients))
+
     def participants(self, rnd: int) -> list[int]:
-        m = self.cfg.clients
-        count = max(1, round(self.cfg.participation * m))
-        if count == m:
-            return list(range(m))
-        rng = np.random.default_rng(stream_seed(self.cfg.seed, "participants", rnd))
-        return sorted(int(c) for c in rng.choice(m, size=count, replace=False))
+        """Selected clients: a seeded sample of the reachable ones (more under over-selection)."""
+        cfg = self.cfg
+        available = available_clients(
+            self.profiles, np.random.default_rng(stream_seed(cfg.seed, "available", rnd)))
+        count = selection_size(self.target_participants(), cfg.round_policy, cfg.over_selection,
+                               cfg.clients)
+        if count >= len(available):
+            return available
+        rng = np.random.default_rng(stream_seed(cfg.seed, "participants", rnd))
+        return sorted(available[i] for i in rng.choice(len(available), size=count, replace=False))
 
     def plan(self, rnd: int, start: float) -> RoundSchedule:
-        batches = {cid: batch_sizes(len(self.client_indices[cid]), self.cfg)
-                   for cid in self.participants(rnd)}
-        plans = self.algorithm.plan_round(rnd, batches)
-        profiles = {p.cid: self.profiles[p.cid] for p in plans}
-        return plan_round(plans, profiles, self.cfg.server_flops, start)
+        cfg, algo = self.cfg, self.algorithm
+
+        def make_plans(cids: list[int]):
+            return algo.plan_round(rnd, {c: batch_sizes(len(self.client_indices[c]), cfg)
+                                         for c in cids})
+
+        selected = self.participants(rnd)
+        schedule = plan_with_policy(
+            make_plans, selected, {c: self.profiles[c] for c in selected}, cfg.server_flops,
+            start, policy=cfg.round_policy, deadline=cfg.deadline,
+            keep=self.target_participants(), dropout=cfg.dropout,
+            rng=np.random.default_rng(stream_seed(cfg.seed, "drops", rnd)))
+        algo.commit_round(rnd, sorted(schedule.clients))
+        return schedule
 
 
 def build_world(cfg: Config) -> World:
@@ -90,8 +107,10 @@ def build_world(cfg: Config) -> World:
     sizes, costs = ModelSizes.of(arch), measure_costs(arch)
     setup = Setup(cfg.to_dict(), data.num_classes, tuple(data.mean), tuple(data.std), sizes, costs)
     algorithm = algorithm_class(cfg.algorithm)(cfg, arch, sizes, costs)
-    return World(cfg, data, indices, algorithm, setup,
-                 client_profiles(cfg.profile, cfg.clients, cfg.seed))
+    profiles = client_profiles(cfg.profile, cfg.clients, cfg.seed, trace=cfg.profile_trace,
+                               stragglers=cfg.stragglers, straggler_param=cfg.straggler_param,
+                               availability=cfg.availability)
+    return World(cfg, data, indices, algorithm, setup, profiles)
 
 
 def place_clients(sizes: list[int], workers: int) -> list[int]:
@@ -237,11 +256,14 @@ def plan_rows(world: World, rounds: int | None = None) -> list[dict[str, Any]]:
     for rnd in range(world.cfg.rounds if rounds is None else rounds):
         schedule = world.plan(rnd, sim_time)
         kinds: dict[str, int] = {}
-        for timing in schedule.clients.values():
-            for kind, n in timing.bytes.items():
+        spent = [t.bytes for t in schedule.clients.values()]
+        spent += [d.bytes for d in schedule.dropped.values()]
+        for used in spent:
+            for kind, n in used.items():
                 kinds[kind] = kinds.get(kind, 0) + n
         sim_time = schedule.end
-        rows.append({"round": rnd, "participants": len(schedule.clients), **bytes_by_kind(kinds),
+        rows.append({"round": rnd, "participants": len(schedule.clients),
+                     "dropped": len(schedule.dropped), **bytes_by_kind(kinds),
                      "sim_round_time": schedule.duration, "sim_time": sim_time})
     return rows
 
@@ -255,27 +277,40 @@ def round_rows(rnd: int, schedule: RoundSchedule, results: dict[int, Any],
                server_out: dict[str, Any], owner: list[int]) -> tuple[dict, list[dict]]:
     """Turn a round's schedule and outcomes into one round row and its client rows."""
     client_rows = []
-    for cid in sorted(schedule.clients):
-        timing, metrics = schedule.clients[cid], results[cid].metrics
-        row = {"round": rnd, "client": cid, "worker": owner[cid],
-               "num_samples": results[cid].num_samples,
-               "client_state_bytes": results[cid].state_bytes}
-        row.update(bytes_by_kind(timing.bytes))
+    for cid in sorted(set(schedule.clients) | set(schedule.dropped)):
+        row = {"round": rnd, "client": cid, "worker": owner[cid]}
+        drop = schedule.dropped.get(cid)
+        if drop is not None:
+            # Its work is lost; what it had sent and received by then still counts.
+            row.update(num_samples=0, client_state_bytes=0, dropped=True,
+                       drop_reason=drop.reason, **bytes_by_kind(drop.bytes))
+            row.update({name: math.nan for name in
+                        ("sim_compute", "sim_upload", "sim_download", "sim_wait", "sim_queue",
+                         "sim_idle", "train_loss", "nmse_before", "nmse_after")})
+            row["sim_finish"] = drop.time - schedule.start
+            client_rows.append(row)
+            continue
+        timing, result = schedule.clients[cid], results[cid]
+        metrics = result.metrics
+        row.update(num_samples=result.num_samples, client_state_bytes=result.state_bytes,
+                   dropped=False, drop_reason="", **bytes_by_kind(timing.bytes))
         row.update(sim_compute=timing.compute, sim_upload=timing.upload,
                    sim_download=timing.download, sim_wait=timing.wait, sim_queue=timing.queue,
-                   sim_finish=timing.finish - schedule.start,
+                   sim_idle=schedule.end - timing.finish,
                    train_loss=metrics.get("train_loss_sum", math.nan)
                    / max(metrics.get("train_samples", 0), 1))
         aligned = metrics.get("alignments", 0)
         row["nmse_before"] = metrics["nmse_before_sum"] / aligned if aligned else math.nan
         row["nmse_after"] = metrics["nmse_after_sum"] / aligned if aligned else math.nan
+        row["sim_finish"] = timing.finish - schedule.start
         client_rows.append(row)
 
     metrics = server_out["metrics"]
-    aligned_rows = [r for r in client_rows if not math.isnan(r["nmse_before"])]
+    kept = [r for r in client_rows if not r["dropped"]]
+    aligned_rows = [r for r in kept if not math.isnan(r["nmse_before"])]
     train_loss = sum(r.metrics.get("train_loss_sum", 0.0) for r in results.values())
     train_samples = sum(r.metrics.get("train_samples", 0) for r in results.values())
-    row = {"round": rnd, "participants": len(results)}
+    row = {"round": rnd, "participants": len(kept), "dropped": len(client_rows) - len(kept)}
     row.update({kind: sum(r[kind] for r in client_rows) for kind in BYTE_KINDS})
     row["total_bytes"] = sum(r["total_bytes"] for r in client_rows)
     row["paper_total_bytes"] = sum(r["paper_total_bytes"] for r in client_rows)
@@ -289,7 +324,7 @@ def round_rows(rnd: int, schedule: RoundSchedule, results: dict[int, Any],
         sim_round_time=schedule.duration,
         sim_server_busy=schedule.server_busy,
         server_state_bytes=server_out["state_bytes"],
-        client_state_bytes_max=max(r["client_state_bytes"] for r in client_rows),
+        client_state_bytes_max=max((r["client_state_bytes"] for r in kept), default=0),
     )
     return row, client_rows
 

@@ -116,10 +116,31 @@ class ClientTiming:
     wait: float = 0.0        # blocked on server replies
     queue: float = 0.0       # the client's uploads waiting in the server's queue
     bytes: dict[str, int] = field(default_factory=dict)
+    # (time, bytes by kind) of every message: when it was sent, or for
+    # replies when it arrived; what a client that drops had already spent.
+    messages: list[tuple[float, dict[str, int]]] = field(default_factory=list)
 
-    def add_bytes(self, kinds: dict[str, int]) -> None:
+    def add_bytes(self, kinds: dict[str, int], at: float) -> None:
         for kind, n in kinds.items():
             self.bytes[kind] = self.bytes.get(kind, 0) + n
+        self.messages.append((at, kinds))
+
+    def bytes_before(self, t: float) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for at, kinds in self.messages:
+            if at < t:
+                for kind, n in kinds.items():
+                    out[kind] = out.get(kind, 0) + n
+        return out
+
+
+@dataclass
+class Drop:
+    """A participant whose work is lost this round."""
+
+    reason: str                  # "dropout", "deadline" or "over-selection"
+    time: float                  # when it was dropped (absolute simulated time)
+    bytes: dict[str, int]        # what it had sent or received by then
 
 
 @dataclass
@@ -129,6 +150,7 @@ class RoundSchedule:
     actions: list[Segment | ServerOp]
     clients: dict[int, ClientTiming]
     server_busy: float
+    dropped: dict[int, Drop] = field(default_factory=dict)
 
     @property
     def duration(self) -> float:
@@ -160,7 +182,7 @@ class _Client:
 
     def run(self) -> Iterator[tuple[float, Exchange]]:
         plan, prof, timing = self.plan, self.profile, self.timing
-        timing.add_bytes(plan.download)
+        timing.add_bytes(plan.download, timing.start)
         t = timing.start + _transfer(sum(plan.download.values()), prof.downlink, prof.latency)
         timing.download += t - timing.start
         for k in range(plan.iterations):
@@ -170,8 +192,7 @@ class _Client:
             timing.compute += step
             exchange = plan.exchanges.get(k)
             if exchange is not None:
-                timing.add_bytes(exchange.up)
-                timing.add_bytes(exchange.down)
+                timing.add_bytes(exchange.up, t)
                 sent_at = t
                 self.arrivals[k] = self._send(t, sum(exchange.up.values()))
                 yield self.arrivals[k], exchange
@@ -185,7 +206,7 @@ class _Client:
             t += step
             timing.compute += step
         if sum(plan.upload.values()):  # nothing to send costs no latency either
-            timing.add_bytes(plan.upload)
+            timing.add_bytes(plan.upload, t)
             t = self._send(t, sum(plan.upload.values()))
         timing.finish = t
 
@@ -247,6 +268,7 @@ def plan_round(plans: list[ClientRoundPlan], profiles: dict[int, DeviceProfile],
                 replies[(member, kk)] = server_free + _transfer(
                     sum(ex.down.values()), client.profile.downlink, client.profile.latency)
                 client.timing.download += replies[(member, kk)] - server_free
+                client.timing.add_bytes(ex.down, replies[(member, kk)])
         ops.append(ServerOp([(m, kk) for m, kk, _ in members], begin, server_free, replies))
         for member, kk, ex in members:
             if ex.blocking:

@@ -1,16 +1,20 @@
 """Device and link profiles of clients and the server.
 
 Rates are stored in SI base units: FLOP/s for compute, bytes/s for links,
-seconds for latency, so the cost model never converts units.
+seconds for latency, so the cost model never converts units. Trace files
+use the units people quote: Mbit/s and milliseconds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 MBIT = 1e6 / 8  # bytes per second in one Mbit/s
 
@@ -29,23 +33,129 @@ class DeviceProfile:
 MEDIAN_DEVICE = DeviceProfile(compute_flops=5e10, uplink=20 * MBIT, downlink=100 * MBIT,
                               latency=0.02)
 
+PRESETS: dict[str, DeviceProfile] = {
+    "uniform": MEDIAN_DEVICE,
+    # Silos in one region: GPU-class compute, 10 Gbit/s, sub-millisecond.
+    "datacenter": DeviceProfile(1e13, 10_000 * MBIT, 10_000 * MBIT, 0.0005),
+    # A laptop on home Wi-Fi to a cloud region.
+    "wifi": DeviceProfile(1e11, 50 * MBIT, 100 * MBIT, 0.015),
+    # A phone on LTE: slow, asymmetric, far, and not always reachable.
+    "4g-mobile": DeviceProfile(2e10, 5 * MBIT, 20 * MBIT, 0.05, availability=0.9),
+}
+PRESETS["heterogeneous"] = MEDIAN_DEVICE
+
 # Log-normal sigma of the heterogeneous preset: sigma 1 puts the 5th and
 # 95th percentile devices about 5x slower / faster than the median, the
 # spread reported for phones in cross-device FL measurements.
 HETEROGENEOUS_SIGMA = 1.0
 
+TRACE_COLUMNS = ("compute_flops", "uplink_mbps", "downlink_mbps", "latency_ms", "availability")
 
-def client_profiles(preset: str, num_clients: int, seed: int) -> list[DeviceProfile]:
-    """One profile per client, assigned deterministically from (seed, preset)."""
-    if preset == "uniform":
-        return [MEDIAN_DEVICE] * num_clients
-    if preset == "heterogeneous":
+
+def straggler_factors(dist: str, param: float, num_clients: int, seed: int) -> np.ndarray:
+    """Per-client multipliers of the compute rate (1 = the profile's rate).
+
+    lognormal: exp(N(0, param^2)), a spread around the median; pareto: one
+    over a Pareto(shape=param) slowdown >= 1, so a heavy tail of very slow
+    devices and none faster than the profile.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x57A6]))
+    if dist == "none":
+        return np.ones(num_clients)
+    if dist == "lognormal":
+        return rng.lognormal(0.0, param, num_clients)
+    if dist == "pareto":
+        return 1.0 / (1.0 + rng.pareto(param, num_clients))
+    raise ConfigError(f"unknown straggler distribution '{dist}'; choose none, lognormal or pareto")
+
+
+def client_profiles(preset: str, num_clients: int, seed: int, *, trace: str | None = None,
+                    stragglers: str = "none", straggler_param: float = 1.0,
+                    availability: float | None = None) -> list[DeviceProfile]:
+    """One profile per client, assigned deterministically.
+
+    From a trace, client i takes row i mod rows; otherwise from the preset
+    (the heterogeneous preset spreads compute and bandwidth log-normally).
+    Stragglers then scale the compute rates, and ``availability``, when
+    given, replaces every profile's own.
+    """
+    if trace is not None:
+        rows = read_trace(trace)
+        profiles = [rows[i % len(rows)] for i in range(num_clients)]
+    elif preset == "heterogeneous":
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0x9E7]))
         compute = rng.lognormal(0.0, HETEROGENEOUS_SIGMA, num_clients)
         link = rng.lognormal(0.0, HETEROGENEOUS_SIGMA, num_clients)
         base = MEDIAN_DEVICE
-        return [DeviceProfile(compute_flops=base.compute_flops * float(c),
-                              uplink=base.uplink * float(b), downlink=base.downlink * float(b),
-                              latency=base.latency)
-                for c, b in zip(compute, link)]
-    raise ConfigError(f"unknown profile preset '{preset}'; choose uniform or heterogeneous")
+        profiles = [replace(base, compute_flops=base.compute_flops * float(c),
+                            uplink=base.uplink * float(b), downlink=base.downlink * float(b))
+                    for c, b in zip(compute, link)]
+    elif preset in PRESETS:
+        profiles = [PRESETS[preset]] * num_clients
+    else:
+        raise ConfigError(f"unknown profile preset '{preset}'; choose one of: "
+                          + ", ".join(PRESETS))
+    factors = straggler_factors(stragglers, straggler_param, num_clients, seed)
+    profiles = [replace(p, compute_flops=p.compute_flops * float(f))
+                for p, f in zip(profiles, factors)]
+    if availability is not None:
+        profiles = [replace(p, availability=availability) for p in profiles]
+    return profiles
+
+
+def _number(path: Path, row: int, column: str, raw, *, low: float, high: float = math.inf,
+            open_low: bool = True) -> float:
+    where = f"{path} row {row}, column '{column}'"
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: {raw!r} is not a number; fix the trace file") from None
+    if not math.isfinite(value) or (value <= low if open_low else value < low) or value > high:
+        bound = f"> {low:g}" if open_low else f">= {low:g}"
+        if high < math.inf:
+            bound += f" and <= {high:g}"
+        raise DataError(f"{where}: {raw!r} must be {bound}; fix the trace file")
+    return value
+
+
+def read_trace(path: str | Path) -> list[DeviceProfile]:
+    """Client profiles from a CSV or Parquet trace, one row per client.
+
+    Columns: compute_flops (FLOP/s), uplink_mbps, downlink_mbps (Mbit/s),
+    latency_ms, availability (0..1, optional, default 1). Rows are numbered
+    from 1 as a spreadsheet shows data rows (the header is not counted).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"profile trace {path} does not exist; pass --profile-trace with a "
+                        "CSV or Parquet file")
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            records = pq.read_table(path).to_pylist()
+        else:
+            with path.open(newline="") as f:
+                records = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as exc:
+        raise DataError(f"cannot read profile trace {path}: {exc}; "
+                        "give a CSV with a header row or a Parquet file") from None
+    if not records:
+        raise DataError(f"profile trace {path} has no rows; give one row per client")
+    missing = [c for c in TRACE_COLUMNS[:4] if c not in records[0]]
+    if missing:
+        raise DataError(f"profile trace {path} lacks column(s) {', '.join(missing)}; "
+                        f"expected columns: {', '.join(TRACE_COLUMNS)}")
+    profiles = []
+    for i, rec in enumerate(records, start=1):
+        profiles.append(DeviceProfile(
+            compute_flops=_number(path, i, "compute_flops", rec["compute_flops"], low=0),
+            uplink=_number(path, i, "uplink_mbps", rec["uplink_mbps"], low=0) * MBIT,
+            downlink=_number(path, i, "downlink_mbps", rec["downlink_mbps"], low=0) * MBIT,
+            latency=_number(path, i, "latency_ms", rec["latency_ms"], low=0,
+                            open_low=False) / 1000,
+            availability=_number(path, i, "availability",
+                                 rec.get("availability") if rec.get("availability") not in
+                                 (None, "") else 1.0, low=0, high=1, open_low=False),
+        ))
+    return profiles
