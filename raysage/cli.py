@@ -51,7 +51,8 @@ def _fmt(value: float, digits: int = 3) -> str:
         else f"{value:.{digits}f}"
 
 
-def _run_simulate(config_file: Optional[Path], **overrides: Any) -> None:
+def _run_simulate(config_file: Optional[Path], resume: Optional[Path] = None,
+                  **overrides: Any) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -60,7 +61,20 @@ def _run_simulate(config_file: Optional[Path], **overrides: Any) -> None:
 
     console = Console(stderr=True)
     try:
-        cfg = load_config(config_file, **overrides)
+        if resume is not None:
+            from .engine.orchestrator import resume_config
+
+            given = [k for k, v in overrides.items() if v is not None]
+            if given or config_file:
+                _fail("--resume continues a run with its saved config; drop the other flags ("
+                      + ", ".join("--" + k.replace("_", "-") for k in given or ["config"]) + ")")
+            cfg = resume_config(resume)
+        else:
+            from .engine.orchestrator import default_run_dir
+
+            cfg = load_config(config_file, **overrides)
+            if cfg.out is None:
+                cfg = cfg.replace(out=str(default_run_dir(cfg)))
         progress = Progress(TextColumn("round {task.completed}/{task.total}"), BarColumn(),
                             TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
                             console=console, transient=False)
@@ -72,12 +86,13 @@ def _run_simulate(config_file: Optional[Path], **overrides: Any) -> None:
                           f"sim {row['sim_time']:.1f} s")
                 progress.update(task, completed=row["round"] + 1, status=status)
 
-            result = simulate(cfg, on_round=on_round,
+            result = simulate(cfg, on_round=on_round, resume=resume,
                               announce=lambda line: progress.console.print(line))
     except RaysageError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        _fail("interrupted; the run folder holds the rounds that finished")
+        _fail("interrupted; the run folder is consistent: continue it with "
+              f"raysage simulate --resume {cfg.out}")
 
     s = result.summary
     table = Table(title=f"raysage {s['algorithm']} - {s['clients']} clients, {s['rounds']} rounds")
@@ -97,18 +112,26 @@ def _run_simulate(config_file: Optional[Path], **overrides: Any) -> None:
     Console().print(table)
 
 
-def simulate_command(config: Optional[Path] = typer.Option(
-        None, "--config", "-c", help="YAML file of config fields; flags override it"),
-        **overrides: Any) -> None:
+CONFIG_OPTION = typer.Option(None, "--config", "-c",
+                             help="YAML file of config fields; flags override it")
+RESUME_OPTION = typer.Option(None, "--resume",
+                             help="continue the run in this folder from its last checkpoint")
+
+
+def simulate_command(config: Optional[Path] = CONFIG_OPTION,
+                     resume: Optional[Path] = RESUME_OPTION, **overrides: Any) -> None:
     """Run one simulation and write its run folder."""
-    _run_simulate(config, **overrides)
+    _run_simulate(config, resume, **overrides)
 
 
-simulate_command.__signature__ = inspect.Signature(
-    [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY,
-                       default=inspect.signature(simulate_command).parameters["config"].default,
-                       annotation=Optional[Path])]
-    + _field_options())
+def _signature(*leading: tuple[str, Any]) -> inspect.Signature:
+    return inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                           annotation=Optional[Path]) for name, default in leading]
+        + _field_options())
+
+
+simulate_command.__signature__ = _signature(("config", CONFIG_OPTION), ("resume", RESUME_OPTION))
 app.command("simulate")(simulate_command)
 
 
@@ -147,14 +170,12 @@ def _run_plan(config_file: Optional[Path], **overrides: Any) -> None:
     console.print(kinds)
 
 
-def plan_command(config: Optional[Path] = typer.Option(
-        None, "--config", "-c", help="YAML file of config fields; flags override it"),
-        **overrides: Any) -> None:
+def plan_command(config: Optional[Path] = CONFIG_OPTION, **overrides: Any) -> None:
     """Dry run: bytes by kind and simulated time of every round, without training."""
     _run_plan(config, **overrides)
 
 
-plan_command.__signature__ = simulate_command.__signature__
+plan_command.__signature__ = _signature(("config", CONFIG_OPTION))
 app.command("plan")(plan_command)
 
 

@@ -164,6 +164,9 @@ class Config:
         minimum=1))
     eval_every: int = field(default=1, metadata=_meta(
         "evaluate the global model every this many rounds (and after the last)", minimum=1))
+    checkpoint_every: int = field(default=5, metadata=_meta(
+        "write a checkpoint every this many rounds and after the last (0: never); a dead "
+        "worker or --resume restarts from the latest", minimum=0))
     seed: int = field(default=200, metadata=_meta("seed of every random stream"))
     out: str | None = field(default=None, metadata=_meta(
         "run folder (default: runs/<algorithm>-<dataset>-<clients>c-<time>)"))

@@ -240,6 +240,13 @@ class Algorithm:
     def commit_round(self, rnd: int, participants: list[int]) -> None:
         """The round's final participants (planning may be redone when clients drop)."""
 
+    def plan_state(self) -> dict[str, Any]:
+        """What planning remembers between rounds, for checkpoints."""
+        return {}
+
+    def load_plan_state(self, state: dict[str, Any]) -> None:
+        pass
+
     def aggregate(self, rnd: int, results: list[tuple[int, int, dict[str, State]]],
                   global_state: dict[str, State]) -> dict[str, State]:
         """New global state from (cid, n_i, uploaded states), given in client-id order.

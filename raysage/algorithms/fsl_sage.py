@@ -109,6 +109,12 @@ class FSLSage(Algorithm):
             self._buffered[cid] = self._uploads_this_round[cid]
         self._uploads_this_round = {}
 
+    def plan_state(self):
+        return {"buffered": dict(self._buffered)}
+
+    def load_plan_state(self, state):
+        self._buffered = dict(state["buffered"])
+
     def init_global(self):
         return {"client": to_state(self.initial_client_model())}
 

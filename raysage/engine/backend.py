@@ -15,6 +15,10 @@ from ..config import Config
 from ..errors import RaysageError
 
 
+class ActorFailure(RaysageError):
+    """A worker or the server process died; the run can recover from a checkpoint."""
+
+
 class SerialBackend:
     """Everything in this process, in the plan's causal order."""
 
@@ -40,6 +44,9 @@ class SerialBackend:
 
     def get(self, value):
         return value
+
+    def kill(self, actor) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -107,14 +114,24 @@ class RayBackend:
         return getattr(target, method).options(num_returns=num_returns).remote(*args)
 
     def get(self, value):
+        errors = self.ray.exceptions
         try:
             return self.ray.get(value)
+        except (errors.RayActorError, errors.WorkerCrashedError, errors.ObjectLostError,
+                errors.OwnerDiedError) as exc:
+            raise ActorFailure(f"an actor process died ({type(exc).__name__})") from None
         except self.ray.exceptions.RayTaskError as exc:
             # Our own errors are for the user: show their one line, not Ray's trace.
             cause = getattr(exc, "cause", None)
             if isinstance(cause, RaysageError):
                 raise type(cause)(str(cause)) from None
             raise
+
+    def kill(self, actor) -> None:
+        try:
+            self.ray.kill(actor, no_restart=True)
+        except Exception:  # already gone
+            pass
 
     def close(self) -> None:
         if self.started_here:

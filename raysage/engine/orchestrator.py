@@ -20,16 +20,16 @@ import numpy as np
 
 from ..algorithms import ModelSizes, algorithm_class
 from ..algorithms.base import Algorithm, State, stream_seed
-from ..config import Config
+from ..config import Config, load_config
 from ..data import ArrayDataset, load_dataset, partition
-from ..errors import ConfigError
+from ..errors import ConfigError, RaysageError
 from ..models import get_architecture
 from ..netsim.cost import measure_costs
 from ..netsim.planner import RoundSchedule, Segment
 from ..netsim.policy import available_clients, plan_with_policy, selection_size
 from ..netsim.profiles import DeviceProfile, client_profiles
-from ..results import RunWriter
-from .backend import make_backend
+from ..results import RunWriter, atomic_write
+from .backend import ActorFailure, make_backend
 from .runtime import ClientRuntime, ServerRuntime, Setup, batch_sizes, process_memory
 
 # Byte kinds in a fixed order so every row has every column.
@@ -154,23 +154,53 @@ class Orchestrator:
         n_workers = backend.worker_count(cfg.clients)
         self.owner = place_clients([len(ix) for ix in world.client_indices], n_workers)
         data = world.data
-        train = backend.put({"x_train": data.x_train, "y_train": data.y_train})
-        self.test = test = backend.put({"x_test": data.x_test, "y_test": data.y_test})
-        self.server = backend.create(ServerRuntime, world.setup, test, server=True)
-        self.workers = []
-        for w in range(n_workers):
-            shard = {cid: world.client_indices[cid]
-                     for cid in range(cfg.clients) if self.owner[cid] == w}
-            self.workers.append(backend.create(ClientRuntime, world.setup, train, shard))
-        # Actor processes start (import torch, build client state) asynchronously;
-        # waiting here counts that as start-up, not as round 0.
-        backend.get([backend.call(actor, "memory") for actor in self.workers + [self.server]])
+        self.train = backend.put({"x_train": data.x_train, "y_train": data.y_train})
+        self.test = backend.put({"x_test": data.x_test, "y_test": data.y_test})
+        self.n_workers = n_workers
+        self.workers, self.server = [], None
+        self._create_actors()
         announce(f"raysage: {cfg.algorithm} with {cfg.clients} virtual clients on {n_workers} "
                  f"worker(s) ({cfg.cpus_per_worker:g} CPU, {cfg.gpus_per_worker:g} GPU, "
                  f"{cfg.torch_threads} torch thread(s) each) + 1 server "
                  f"({cfg.server_cpus:g} CPU, {cfg.server_gpus:g} GPU); {backend.describe()}")
 
+    def _create_actors(self) -> None:
+        backend, world = self.backend, self.world
+        self.server = backend.create(ServerRuntime, world.setup, self.test, server=True)
+        self.workers = []
+        for w in range(self.n_workers):
+            shard = {cid: world.client_indices[cid]
+                     for cid in range(self.cfg.clients) if self.owner[cid] == w}
+            self.workers.append(backend.create(ClientRuntime, world.setup, self.train, shard))
+        # Actor processes start (import torch, build client state) asynchronously;
+        # waiting here counts that as start-up, not as round time.
+        backend.get([backend.call(actor, "memory") for actor in self.workers + [self.server]])
+
+    def restart_actors(self) -> None:
+        """Replace every actor (the pool never shrinks); state comes from a checkpoint."""
+        for actor in self.workers + [self.server]:
+            self.backend.kill(actor)
+        self._create_actors()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The actors' state and the planner's memory, for a checkpoint."""
+        get, call = self.backend.get, self.backend.call
+        return {"server": get(call(self.server, "export_state")),
+                "workers": get([call(w, "export_state") for w in self.workers]),
+                "plan": self.world.algorithm.plan_state()}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        get, call = self.backend.get, self.backend.call
+        get([call(self.server, "import_state", snapshot["server"])]
+            + [call(w, "import_state", blob) for w, blob in zip(self.workers,
+                                                                  snapshot["workers"])])
+        self.world.algorithm.load_plan_state(snapshot["plan"])
+
     def close(self) -> None:
+        # End our actors explicitly: a shared Ray instance outlives this run.
+        for actor in self.workers + [self.server]:
+            if actor is not None:
+                self.backend.kill(actor)
         self.backend.close()
 
     def execute(self, rnd: int, schedule: RoundSchedule, global_ref) -> dict[int, Any]:
@@ -329,43 +359,103 @@ def round_rows(rnd: int, schedule: RoundSchedule, results: dict[int, Any],
     return row, client_rows
 
 
+CHECKPOINT = "checkpoint.pt"
+MAX_RECOVERIES = 3
+
+
+@dataclass
+class Progress:
+    """Where a run stands after a round: what a checkpoint restores."""
+
+    next_round: int
+    global_state: dict[str, State]
+    sim_time: float
+    totals: dict[str, int]
+    wall_time: float
+
+
+def write_checkpoint(run_dir: Path, progress: Progress, snapshot: dict[str, Any]) -> None:
+    import torch
+
+    payload = {"progress": progress, "snapshot": snapshot}
+    atomic_write(run_dir / CHECKPOINT, lambda p: torch.save(payload, p))
+
+
+def read_checkpoint(run_dir: Path) -> tuple[Progress, dict[str, Any]] | None:
+    import torch
+
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        return payload["progress"], payload["snapshot"]
+    except Exception as exc:  # a truncated or foreign file
+        raise RaysageError(f"checkpoint {path} cannot be read ({type(exc).__name__}); "
+                           "remove it to restart the run from round 0") from None
+
+
+def resume_config(run_dir: Path) -> Config:
+    if not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"cannot resume {run_dir}: no config.yaml there; "
+                          "pass the folder of a run that raysage started")
+    return load_config(run_dir / "config.yaml").replace(out=str(run_dir))
+
+
 def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None = None,
-             announce: Callable[[str], None] | None = None) -> SimulationResult:
-    """Run a whole simulation; the Python API behind ``raysage simulate``."""
+             announce: Callable[[str], None] | None = None,
+             resume: str | Path | None = None) -> SimulationResult:
+    """Run a whole simulation; the Python API behind ``raysage simulate``.
+
+    With ``resume``, continue the run in that folder from its last checkpoint
+    (its saved config is used; ``cfg`` is ignored).
+    """
     announce = announce or (lambda line: print(line, file=sys.stderr))
+    if resume is not None:
+        cfg = resume_config(Path(resume))
     world = build_world(cfg)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if resume is None and run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run folder {run_dir} already exists and is not empty; "
-                          "choose another --out or remove it")
+                          "choose another --out, remove it, or continue it with --resume")
     t0 = time.perf_counter()
     orchestrator = Orchestrator(world, announce)
     startup = time.perf_counter() - t0
-    writer = RunWriter(run_dir, cfg)
-    global_state = world.algorithm.init_global()
-    sim_time, totals = 0.0, {"total_bytes": 0, "paper_total_bytes": 0}
-    wall_start = time.perf_counter()
+    initial = Progress(0, world.algorithm.init_global(), 0.0,
+                       {"total_bytes": 0, "paper_total_bytes": 0}, 0.0)
+    saved = read_checkpoint(run_dir) if resume is not None else None
+    writer = RunWriter(run_dir, cfg, keep_rounds_below=saved[0].next_round if saved
+                       else 0 if resume is not None else None)
     try:
-        for rnd in range(cfg.rounds):
-            round_start = time.perf_counter()
-            schedule, results, server_out, global_state = orchestrator.run_round(
-                rnd, global_state, sim_time)
-            row, client_rows = round_rows(rnd, schedule, results, server_out, orchestrator.owner)
-            if (rnd + 1) % cfg.eval_every == 0 or rnd == cfg.rounds - 1:
-                row.update(orchestrator.evaluate(rnd, global_state))
-            else:
-                row.update(accuracy=math.nan, test_loss=math.nan)
-            sim_time = schedule.end
-            for key in totals:
-                totals[key] += row[key]
-            row.update(cumulative_bytes=totals["total_bytes"],
-                       cumulative_paper_bytes=totals["paper_total_bytes"],
-                       sim_time=sim_time, wall_round_time=time.perf_counter() - round_start,
-                       wall_time=time.perf_counter() - wall_start)
-            row.update(orchestrator.memory())
-            writer.add_round(row, client_rows)
-            if on_round:
-                on_round(row)
+        if saved:
+            orchestrator.restore(saved[1])
+            announce(f"raysage: resuming {run_dir} at round {saved[0].next_round}")
+        progress = saved[0] if saved else initial
+        recoveries = 0
+        while progress.next_round < cfg.rounds:
+            try:
+                progress = run_one_round(orchestrator, writer, progress, on_round)
+            except ActorFailure as exc:
+                recoveries += 1
+                if recoveries > MAX_RECOVERIES:
+                    raise RaysageError(f"{exc} {recoveries} times; giving up. The run folder "
+                                       "is consistent: continue it with --resume") from None
+                saved = read_checkpoint(run_dir)
+                restart = saved[0].next_round if saved else 0
+                announce(f"raysage: {exc} in round {progress.next_round}; restarted all "
+                         f"actors, re-running from round {restart} (recovery {recoveries})")
+                orchestrator.restart_actors()
+                if saved:
+                    orchestrator.restore(saved[1])
+                    progress = saved[0]
+                else:
+                    world.algorithm.load_plan_state(initial_plan_state(world))
+                    progress = initial
+                writer.truncate(progress.next_round)
+                continue
+            every = cfg.checkpoint_every
+            if every and (progress.next_round % every == 0 or progress.next_round == cfg.rounds):
+                write_checkpoint(run_dir, progress, orchestrator.snapshot())
     finally:
         orchestrator.close()
 
@@ -374,10 +464,40 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
         "algorithm": cfg.algorithm, "model": cfg.model, "dataset": cfg.dataset,
         "clients": cfg.clients, "rounds": cfg.rounds,
         "final_accuracy": accuracies[-1], "best_accuracy": max(accuracies),
-        "total_bytes": totals["total_bytes"], "paper_total_bytes": totals["paper_total_bytes"],
-        "total_gib": totals["total_bytes"] / GIB, "sim_time_s": sim_time,
-        "wall_time_s": time.perf_counter() - wall_start, "startup_s": startup,
-        "run_dir": str(run_dir),
+        "total_bytes": progress.totals["total_bytes"],
+        "paper_total_bytes": progress.totals["paper_total_bytes"],
+        "total_gib": progress.totals["total_bytes"] / GIB, "sim_time_s": progress.sim_time,
+        "wall_time_s": progress.wall_time, "startup_s": startup, "run_dir": str(run_dir),
     }
     writer.finish(summary)
-    return SimulationResult(run_dir, writer.rounds, writer.clients, summary, global_state)
+    return SimulationResult(run_dir, writer.rounds, writer.clients, summary,
+                            progress.global_state)
+
+
+def initial_plan_state(world: World) -> dict[str, Any]:
+    return type(world.algorithm)(world.cfg, world.algorithm.arch, world.algorithm.sizes,
+                                 world.algorithm.costs).plan_state()
+
+
+def run_one_round(orchestrator: Orchestrator, writer: RunWriter, progress: Progress,
+                  on_round) -> Progress:
+    cfg, rnd = orchestrator.cfg, progress.next_round
+    round_start = time.perf_counter()
+    schedule, results, server_out, global_state = orchestrator.run_round(
+        rnd, progress.global_state, progress.sim_time)
+    row, client_rows = round_rows(rnd, schedule, results, server_out, orchestrator.owner)
+    if (rnd + 1) % cfg.eval_every == 0 or rnd == cfg.rounds - 1:
+        row.update(orchestrator.evaluate(rnd, global_state))
+    else:
+        row.update(accuracy=math.nan, test_loss=math.nan)
+    totals = {key: progress.totals[key] + row[key] for key in progress.totals}
+    wall = time.perf_counter() - round_start
+    row.update(cumulative_bytes=totals["total_bytes"],
+               cumulative_paper_bytes=totals["paper_total_bytes"],
+               sim_time=schedule.end, wall_round_time=wall,
+               wall_time=progress.wall_time + wall)
+    row.update(orchestrator.memory())
+    writer.add_round(row, client_rows)
+    if on_round:
+        on_round(row)
+    return Progress(rnd + 1, global_state, schedule.end, totals, progress.wall_time + wall)

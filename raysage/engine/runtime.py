@@ -7,6 +7,7 @@ same code on the same inputs.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -113,6 +114,18 @@ def _check_finite(metrics: dict[str, float], rnd: int, who: str) -> None:
                                 f"at {who}; lower the learning rate or check the data")
 
 
+def to_blob(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def from_blob(blob: bytes) -> Any:
+    # Our own checkpoint (models, optimizers, arrays), written by this code;
+    # full unpickling is needed to restore optimizer objects bound to modules.
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
+
+
 def process_memory() -> int:
     """Resident set size of this process in bytes."""
     import psutil
@@ -205,6 +218,19 @@ class ClientRuntime:
                               self.setup, self.algo.device)
                 for cid in cids}
 
+    def export_state(self) -> bytes:
+        """Every hosted client's persistent state, for a checkpoint."""
+        return to_blob(self.clients)
+
+    def import_state(self, blob: bytes) -> None:
+        self.clients = from_blob(blob)
+        for client in self.clients.values():
+            for model in client.models.values():
+                model.to(self.algo.device)
+
+    def pid(self) -> int:
+        return os.getpid()
+
     def memory(self) -> int:
         return process_memory()
 
@@ -245,6 +271,20 @@ class ServerRuntime:
 
     def eval_export(self) -> dict[str, State]:
         return self.algo.eval_export(self.state)
+
+    def export_state(self) -> bytes:
+        return to_blob(self.state)
+
+    def import_state(self, blob: bytes) -> None:
+        self.state = from_blob(blob)
+        for model in self.state.models.values():
+            model.to(self.algo.device)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def memory(self) -> int:
+        return process_memory()
 
     def memory(self) -> int:
         return process_memory()

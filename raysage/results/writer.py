@@ -26,12 +26,26 @@ def atomic_write(path: Path, write) -> None:
 
 
 class RunWriter:
-    def __init__(self, run_dir: Path, cfg: Config):
+    """Writes a run folder; with ``keep_rounds_below`` it continues an existing one,
+    keeping the rows of rounds before that (the rounds a checkpoint covers)."""
+
+    def __init__(self, run_dir: Path, cfg: Config, keep_rounds_below: int | None = None):
         self.run_dir = run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.yaml", lambda p: save_config(cfg, p))
         self.rounds: list[dict[str, Any]] = []
         self.clients: list[dict[str, Any]] = []
+        if keep_rounds_below is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(run_dir / "config.yaml", lambda p: save_config(cfg, p))
+            return
+        for name, rows in (("rounds.parquet", self.rounds), ("clients.parquet", self.clients)):
+            if (run_dir / name).exists():
+                rows.extend(pq.read_table(run_dir / name).to_pylist())
+        self.truncate(keep_rounds_below)
+
+    def truncate(self, next_round: int) -> None:
+        """Forget rows of rounds >= next_round (they are about to be run again)."""
+        self.rounds[:] = [r for r in self.rounds if r["round"] < next_round]
+        self.clients[:] = [r for r in self.clients if r["round"] < next_round]
 
     def add_round(self, round_row: dict[str, Any], client_rows: list[dict[str, Any]]) -> None:
         self.rounds.append(round_row)

@@ -1,0 +1,110 @@
+"""Nothing lost: checkpoints, --resume, a killed worker, a diverging loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from raysage.cli import app
+from raysage.config import build_config
+from raysage.engine import orchestrator as orch
+from raysage.engine.orchestrator import CHECKPOINT, simulate
+from raysage.errors import RaysageError
+
+TIMING = ("wall_round_time", "wall_time", "memory_driver", "memory_workers_max", "memory_server")
+
+
+def comparable(path):
+    rows = pq.read_table(path).to_pylist()
+    return json.dumps([{k: v for k, v in r.items() if k not in TIMING} for r in rows],
+                      sort_keys=True)
+
+
+def test_resume_after_an_interrupt_ends_with_the_same_rounds(tmp_path):
+    fields = dict(clients=4, samples_per_client=30, rounds=4, align_interval=2, align_epochs=3,
+                  checkpoint_every=2, test_samples=100, backend="serial", dropout=0.2)
+    simulate(build_config(fields | {"out": str(tmp_path / "whole")}), announce=lambda _: None)
+
+    def interrupt(row):
+        if row["round"] == 2:   # after round 2 is written, before its checkpoint
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        simulate(build_config(fields | {"out": str(cut)}), on_round=interrupt,
+                 announce=lambda _: None)
+    assert pq.read_table(cut / "rounds.parquet").num_rows == 3 and (cut / CHECKPOINT).exists()
+    assert not (cut / "summary.json").exists()
+    lines = []
+    result = simulate(build_config({}), resume=cut, announce=lines.append)
+    assert any("resuming" in line and "round 2" in line for line in lines)
+    assert comparable(cut / "rounds.parquet") == comparable(tmp_path / "whole/rounds.parquet")
+    assert comparable(cut / "clients.parquet") == comparable(tmp_path / "whole/clients.parquet")
+    assert result.summary["rounds"] == 4
+
+
+def test_resume_cli_refuses_other_flags_and_foreign_folders(tmp_path):
+    runner = CliRunner()
+    out = runner.invoke(app, ["simulate", "--resume", str(tmp_path), "--clients", "3"])
+    assert out.exit_code == 2 and "drop the other flags (--clients)" in out.output
+    out = runner.invoke(app, ["simulate", "--resume", str(tmp_path)])
+    assert out.exit_code == 2 and "no config.yaml" in out.output
+    run = tmp_path / "run"
+    simulate(build_config({"clients": 2, "samples_per_client": 10, "rounds": 1, "out": str(run),
+                           "backend": "serial", "test_samples": 20, "align_epochs": 1}),
+             announce=lambda _: None)
+    (run / CHECKPOINT).write_bytes(b"not a checkpoint")
+    out = runner.invoke(app, ["simulate", "--resume", str(run)])
+    assert out.exit_code == 2 and "cannot be read" in out.output and "Traceback" not in out.output
+
+
+def test_a_killed_worker_is_replaced_and_the_results_do_not_change(tmp_path, ray_session,
+                                                                   monkeypatch):
+    fields = dict(algorithm="splitfed_v2", clients=6, samples_per_client=40, rounds=3,
+                  workers=2, checkpoint_every=1, test_samples=100, backend="ray",
+                  profile="heterogeneous", round_policy="deadline", deadline=0.15)
+    simulate(build_config(fields | {"out": str(tmp_path / "calm")}), announce=lambda _: None)
+
+    original = orch.Orchestrator.run_round
+    killed = []
+
+    def run_round_with_a_kill(self, rnd, global_state, start):
+        if rnd == 1 and not killed:
+            pid = self.backend.get(self.backend.call(self.workers[0], "pid"))
+            os.kill(pid, signal.SIGKILL)   # the round's work then meets a dead worker
+            psutil.Process(pid).wait(timeout=10) if psutil.pid_exists(pid) else None
+            killed.append(pid)
+        return original(self, rnd, global_state, start)
+
+    monkeypatch.setattr(orch.Orchestrator, "run_round", run_round_with_a_kill)
+    lines = []
+    simulate(build_config(fields | {"out": str(tmp_path / "stormy")}), announce=lines.append)
+    assert killed and any("re-running from round 1" in line for line in lines), lines
+    assert comparable(tmp_path / "stormy/rounds.parquet") == \
+        comparable(tmp_path / "calm/rounds.parquet")
+    dropped = [r for r in pq.read_table(tmp_path / "calm/clients.parquet").to_pylist()
+               if r["dropped"]]
+    assert dropped  # the deadline really dropped someone
+
+
+def test_a_diverging_loss_stops_naming_round_and_client_and_keeps_the_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    fields = {"algorithm": "fedavg", "clients": 3, "samples_per_client": 40, "rounds": 6,
+              "checkpoint_every": 1, "client_optimizer": "sgd", "client_lr": 1e6,
+              "test_samples": 50, "backend": "serial", "out": str(out)}
+    with pytest.raises(RaysageError, match=r"became (nan|inf) in round \d+ at client \d") as err:
+        simulate(build_config(fields), announce=lambda _: None)
+    bad_round = int(str(err.value).split("in round ")[1].split()[0])
+    rows = pq.read_table(out / "rounds.parquet").to_pylist()
+    assert [r["round"] for r in rows] == list(range(bad_round))
+    if bad_round:
+        progress, _ = orch.read_checkpoint(out)
+        assert progress.next_round == bad_round
+    result = CliRunner().invoke(app, ["simulate", "--resume", str(out)])
+    assert result.exit_code == 2 and "became" in result.output
