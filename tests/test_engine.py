@@ -61,7 +61,7 @@ def test_run_folder_and_bytes_match_the_formula(tmp_path):
                  server_update_interval=2, align_epochs=2, backend="serial", test_samples=100)
     folder = result.run_dir
     assert sorted(p.name for p in folder.iterdir()) == [
-        "clients.parquet", "config.yaml", "rounds.parquet", "summary.json"]
+        "checkpoint.pt", "clients.parquet", "config.yaml", "rounds.parquet", "summary.json"]
     assert load_config(folder / "config.yaml").to_dict() == load_config(
         None, clients=3, samples_per_client=45, batch_size=20, rounds=2, server_update_interval=2,
         align_epochs=2, backend="serial", test_samples=100, out=str(folder)).to_dict()
