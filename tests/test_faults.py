@@ -108,3 +108,20 @@ def test_a_diverging_loss_stops_naming_round_and_client_and_keeps_the_checkpoint
         assert progress.next_round == bad_round
     result = CliRunner().invoke(app, ["simulate", "--resume", str(out)])
     assert result.exit_code == 2 and "became" in result.output
+
+
+def test_memory_is_estimated_before_any_actor_starts(tmp_path):
+    world = orch.build_world(build_config({"algorithm": "splitfed_v1", "clients": 50,
+                                           "samples_per_client": 10}))
+    need = orch.estimate_memory(world, 2)
+    x_s = world.algorithm.sizes.server
+    # SplitFed v1: the averaged x_s plus, per client, a copy with gradients and Adam moments.
+    assert need["server"] == orch.PROCESS_BYTES + x_s + 50 * 4 * x_s
+    with pytest.raises(RaysageError, match=r"needs about .* GiB .* is available; lower"):
+        orch.check_memory(world, 2, available=need["server"])
+    out = tmp_path / "huge"
+    with pytest.raises(RaysageError, match="lower --clients"):
+        simulate(build_config({"algorithm": "fedavg", "model": "resnet18", "clients": 1000,
+                               "samples_per_client": 2, "backend": "serial", "out": str(out)}),
+                 announce=lambda _: None)
+    assert not out.exists()

@@ -240,6 +240,17 @@ class Algorithm:
     def commit_round(self, rnd: int, participants: list[int]) -> None:
         """The round's final participants (planning may be redone when clients drop)."""
 
+    def optimizer_copies(self, kind: str) -> int:
+        """Model-sized tensors an optimizer keeps: Adam's two moments, SGD's momentum."""
+        if kind == "adam":
+            return 2
+        return 1 if self.cfg.momentum > 0 else 0
+
+    def estimated_server_bytes(self, num_clients: int) -> int:
+        """The server's state: x_s with its gradients and optimizer state. Algorithms
+        that keep per-client server state add it."""
+        return self.sizes.server * (2 + self.optimizer_copies(self.cfg.server_optimizer))
+
     def plan_state(self) -> dict[str, Any]:
         """What planning remembers between rounds, for checkpoints."""
         return {}

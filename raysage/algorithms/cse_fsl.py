@@ -9,7 +9,7 @@ server steps one shared x_s in arrival order. x_a is FedAvg'd every round
 
 from __future__ import annotations
 
-from .base import ServerState
+from .base import Algorithm, ServerState
 from .fsl_an import FSLAN
 
 
@@ -26,6 +26,9 @@ class CSEFSL(FSLAN):
 
     def server_model(self, server, rnd, cid):
         return server.models["server"], server.optimizers["server"]
+
+    def estimated_server_bytes(self, num_clients):
+        return Algorithm.estimated_server_bytes(self, num_clients)
 
     def end_server_round(self, server, rnd, global_state, weights):
         """One shared server model: nothing to average."""

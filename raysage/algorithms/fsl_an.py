@@ -85,6 +85,9 @@ class FSLAN(Algorithm):
     def server_model(self, server: ServerState, rnd: int, cid: int):
         return server_copy(self, server, rnd, cid)
 
+    def estimated_server_bytes(self, num_clients):
+        return self.sizes.server + num_clients * super().estimated_server_bytes(num_clients)
+
     def serve(self, server, rnd, cid, k, upload):
         x_s, optimizer = self.server_model(server, rnd, cid)
         self.server_step(server, x_s, optimizer, self.tensor(upload["smashed"]),

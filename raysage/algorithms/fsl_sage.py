@@ -109,6 +109,10 @@ class FSLSage(Algorithm):
             self._buffered[cid] = self._uploads_this_round[cid]
         self._uploads_this_round = {}
 
+    def estimated_server_bytes(self, num_clients):
+        buffers = num_clients * self.cfg.align_buffer * (self.sizes.smashed_per_sample + LABEL_BYTES)
+        return super().estimated_server_bytes(num_clients) + buffers
+
     def plan_state(self):
         return {"buffered": dict(self._buffered)}
 

@@ -47,5 +47,8 @@ class SplitFedV1(SplitFedV2):
     def server_model(self, server, rnd, cid):
         return server_copy(self, server, rnd, cid)
 
+    def estimated_server_bytes(self, num_clients):
+        return self.sizes.server + num_clients * super().estimated_server_bytes(num_clients)
+
     def end_server_round(self, server, rnd, global_state, weights):
         average_server_copies(server, rnd, weights)

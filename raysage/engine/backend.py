@@ -33,6 +33,11 @@ class SerialBackend:
     def describe(self) -> str:
         return "in-process serial backend"
 
+    def available_memory(self) -> float:
+        import psutil
+
+        return psutil.virtual_memory().available
+
     def create(self, cls, *args, server: bool = False):
         return cls(*args)
 
@@ -99,6 +104,11 @@ class RayBackend:
 
     def describe(self) -> str:
         return (f"Ray cluster of {self.nodes} node(s), {self.cpus:g} CPUs, {self.gpus:g} GPUs")
+
+    def available_memory(self) -> float:
+        """Memory Ray may give to tasks and actors across the cluster, plus its object store."""
+        resources = self.ray.available_resources()
+        return float(resources.get("memory", 0) + resources.get("object_store_memory", 0))
 
     def create(self, cls, *args, server: bool = False):
         cfg = self.cfg
