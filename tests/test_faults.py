@@ -66,9 +66,10 @@ def test_resume_cli_refuses_other_flags_and_foreign_folders(tmp_path):
 
 def test_a_killed_worker_is_replaced_and_the_results_do_not_change(tmp_path, ray_session,
                                                                    monkeypatch):
-    fields = dict(algorithm="splitfed_v2", clients=6, samples_per_client=40, rounds=3,
+    fields = dict(algorithm="fsl_sage", clients=6, samples_per_client=40, rounds=3,
                   workers=2, checkpoint_every=1, test_samples=100, backend="ray",
-                  profile="heterogeneous", round_policy="deadline", deadline=0.15)
+                  align_interval=2, align_epochs=3, profile="heterogeneous",
+                  round_policy="deadline", deadline=0.15)
     simulate(build_config(fields | {"out": str(tmp_path / "calm")}), announce=lambda _: None)
 
     original = orch.Orchestrator.run_round
@@ -86,8 +87,8 @@ def test_a_killed_worker_is_replaced_and_the_results_do_not_change(tmp_path, ray
     lines = []
     simulate(build_config(fields | {"out": str(tmp_path / "stormy")}), announce=lines.append)
     assert killed and any("re-running from round 1" in line for line in lines), lines
-    assert comparable(tmp_path / "stormy/rounds.parquet") == \
-        comparable(tmp_path / "calm/rounds.parquet")
+    for table in ("rounds.parquet", "clients.parquet"):
+        assert comparable(tmp_path / "stormy" / table) == comparable(tmp_path / "calm" / table)
     dropped = [r for r in pq.read_table(tmp_path / "calm/clients.parquet").to_pylist()
                if r["dropped"]]
     assert dropped  # the deadline really dropped someone

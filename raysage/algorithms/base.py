@@ -144,6 +144,19 @@ def state_nbytes(obj: Any, _seen: set[int] | None = None) -> int:
     return 0
 
 
+def release_gradients(obj: Any) -> None:
+    """Drop the gradients of every model in obj: between rounds they are dead weight,
+    and a checkpoint does not keep them, so state is the same restored or not."""
+    if isinstance(obj, nn.Module):
+        obj.zero_grad(set_to_none=True)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            release_gradients(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            release_gradients(value)
+
+
 def make_optimizer(kind: str, params, lr: float, weight_decay: float,
                    momentum: float) -> torch.optim.Optimizer:
     if kind == "adam":

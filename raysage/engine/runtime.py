@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..algorithms import ClientState, ModelSizes, algorithm_class
-from ..algorithms.base import Algorithm, State, as_tensor, state_nbytes, stream_seed
+from ..algorithms.base import (Algorithm, State, as_tensor, release_gradients, state_nbytes,
+                               stream_seed)
 from ..config import Config, build_config
 from ..data import make_batch
 from ..errors import RaysageError
@@ -204,9 +205,7 @@ class ClientRuntime:
             return uploads, None
         _check_finite(client.metrics, rnd, f"client {segment.cid}")
         states = algo.end_round(client, rnd)
-        # Gradients are dead weight between rounds: one model's worth per client.
-        for optimizer in client.optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
+        release_gradients(client.models)
         return uploads, ClientResult(states, dict(client.metrics), client.num_samples,
                                      state_nbytes([client.models, client.optimizers]))
 
@@ -257,6 +256,7 @@ class ServerRuntime:
     def end_round(self, rnd: int, global_state: dict[str, State],
                   weights: dict[int, float]) -> dict[str, Any]:
         self.algo.end_server_round(self.state, rnd, global_state, weights)
+        release_gradients([self.state.models, self.state.per_client])
         metrics, events = self.state.metrics, self.state.events
         self.state.metrics, self.state.events = {}, []
         _check_finite(metrics, rnd, "the server")
