@@ -64,8 +64,9 @@ def test_resume_cli_refuses_other_flags_and_foreign_folders(tmp_path):
     assert out.exit_code == 2 and "cannot be read" in out.output and "Traceback" not in out.output
 
 
-def test_a_killed_worker_is_replaced_and_the_results_do_not_change(tmp_path, ray_session,
-                                                                   monkeypatch):
+@pytest.mark.parametrize("victim", ["worker", "server"])
+def test_a_killed_actor_is_replaced_and_the_results_do_not_change(tmp_path, ray_session,
+                                                                  monkeypatch, victim):
     fields = dict(algorithm="fsl_sage", clients=6, samples_per_client=40, rounds=3,
                   workers=2, checkpoint_every=1, test_samples=100, backend="ray",
                   align_interval=2, align_epochs=3, profile="heterogeneous",
@@ -77,7 +78,8 @@ def test_a_killed_worker_is_replaced_and_the_results_do_not_change(tmp_path, ray
 
     def run_round_with_a_kill(self, rnd, global_state, start):
         if rnd == 1 and not killed:
-            pid = self.backend.get(self.backend.call(self.workers[0], "pid"))
+            actor = self.workers[0] if victim == "worker" else self.server
+            pid = self.backend.get(self.backend.call(actor, "pid"))
             os.kill(pid, signal.SIGKILL)   # the round's work then meets a dead worker
             psutil.Process(pid).wait(timeout=10) if psutil.pid_exists(pid) else None
             killed.append(pid)
@@ -126,3 +128,35 @@ def test_memory_is_estimated_before_any_actor_starts(tmp_path):
                                "samples_per_client": 2, "backend": "serial", "out": str(out)}),
                  announce=lambda _: None)
     assert not out.exists()
+
+
+def test_sigint_leaves_a_folder_that_resume_completes(tmp_path):
+    """A real Ctrl-C to the command: one-line message, consistent folder, --resume finishes."""
+    import subprocess
+    import sys
+    import time
+
+    args = ["--clients", "3", "--samples-per-client", "40", "--rounds", "40",
+            "--checkpoint-every", "2", "--backend", "serial", "--test-samples", "50",
+            "--align-epochs", "2"]
+    out = tmp_path / "sigint"
+    proc = subprocess.Popen([sys.executable, "-m", "raysage.cli", "simulate", *args,
+                             "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / CHECKPOINT).exists() and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, output
+    assert f"raysage simulate --resume {out}" in output and "Traceback" not in output
+    done = pq.read_table(out / "rounds.parquet").num_rows
+    assert 2 <= done < 40 and not (out / "summary.json").exists()
+    resumed = CliRunner().invoke(app, ["simulate", "--resume", str(out)])
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["round"] for r in pq.read_table(out / "rounds.parquet").to_pylist()] == \
+        list(range(40))
