@@ -87,7 +87,8 @@ def _run_simulate(config_file: Optional[Path], resume: Optional[Path] = None,
                 progress.update(task, completed=row["round"] + 1, status=status)
 
             result = simulate(cfg, on_round=on_round, resume=resume,
-                              announce=lambda line: progress.console.print(line))
+                              announce=lambda line: progress.console.print(
+                                  line, soft_wrap=True, markup=False, highlight=False))
     except RaysageError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -97,7 +98,7 @@ def _run_simulate(config_file: Optional[Path], resume: Optional[Path] = None,
     s = result.summary
     table = Table(title=f"raysage {s['algorithm']} - {s['clients']} clients, {s['rounds']} rounds")
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")
     for label, value in [
         ("final test accuracy", _fmt(s["final_accuracy"])),
         ("best test accuracy", _fmt(s["best_accuracy"])),

@@ -147,6 +147,9 @@ class Config:
     # Execution.
     backend: str = field(default="ray", metadata=_meta(
         "ray (actors) or serial (in-process, same results)", choices=BACKEND_NAMES))
+    address: str | None = field(default=None, metadata=_meta(
+        "Ray cluster to join: host:port, ray://host:10001 or auto (default: $RAY_ADDRESS, "
+        "else start a local one)"))
     workers: int = field(default=0, metadata=_meta(
         "client worker actors (0: as many as the CPUs allow)", minimum=0))
     cpus_per_worker: float = field(default=1.0, metadata=_meta(

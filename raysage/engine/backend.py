@@ -69,9 +69,19 @@ class RayBackend:
         self.ray = ray
         self.started_here = False
         if not ray.is_initialized():
-            # Keep Ray quiet and light on a laptop: no dashboard, warnings only.
+            address = cfg.address or os.environ.get("RAY_ADDRESS")
             os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-            ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+            if address:
+                check_reachable(address)
+                try:
+                    ray.init(address=address, logging_level="WARNING")
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    raise RaysageError(f"cannot join the Ray cluster at {address}: "
+                                       f"{str(exc).splitlines()[0]}; check --address / "
+                                       "RAY_ADDRESS") from None
+            else:
+                # Keep Ray quiet and light on a laptop: no dashboard, warnings only.
+                ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
             self.started_here = True
         resources = ray.cluster_resources()
         self.cpus = float(resources.get("CPU", 0))
@@ -112,9 +122,14 @@ class RayBackend:
 
     def create(self, cls, *args, server: bool = False):
         cfg = self.cfg
-        cpus, gpus = ((cfg.server_cpus, cfg.server_gpus) if server
-                      else (cfg.cpus_per_worker, cfg.gpus_per_worker))
-        actor = self.ray.remote(cls).options(num_cpus=cpus, num_gpus=gpus)
+        if server:
+            actor = self.ray.remote(cls).options(num_cpus=cfg.server_cpus,
+                                                 num_gpus=cfg.server_gpus)
+        else:
+            # Workers spread over the cluster's nodes rather than packing the first.
+            actor = self.ray.remote(cls).options(num_cpus=cfg.cpus_per_worker,
+                                                 num_gpus=cfg.gpus_per_worker,
+                                                 scheduling_strategy="SPREAD")
         return actor.remote(*args)
 
     def put(self, value):
@@ -146,6 +161,26 @@ class RayBackend:
     def close(self) -> None:
         if self.started_here:
             self.ray.shutdown()
+
+
+def check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at a cluster address."""
+    import socket
+
+    if address == "auto":
+        return
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise RaysageError(f"Ray address {address!r} is not host:port, ray://host:port or auto; "
+                           "fix --address / RAY_ADDRESS")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise RaysageError(f"no Ray cluster answers at {address} ({reason}); start one with "
+                           "`ray start --head` or fix --address / RAY_ADDRESS") from None
 
 
 def make_backend(cfg: Config):

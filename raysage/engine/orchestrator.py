@@ -195,10 +195,14 @@ class Orchestrator:
         self.n_workers = n_workers
         self.workers, self.server = [], None
         self._create_actors()
+        get, call = backend.get, backend.call
+        nodes = get([call(w, "node") for w in self.workers])
+        placed = ", ".join(f"{nodes.count(n)} on {n}" for n in sorted(set(nodes)))
         announce(f"raysage: {cfg.algorithm} with {cfg.clients} virtual clients on {n_workers} "
                  f"worker(s) ({cfg.cpus_per_worker:g} CPU, {cfg.gpus_per_worker:g} GPU, "
                  f"{cfg.torch_threads} torch thread(s) each) + 1 server "
-                 f"({cfg.server_cpus:g} CPU, {cfg.server_gpus:g} GPU); {backend.describe()}")
+                 f"({cfg.server_cpus:g} CPU, {cfg.server_gpus:g} GPU); {backend.describe()}; "
+                 f"workers placed: {placed}")
 
     def _create_actors(self) -> None:
         backend, world = self.backend, self.world

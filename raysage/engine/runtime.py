@@ -127,6 +127,20 @@ def from_blob(blob: bytes) -> Any:
     return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
 
 
+def node_address() -> str:
+    """The IP address of the node this process runs on."""
+    import socket
+
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return socket.gethostbyname(socket.gethostname())
+
+
 def process_memory() -> int:
     """Resident set size of this process in bytes."""
     import psutil
@@ -230,6 +244,9 @@ class ClientRuntime:
     def pid(self) -> int:
         return os.getpid()
 
+    def node(self) -> str:
+        return node_address()
+
     def memory(self) -> int:
         return process_memory()
 
@@ -282,6 +299,9 @@ class ServerRuntime:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def node(self) -> str:
+        return node_address()
 
     def memory(self) -> int:
         return process_memory()
