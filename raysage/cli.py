@@ -51,7 +51,7 @@ def _fmt(value: float, digits: int = 3) -> str:
         else f"{value:.{digits}f}"
 
 
-def _run_simulate(config_file: Optional[Path], resume: Optional[Path] = None,
+def _run_simulate(config_file: Optional[Path], resume: Optional[str] = None,
                   **overrides: Any) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -120,19 +120,21 @@ RESUME_OPTION = typer.Option(None, "--resume",
 
 
 def simulate_command(config: Optional[Path] = CONFIG_OPTION,
-                     resume: Optional[Path] = RESUME_OPTION, **overrides: Any) -> None:
+                     resume: Optional[str] = RESUME_OPTION, **overrides: Any) -> None:
     """Run one simulation and write its run folder."""
     _run_simulate(config, resume, **overrides)
 
 
-def _signature(*leading: tuple[str, Any]) -> inspect.Signature:
+def _signature(*leading: tuple[str, Any, Any]) -> inspect.Signature:
     return inspect.Signature(
         [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                           annotation=Optional[Path]) for name, default in leading]
+                           annotation=kind) for name, default, kind in leading]
         + _field_options())
 
 
-simulate_command.__signature__ = _signature(("config", CONFIG_OPTION), ("resume", RESUME_OPTION))
+# --resume takes a path or a URI (s3://...), so it stays a string.
+simulate_command.__signature__ = _signature(("config", CONFIG_OPTION, Optional[Path]),
+                                            ("resume", RESUME_OPTION, Optional[str]))
 app.command("simulate")(simulate_command)
 
 
@@ -176,7 +178,7 @@ def plan_command(config: Optional[Path] = CONFIG_OPTION, **overrides: Any) -> No
     _run_plan(config, **overrides)
 
 
-plan_command.__signature__ = _signature(("config", CONFIG_OPTION))
+plan_command.__signature__ = _signature(("config", CONFIG_OPTION, Optional[Path]))
 app.command("plan")(plan_command)
 
 

@@ -101,7 +101,7 @@ def local_cluster(monkeypatch):
                 time.sleep(1)
         yield url
     finally:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
             try:
                 os.killpg(head.pid, sig)
                 head.wait(timeout=wait)
@@ -140,3 +140,23 @@ def test_ray_job_submit_runs_a_simulation(local_cluster, tmp_path):
     assert "Ray cluster of 1 node(s), 2 CPUs" in logs and "workers placed: 2 on" in logs
     assert pq.read_table(out / "rounds.parquet").num_rows == 2
     assert (out / "summary.json").exists()
+
+
+def test_results_go_to_a_filesystem_uri_and_resume_from_it(tmp_path):
+    from raysage.config import build_config
+    from raysage.engine.orchestrator import simulate
+
+    uri = f"file://{tmp_path}/remote/run-a"
+    fields = {"clients": 2, "samples_per_client": 20, "rounds": 2, "test_samples": 30,
+              "backend": "serial", "align_epochs": 1, "checkpoint_every": 1}
+    result = simulate(build_config(fields | {"out": uri}), announce=lambda _: None)
+    assert result.summary["run_dir"] == uri
+    folder = tmp_path / "remote/run-a"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checkpoint.pt", "clients.parquet", "config.yaml", "rounds.parquet", "summary.json"]
+    assert pq.read_table(folder / "rounds.parquet").num_rows == 2
+    again = simulate(build_config({}), resume=uri, announce=lambda _: None)
+    assert [r["round"] for r in again.rounds] == [0, 1]   # already complete: nothing re-run
+    bad = CliRunner().invoke(app, ["simulate", "--out", "nosuchscheme://bucket/run",
+                                   "--backend", "serial", "--rounds", "1"])
+    assert bad.exit_code == 2 and "cannot use 'nosuchscheme://bucket/run'" in bad.output

@@ -68,8 +68,12 @@ class RayBackend:
         self.cfg = cfg
         self.ray = ray
         self.started_here = False
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        if cfg.address:
+            # Even in a process already connected to Ray (a notebook, tests), a
+            # named cluster that does not answer is an error, not ignored.
+            check_reachable(cfg.address)
         if not ray.is_initialized():
-            address = cfg.address or os.environ.get("RAY_ADDRESS")
             os.environ.setdefault("RAY_DEDUP_LOGS", "1")
             if address:
                 check_reachable(address)

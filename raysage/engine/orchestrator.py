@@ -20,7 +20,9 @@ import numpy as np
 
 from ..algorithms import ClientState, ModelSizes, algorithm_class
 from ..algorithms.base import Algorithm, State, state_nbytes, stream_seed
-from ..config import Config, load_config
+import pyarrow.fs as pafs
+
+from ..config import Config, build_config
 from ..data import ArrayDataset, load_dataset, partition
 from ..errors import ConfigError, RaysageError
 from ..models import get_architecture
@@ -28,7 +30,7 @@ from ..netsim.cost import measure_costs
 from ..netsim.planner import RoundSchedule, Segment
 from ..netsim.policy import available_clients, plan_with_policy, selection_size
 from ..netsim.profiles import DeviceProfile, client_profiles
-from ..results import RunWriter, atomic_write
+from ..results import RunFolder, RunWriter
 from .backend import ActorFailure, make_backend
 from .runtime import ClientRuntime, ServerRuntime, Setup, batch_sizes, process_memory
 
@@ -166,7 +168,7 @@ def default_run_dir(cfg: Config) -> Path:
 
 @dataclass
 class SimulationResult:
-    run_dir: Path
+    run_dir: Path | str      # a local path, or the URI of a remote run folder
     rounds: list[dict[str, Any]]
     clients: list[dict[str, Any]]
     summary: dict[str, Any]
@@ -414,32 +416,48 @@ class Progress:
     wall_time: float
 
 
-def write_checkpoint(run_dir: Path, progress: Progress, snapshot: dict[str, Any]) -> None:
+def _folder(location: RunFolder | str | Path) -> RunFolder:
+    return location if isinstance(location, RunFolder) else RunFolder(location)
+
+
+def write_checkpoint(folder: RunFolder, progress: Progress, snapshot: dict[str, Any]) -> None:
+    import io
+
     import torch
 
-    payload = {"progress": progress, "snapshot": snapshot}
-    atomic_write(run_dir / CHECKPOINT, lambda p: torch.save(payload, p))
+    buffer = io.BytesIO()
+    torch.save({"progress": progress, "snapshot": snapshot}, buffer)
+    folder.write_bytes(CHECKPOINT, buffer.getvalue())
 
 
-def read_checkpoint(run_dir: Path) -> tuple[Progress, dict[str, Any]] | None:
+def read_checkpoint(location) -> tuple[Progress, dict[str, Any]] | None:
+    import io
+
     import torch
 
-    path = run_dir / CHECKPOINT
-    if not path.exists():
+    folder = _folder(location)
+    if not folder.exists(CHECKPOINT):
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        # raysage's own file (models and optimizers need full unpickling).
+        payload = torch.load(io.BytesIO(folder.read_bytes(CHECKPOINT)), map_location="cpu",
+                             weights_only=False)
         return payload["progress"], payload["snapshot"]
     except Exception as exc:  # a truncated or foreign file
-        raise RaysageError(f"checkpoint {path} cannot be read ({type(exc).__name__}); "
-                           "remove it to restart the run from round 0") from None
+        raise RaysageError(f"checkpoint {folder.path(CHECKPOINT)} cannot be read "
+                           f"({type(exc).__name__}); remove it to restart the run from round 0"
+                           ) from None
 
 
-def resume_config(run_dir: Path) -> Config:
-    if not (run_dir / "config.yaml").exists():
-        raise ConfigError(f"cannot resume {run_dir}: no config.yaml there; "
+def resume_config(location) -> Config:
+    import yaml
+
+    folder = _folder(location)
+    if not folder.exists("config.yaml"):
+        raise ConfigError(f"cannot resume {folder}: no config.yaml there; "
                           "pass the folder of a run that raysage started")
-    return load_config(run_dir / "config.yaml").replace(out=str(run_dir))
+    values = yaml.safe_load(folder.read_bytes("config.yaml").decode())
+    return build_config(values, {"out": str(location)})
 
 
 def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None = None,
@@ -452,10 +470,10 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
     """
     announce = announce or (lambda line: print(line, file=sys.stderr))
     if resume is not None:
-        cfg = resume_config(Path(resume))
+        cfg = resume_config(resume)
     world = build_world(cfg)
-    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
-    if resume is None and run_dir.exists() and any(run_dir.iterdir()):
+    run_dir = RunFolder(cfg.out or default_run_dir(cfg))
+    if resume is None and run_dir.is_nonempty():
         raise ConfigError(f"run folder {run_dir} already exists and is not empty; "
                           "choose another --out, remove it, or continue it with --resume")
     t0 = time.perf_counter()
@@ -510,8 +528,9 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
         "wall_time_s": progress.wall_time, "startup_s": startup, "run_dir": str(run_dir),
     }
     writer.finish(summary)
-    return SimulationResult(run_dir, writer.rounds, writer.clients, summary,
-                            progress.global_state)
+    local = isinstance(run_dir.fs, pafs.LocalFileSystem)
+    return SimulationResult(Path(run_dir.root) if local else str(run_dir), writer.rounds,
+                            writer.clients, summary, progress.global_state)
 
 
 def initial_plan_state(world: World) -> dict[str, Any]:

@@ -305,6 +305,3 @@ class ServerRuntime:
 
     def memory(self) -> int:
         return process_memory()
-
-    def memory(self) -> int:
-        return process_memory()

@@ -1,25 +1,82 @@
 """The run folder: resolved config, per-round and per-client Parquet, summary.
 
-Every file is written to a temporary name in the same folder and renamed
-into place, so an interrupted run leaves complete files of the rounds it
-finished, never a half-written one.
+A run folder is a local path or any URI a pyarrow filesystem understands
+(``s3://bucket/runs/a``, ``gs://…``, ``file:///…``), so a job on a cluster
+can write where its submitter reads. Every file is written under a
+temporary name and moved into place, so an interrupted run leaves complete
+files of the rounds it finished, never a half-written one. (On object stores,
+where a move is a copy, the object only appears once it is whole.)
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..config import Config, save_config
+from ..config import Config
+from ..errors import ConfigError
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) and move the result to path in one rename."""
+class RunFolder:
+    """One run's folder on a pyarrow filesystem."""
+
+    def __init__(self, location: str | os.PathLike):
+        location = str(location)
+        try:
+            if "://" in location:
+                self.fs, self.root = pafs.FileSystem.from_uri(location)
+            else:
+                self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(location)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+            raise ConfigError(f"cannot use {location!r} as a run folder: "
+                              f"{str(exc).splitlines()[0]}; give a local path or a URI such as "
+                              "s3://bucket/runs/name") from None
+        self.location = location
+
+    def path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def is_nonempty(self) -> bool:
+        info = self.fs.get_file_info(self.root)
+        if info.type == pafs.FileType.NotFound:
+            return False
+        return bool(self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True)))
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self.path(name)).type == pafs.FileType.File
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write to a temporary name and move it into place."""
+        self.fs.create_dir(self.root, recursive=True)
+        tmp = self.path(f".{name}.tmp")
+        with self.fs.open_output_stream(tmp) as out:
+            out.write(data)
+        self.fs.move(tmp, self.path(name))
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self.path(name)) as f:
+            return f.read()
+
+    def write_table(self, name: str, rows: list[dict[str, Any]]) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buffer)
+        self.write_bytes(name, buffer.getvalue())
+
+    def read_table(self, name: str) -> list[dict[str, Any]]:
+        return pq.read_table(io.BytesIO(self.read_bytes(name))).to_pylist()
+
+    def __str__(self) -> str:
+        return self.location
+
+
+def atomic_write(path, write) -> None:
+    """Call write(tmp_path) and move the result to path in one rename (local files)."""
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -29,17 +86,19 @@ class RunWriter:
     """Writes a run folder; with ``keep_rounds_below`` it continues an existing one,
     keeping the rows of rounds before that (the rounds a checkpoint covers)."""
 
-    def __init__(self, run_dir: Path, cfg: Config, keep_rounds_below: int | None = None):
-        self.run_dir = run_dir
+    def __init__(self, folder: RunFolder, cfg: Config, keep_rounds_below: int | None = None):
+        import yaml
+
+        self.folder = folder
         self.rounds: list[dict[str, Any]] = []
         self.clients: list[dict[str, Any]] = []
         if keep_rounds_below is None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(run_dir / "config.yaml", lambda p: save_config(cfg, p))
+            text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+            folder.write_bytes("config.yaml", text.encode())
             return
         for name, rows in (("rounds.parquet", self.rounds), ("clients.parquet", self.clients)):
-            if (run_dir / name).exists():
-                rows.extend(pq.read_table(run_dir / name).to_pylist())
+            if folder.exists(name):
+                rows.extend(folder.read_table(name))
         self.truncate(keep_rounds_below)
 
     def truncate(self, next_round: int) -> None:
@@ -52,10 +111,8 @@ class RunWriter:
         self.clients.extend(client_rows)
         # Rewriting whole tables keeps each file self-contained and valid
         # after every round; a round's rows are small next to its training.
-        for name, rows in (("rounds.parquet", self.rounds), ("clients.parquet", self.clients)):
-            table = pa.Table.from_pylist(rows)
-            atomic_write(self.run_dir / name, lambda p, t=table: pq.write_table(t, p))
+        self.folder.write_table("rounds.parquet", self.rounds)
+        self.folder.write_table("clients.parquet", self.clients)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        atomic_write(self.run_dir / "summary.json",
-                     lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+        self.folder.write_bytes("summary.json", (json.dumps(summary, indent=2) + "\n").encode())
