@@ -79,7 +79,6 @@ class ServerState:
     optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
     per_client: dict[int, dict[str, Any]] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)     # this round's sums
-    events: list[dict[str, Any]] = field(default_factory=list)  # this round's per-client events
 
     def log(self, name: str, value: float) -> None:
         self.metrics[name] = self.metrics.get(name, 0.0) + float(value)

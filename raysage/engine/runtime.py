@@ -274,10 +274,9 @@ class ServerRuntime:
                   weights: dict[int, float]) -> dict[str, Any]:
         self.algo.end_server_round(self.state, rnd, global_state, weights)
         release_gradients([self.state.models, self.state.per_client])
-        metrics, events = self.state.metrics, self.state.events
-        self.state.metrics, self.state.events = {}, []
+        metrics, self.state.metrics = self.state.metrics, {}
         _check_finite(metrics, rnd, "the server")
-        return {"metrics": metrics, "events": events,
+        return {"metrics": metrics,
                 "state_bytes": state_nbytes([self.state.models, self.state.optimizers,
                                              self.state.per_client])}
 

@@ -1,3 +1,3 @@
-from .writer import RunFolder, RunWriter, atomic_write
+from .writer import RunFolder, RunWriter
 
-__all__ = ["RunFolder", "RunWriter", "atomic_write"]
+__all__ = ["RunFolder", "RunWriter"]

@@ -75,13 +75,6 @@ class RunFolder:
         return self.location
 
 
-def atomic_write(path, write) -> None:
-    """Call write(tmp_path) and move the result to path in one rename (local files)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 class RunWriter:
     """Writes a run folder; with ``keep_rounds_below`` it continues an existing one,
     keeping the rows of rounds before that (the rounds a checkpoint covers)."""
