@@ -76,7 +76,8 @@ class RayBackend:
         if not ray.is_initialized():
             os.environ.setdefault("RAY_DEDUP_LOGS", "1")
             if address:
-                check_reachable(address)
+                if not cfg.address:  # from RAY_ADDRESS, not yet checked above
+                    check_reachable(address)
                 try:
                     ray.init(address=address, logging_level="WARNING")
                 except (ConnectionError, RuntimeError, ValueError) as exc:

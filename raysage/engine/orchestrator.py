@@ -489,6 +489,7 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
             orchestrator.restore(saved[1])
             announce(f"raysage: resuming {run_dir} at round {saved[0].next_round}")
         progress = saved[0] if saved else initial
+        initial_plan = world.algorithm.plan_state() if not saved else None
         recoveries = 0
         while progress.next_round < cfg.rounds:
             try:
@@ -507,7 +508,7 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
                     orchestrator.restore(saved[1])
                     progress = saved[0]
                 else:
-                    world.algorithm.load_plan_state(initial_plan_state(world))
+                    world.algorithm.load_plan_state(initial_plan or {})
                     progress = initial
                 writer.truncate(progress.next_round)
                 continue
@@ -531,11 +532,6 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
     local = isinstance(run_dir.fs, pafs.LocalFileSystem)
     return SimulationResult(Path(run_dir.root) if local else str(run_dir), writer.rounds,
                             writer.clients, summary, progress.global_state)
-
-
-def initial_plan_state(world: World) -> dict[str, Any]:
-    return type(world.algorithm)(world.cfg, world.algorithm.arch, world.algorithm.sizes,
-                                 world.algorithm.costs).plan_state()
 
 
 def run_one_round(orchestrator: Orchestrator, writer: RunWriter, progress: Progress,
