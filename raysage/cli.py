@@ -182,6 +182,115 @@ plan_command.__signature__ = _signature(("config", CONFIG_OPTION, Optional[Path]
 app.command("plan")(plan_command)
 
 
+SPEC_ARGUMENT = typer.Argument(None, help="sweep spec: YAML of config fields plus 'grid' "
+                               "(field -> values, or a list of such grids) and 'parallel'")
+GRID_OPTION = typer.Option(None, "--grid", help="FIELD=V1,V2,... to vary (repeatable)")
+PARALLEL_OPTION = typer.Option(None, "--parallel", min=1,
+                               help="most points at once (default: as many as the Ray cluster "
+                                    "has room for)")
+LIST_OPTION = typer.Option(False, "--list", help="list the points and their state; run nothing")
+
+
+def _run_sweep(spec: Optional[Path], grid: Optional[list[str]], parallel: Optional[int],
+               list_only: bool, **overrides: Any) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+        TimeElapsedColumn
+
+    from .studies.sweep import load_sweep, point_status, run_sweep
+
+    console = Console(stderr=True)
+    try:
+        sweep = load_sweep(spec, grid or [], overrides, parallel)
+        if list_only:
+            for point in sweep.points:
+                typer.echo(f"{point_status(point):8s} {point.config.out}")
+            return
+        running: dict[str, str] = {}
+        progress = Progress(TextColumn("points"), MofNCompleteColumn(), BarColumn(),
+                            TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                            console=console)
+        with progress:
+            task = progress.add_task("sweep", total=len(sweep.points), status="")
+
+            def show() -> None:
+                status = (f"running {len(running)}: " + "; ".join(
+                    f"{name} {where}" for name, where in running.items())) if running else ""
+                progress.update(task, status=status)
+
+            def on_event(kind: str, point, info: dict) -> None:
+                total = point.config.rounds
+                if kind == "skip":
+                    progress.advance(task)
+                    progress.console.print(f"skip   {point.name} (finished)", markup=False)
+                elif kind == "start":
+                    running[point.name] = f"round 0/{total}"
+                    verb = {"resume": "resume", "restart": "restart"}.get(info["status"], "start")
+                    progress.console.print(f"{verb:6s} {point.name}", markup=False)
+                elif kind == "round":
+                    running[point.name] = f"round {info['round'] + 1}/{total}"
+                elif kind in ("finish", "fail"):
+                    running.pop(point.name, None)
+                    progress.advance(task)
+                    line = (f"done   {point.name}: best acc {_fmt(info['best_accuracy'])}, "
+                            f"{info['total_gib']:.3f} GiB, {info['wall_time_s']:.0f} s"
+                            if kind == "finish" else f"FAILED {point.name}: {info['error']}")
+                    progress.console.print(line, markup=False)
+                show()
+
+            outcomes = run_sweep(sweep, on_event=on_event, announce=lambda line: None)
+    except RaysageError as exc:
+        _fail(str(exc))
+    failed = [o for o in outcomes if o.status == "failed"]
+    done = len(outcomes) - len(failed)
+    typer.echo(f"sweep {sweep.root}: {done}/{len(outcomes)} points finished"
+               + (f"; {len(failed)} failed (re-run the same command to retry them)"
+                  if failed else "") + f". Report: raysage report {sweep.root}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def sweep_command(spec: Optional[Path] = SPEC_ARGUMENT, grid: Optional[list[str]] = GRID_OPTION,
+                  parallel: Optional[int] = PARALLEL_OPTION, list_only: bool = LIST_OPTION,
+                  **overrides: Any) -> None:
+    """Run a grid of simulations, one run folder per point; finished points are skipped."""
+    _run_sweep(spec, grid, parallel, list_only, **overrides)
+
+
+sweep_command.__signature__ = inspect.Signature(
+    [inspect.Parameter("spec", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=SPEC_ARGUMENT,
+                       annotation=Optional[Path])]
+    + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+       for name, default, kind in (("grid", GRID_OPTION, Optional[list[str]]),
+                                   ("parallel", PARALLEL_OPTION, Optional[int]),
+                                   ("list_only", LIST_OPTION, bool))]
+    + _field_options())
+app.command("sweep")(sweep_command)
+
+
+@app.command("report")
+def report_command(
+    run_dirs: list[Path] = typer.Argument(..., help="run folders, or folders holding them "
+                                          "(a sweep's --out)"),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="folder for report.md and "
+                             "the PNG figures"),
+    target: Optional[float] = typer.Option(None, "--target", help="target accuracy (or loss) "
+                                           "for the cost-to-target table (default: the weakest "
+                                           "algorithm's best, so every one reaches it)"),
+    metric: str = typer.Option("accuracy", "--metric", help="accuracy, test_loss or "
+                               "perplexity"),
+) -> None:
+    """Plots and a Markdown table from run folders' Parquet files."""
+    from .studies.report import write_report
+
+    try:
+        summary = write_report(run_dirs, out, target=target, metric=metric)
+    except RaysageError as exc:
+        _fail(str(exc))
+    typer.echo(f"report of {summary['runs']} run(s): {summary['report']} and "
+               f"{len(summary['figures'])} figure(s) in {out}")
+
+
 @app.command("algorithms")
 def algorithms_command() -> None:
     """List the simulated algorithms."""

@@ -21,7 +21,7 @@ from raysage.errors import ConfigError, DataError
 
 QUIET = {"announce": lambda line: None}
 TIMING_COLUMNS = ("wall_round_time", "wall_time", "memory_driver", "memory_workers_max",
-                  "memory_server")
+                  "memory_server", "memory_total")
 
 
 def run(tmp_path, name="run", **fields):
@@ -61,12 +61,17 @@ def test_run_folder_and_bytes_match_the_formula(tmp_path):
                  server_update_interval=2, align_epochs=2, backend="serial", test_samples=100)
     folder = result.run_dir
     assert sorted(p.name for p in folder.iterdir()) == [
-        "checkpoint.pt", "clients.parquet", "config.yaml", "rounds.parquet", "summary.json"]
+        "checkpoint.pt", "clients.parquet", "config.yaml", "rounds.parquet", "run.parquet",
+        "summary.json"]
+    assert pq.read_table(folder / "run.parquet").to_pylist() == [
+        load_config(folder / "config.yaml").to_dict()]
     assert load_config(folder / "config.yaml").to_dict() == load_config(
         None, clients=3, samples_per_client=45, batch_size=20, rounds=2, server_update_interval=2,
         align_epochs=2, backend="serial", test_samples=100, out=str(folder)).to_dict()
     rounds = pq.read_table(folder / "rounds.parquet").to_pylist()
     clients = pq.read_table(folder / "clients.parquet").to_pylist()
+    # 45 samples in batches of 20 are 3 local iterations per client.
+    assert [r["client_steps"] for r in rounds] == [9, 9]
     # Per client: x_c down and up (20,352 B each), 25 smashed samples (iterations 0 and 2:
     # 20 + 5) of 8,192 B and their int64 labels, and in round 0 the aligned x_a (28,776 B).
     per_client = 2 * 20352 + 25 * 8192 + 25 * 8

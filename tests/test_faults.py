@@ -17,7 +17,8 @@ from raysage.engine import orchestrator as orch
 from raysage.engine.orchestrator import CHECKPOINT, simulate
 from raysage.errors import RaysageError
 
-TIMING = ("wall_round_time", "wall_time", "memory_driver", "memory_workers_max", "memory_server")
+TIMING = ("wall_round_time", "wall_time", "memory_driver", "memory_workers_max", "memory_server",
+          "memory_total")
 
 
 def comparable(path):

@@ -300,13 +300,19 @@ class Orchestrator:
                 for key in ("accuracy", "test_loss")}
 
     def memory(self) -> dict[str, int]:
+        """RSS of the driver, the largest worker and the server; ``memory_total``
+        is the PSS summed over all of them (the process tree's footprint)."""
+        driver = process_memory()
         if self.backend.name == "serial":
-            return {"memory_driver": process_memory(), "memory_workers_max": 0,
-                    "memory_server": 0}
+            return {"memory_driver": driver["rss"], "memory_workers_max": 0, "memory_server": 0,
+                    "memory_total": driver["pss"]}
         get, call = self.backend.get, self.backend.call
         workers = get([call(w, "memory") for w in self.workers])
-        return {"memory_driver": process_memory(), "memory_workers_max": max(workers),
-                "memory_server": get(call(self.server, "memory"))}
+        server = get(call(self.server, "memory"))
+        return {"memory_driver": driver["rss"],
+                "memory_workers_max": max(w["rss"] for w in workers),
+                "memory_server": server["rss"],
+                "memory_total": driver["pss"] + server["pss"] + sum(w["pss"] for w in workers)}
 
 
 def _mean(values: list[float]) -> float:
@@ -383,6 +389,9 @@ def round_rows(rnd: int, schedule: RoundSchedule, results: dict[int, Any],
     train_loss = sum(r.metrics.get("train_loss_sum", 0.0) for r in results.values())
     train_samples = sum(r.metrics.get("train_samples", 0) for r in results.values())
     row = {"round": rnd, "participants": len(kept), "dropped": len(client_rows) - len(kept)}
+    # Local iterations that counted: those of clients that finished the round.
+    row["client_steps"] = sum(a.stop - a.first for a in schedule.actions
+                              if isinstance(a, Segment) and a.cid not in schedule.dropped)
     row.update({kind: sum(r[kind] for r in client_rows) for kind in BYTE_KINDS})
     row["total_bytes"] = sum(r["total_bytes"] for r in client_rows)
     row["paper_total_bytes"] = sum(r["paper_total_bytes"] for r in client_rows)

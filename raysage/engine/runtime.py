@@ -141,11 +141,22 @@ def node_address() -> str:
     return socket.gethostbyname(socket.gethostname())
 
 
-def process_memory() -> int:
-    """Resident set size of this process in bytes."""
+def process_memory() -> dict[str, int]:
+    """This process's resident set size and proportional set size in bytes.
+
+    RSS counts the torch libraries and object-store pages that processes
+    share once per process; PSS splits shared pages among their users, so
+    PSS summed over the process tree is what the tree really occupies.
+    """
     import psutil
 
-    return psutil.Process(os.getpid()).memory_info().rss
+    process = psutil.Process(os.getpid())
+    rss = process.memory_info().rss
+    try:
+        pss = process.memory_full_info().pss
+    except (AttributeError, psutil.AccessDenied):  # no PSS outside Linux
+        pss = rss
+    return {"rss": rss, "pss": pss}
 
 
 @torch.no_grad()
@@ -247,7 +258,7 @@ class ClientRuntime:
     def node(self) -> str:
         return node_address()
 
-    def memory(self) -> int:
+    def memory(self) -> dict[str, int]:
         return process_memory()
 
 
@@ -302,5 +313,5 @@ class ServerRuntime:
     def node(self) -> str:
         return node_address()
 
-    def memory(self) -> int:
+    def memory(self) -> dict[str, int]:
         return process_memory()

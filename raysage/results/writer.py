@@ -88,6 +88,8 @@ class RunWriter:
         if keep_rounds_below is None:
             text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
             folder.write_bytes("config.yaml", text.encode())
+            # The config again as one Parquet row, so that reports read Parquet only.
+            folder.write_table("run.parquet", [cfg.to_dict()])
             return
         for name, rows in (("rounds.parquet", self.rounds), ("clients.parquet", self.clients)):
             if folder.exists(name):

@@ -1,0 +1,1 @@
+"""Studies: sweeps over config grids and reports over their run folders."""

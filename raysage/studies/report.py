@@ -1,0 +1,639 @@
+"""Report over run folders: figures and a Markdown summary.
+
+Only the Parquet files of a run folder are read (``run.parquet`` for the
+config, ``rounds.parquet`` for the curves), so folders copied off a cluster,
+or still being written, can be reported on.
+
+Runs whose configs differ only in ``seed`` and in execution settings are one
+*series*, averaged round by round. The scientific fields that still vary
+between series (other than the algorithm) split every figure into *facets*,
+one subplot each, with one line per algorithm; the number of clients, when
+swept, is a scalability axis instead and tells lines apart within a facet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import ALGORITHM_NAMES
+from ..errors import ConfigError, DataError
+
+GIB = 2 ** 30
+
+# How or where a run executed, not what it simulated. ``rounds`` is only the
+# horizon (an unfinished or shorter run is a prefix of the same experiment)
+# and ``data_dir`` is where the same dataset happens to live.
+NON_SCIENTIFIC_FIELDS = frozenset({
+    "out", "backend", "address", "workers", "cpus_per_worker", "gpus_per_worker",
+    "server_cpus", "server_gpus", "threads", "checkpoint_every", "data_dir", "rounds"})
+# Fields that only act under another field's value; elsewhere they are blanked,
+# so e.g. iid runs made with different (unused) alpha values are one series.
+CONDITIONAL_FIELDS = {
+    "alpha": ("partition", "dirichlet"),
+    "shards_per_client": ("partition", "shards"),
+    "deadline": ("round_policy", "deadline"),
+    "over_selection": ("round_policy", "over_selection"),
+}
+SCALING_AXES = ("clients", "workers")
+
+ALGORITHM_LABELS = {
+    "fsl_sage": "FSL-SAGE", "fedavg": "FedAvg", "sl": "SL", "splitfed_v1": "SplitFed v1",
+    "splitfed_v2": "SplitFed v2", "fsl_an": "FSL_AN", "cse_fsl": "CSE-FSL", "sglr": "SGLR"}
+# matplotlib's tab10, fixed per algorithm so a method looks the same in every figure.
+ALGORITHM_COLORS = {
+    "fsl_sage": "#d62728", "fedavg": "#1f77b4", "sl": "#7f7f7f", "splitfed_v1": "#2ca02c",
+    "splitfed_v2": "#9467bd", "fsl_an": "#8c564b", "cse_fsl": "#ff7f0e", "sglr": "#e377c2"}
+_OTHER_COLOR = "#17becf"
+_LINESTYLES = ("-", "--", ":", "-.")
+_DPI = 120
+
+
+def algorithm_label(name: str) -> str:
+    return ALGORITHM_LABELS.get(name, name)
+
+
+def algorithm_color(name: str) -> str:
+    return ALGORITHM_COLORS.get(name, _OTHER_COLOR)
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    title: str              # axis label, in display units
+    higher_is_better: bool
+    scale: float            # stored value -> display units (accuracy shown in %)
+
+    def value(self, row: dict[str, Any]) -> float:
+        if self.name == "perplexity":
+            loss = _num(row.get("test_loss"))
+            return math.exp(min(loss, 700.0)) if not math.isnan(loss) else loss
+        return _num(row.get(self.name))
+
+    def show(self, value: float | None) -> str:
+        if value is None or math.isnan(value):
+            return "-"
+        if self.name == "accuracy":
+            return f"{value * 100:.2f}%"
+        return f"{value:.4f}" if self.name == "test_loss" else f"{value:.2f}"
+
+
+METRICS = {
+    "accuracy": Metric("accuracy", "test accuracy (%)", True, 100.0),
+    "test_loss": Metric("test_loss", "test loss (nats/token)", False, 1.0),
+    "perplexity": Metric("perplexity", "perplexity", False, 1.0),
+}
+
+
+def _metric(name: str) -> Metric:
+    if name not in METRICS:
+        raise ConfigError(f"report metric {name!r} is not known; choose one of: "
+                          + ", ".join(METRICS))
+    return METRICS[name]
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _mean(values: Iterable[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+# ---------------------------------------------------------------- loading
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    rounds: list[dict[str, Any]]
+
+    @property
+    def algorithm(self) -> str:
+        return str(self.config.get("algorithm"))
+
+
+def _corrupt(folder: Path, why: str) -> DataError:
+    return DataError(f"{folder} is not a raysage run folder or is corrupt: {why}; "
+                     "re-run it or remove it")
+
+
+def _read_rows(folder: Path, name: str) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = folder / name
+    if not path.is_file():
+        raise _corrupt(folder, f"{name} is missing")
+    try:
+        # ParquetFile reads just this file; read_table would also turn sweep
+        # folder names such as "alpha=0.1" into extra hive-partition columns.
+        return pq.ParquetFile(path).read().to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise _corrupt(folder, f"{name} is unreadable ({reason})") from None
+
+
+def _read_run(folder: Path) -> Run:
+    configs = _read_rows(folder, "run.parquet")
+    if len(configs) != 1 or "algorithm" not in configs[0]:
+        raise _corrupt(folder, "run.parquet does not hold one config row")
+    rounds = _read_rows(folder, "rounds.parquet")
+    if any(not isinstance(row.get("round"), int) for row in rounds):
+        raise _corrupt(folder, "rounds.parquet has rows without a round number")
+    return Run(folder, configs[0], sorted(rounds, key=lambda row: row["round"]))
+
+
+def _run_folders(path: Path) -> list[Path]:
+    if not path.exists():
+        raise DataError(f"run path {path} does not exist; give a run folder or a folder "
+                        "that holds run folders")
+    if path.is_file():
+        if path.name == "run.parquet":
+            return [path.parent]
+        raise DataError(f"{path} is a file, not a run folder; give the folder that holds "
+                        "run.parquet")
+    if (path / "run.parquet").is_file():
+        return [path]
+    try:
+        found = sorted({p.parent for p in path.rglob("run.parquet") if p.is_file()})
+    except OSError as exc:
+        raise DataError(f"cannot search {path} for run folders: {exc.strerror}") from None
+    if not found:
+        raise DataError(f"no run folder (a folder with run.parquet) found under {path}; "
+                        "give the folder a run or sweep wrote its results to")
+    return found
+
+
+def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Run]:
+    """Every run folder given, or found (recursively, sorted) under a given folder."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    runs, seen = [], set()
+    for path in paths:
+        for folder in _run_folders(Path(path)):
+            if folder.resolve() not in seen:
+                seen.add(folder.resolve())
+                runs.append(_read_run(folder))
+    return runs
+
+
+# ---------------------------------------------------------------- series and facets
+def scientific_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config fields that decide the simulated result (seed aside)."""
+    cfg = {k: v for k, v in config.items() if k not in NON_SCIENTIFIC_FIELDS and k != "seed"}
+    for name, (gate, value) in CONDITIONAL_FIELDS.items():
+        if name in cfg and cfg.get(gate) != value:
+            cfg[name] = None
+    return cfg
+
+
+def _key(cfg: dict[str, Any]) -> str:
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
+def _rank(algorithm: str) -> int:
+    return ALGORITHM_NAMES.index(algorithm) if algorithm in ALGORITHM_NAMES else len(ALGORITHM_NAMES)
+
+
+@dataclass
+class Series:
+    config: dict[str, Any]           # scientific_config shared by its runs
+    runs: list[Run]
+    rounds: list[dict[str, Any]]     # mean over runs, rounds every run has
+
+    @property
+    def algorithm(self) -> str:
+        return str(self.config.get("algorithm"))
+
+
+def _mean_curve(runs: list[Run]) -> list[dict[str, Any]]:
+    by_round = [{row["round"]: row for row in run.rounds} for run in runs]
+    common = set.intersection(*(set(rows) for rows in by_round))
+    curve = []
+    for r in sorted(common):
+        rows = [rows[r] for rows in by_round]
+        columns = set.intersection(*(set(row) for row in rows)) - {"round"}
+        mean = {"round": r}
+        for column in sorted(columns):
+            values = [_num(row[column]) for row in rows]
+            # A metric missing in one seed leaves a gap, not a one-seed "mean".
+            mean[column] = math.nan if any(math.isnan(v) for v in values) else sum(values) / len(values)
+        curve.append(mean)
+    return curve
+
+
+def group_series(runs: list[Run]) -> list[Series]:
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[_key(scientific_config(run.config))].append(run)
+    series = [Series(scientific_config(members[0].config), members, _mean_curve(members))
+              for members in groups.values()]
+    return sorted(series, key=lambda s: (_rank(s.algorithm), _key(s.config)))
+
+
+def _varying(configs: list[dict[str, Any]]) -> list[str]:
+    names = list(dict.fromkeys(name for cfg in configs for name in cfg))
+    return [n for n in names if len({_key(cfg.get(n)) for cfg in configs}) > 1]
+
+
+def _show(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _sort_value(value: Any) -> tuple:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, "" if value is None else str(value))
+
+
+@dataclass
+class Facet:
+    label: str
+    series: list[Series]
+
+
+def _line_fields(series: list[Series]) -> list[str]:
+    return [f for f in SCALING_AXES if f in _varying([s.config for s in series])]
+
+
+def _facets(series: list[Series], exclude: tuple[str, ...] = ()) -> list[Facet]:
+    fields = [f for f in _varying([s.config for s in series])
+              if f not in ("algorithm", *SCALING_AXES, *exclude)]
+    if "alpha" in fields and "partition" not in fields:
+        fields.insert(fields.index("alpha"), "partition")   # "alpha=0.1" alone hides the partition
+    groups: dict[tuple, list[Series]] = defaultdict(list)
+    for s in series:
+        groups[tuple(_sort_value(s.config.get(f)) for f in fields)].append(s)
+    facets = []
+    for key in sorted(groups):
+        cfg = groups[key][0].config
+        label = ", ".join(f"{f}={_show(cfg[f])}" for f in fields if cfg.get(f) is not None)
+        facets.append(Facet(label or "all runs", groups[key]))
+    return facets
+
+
+def _line_values(s: Series, line_fields: list[str]) -> tuple:
+    return tuple(s.config.get(f) for f in line_fields)
+
+
+def _line_label(s: Series, line_fields: list[str]) -> str:
+    extra = ", ".join(f"{f}={_show(s.config.get(f))}" for f in line_fields)
+    return algorithm_label(s.algorithm) + (f" ({extra})" if extra else "")
+
+
+# ---------------------------------------------------------------- targets
+def time_to_target(rounds: list[dict[str, Any]], target: float,
+                   metric: str = "accuracy") -> tuple[int, float, float] | None:
+    """(round, cumulative GiB, simulated seconds) when the metric first reaches target."""
+    m = _metric(metric)
+    for row in sorted(rounds, key=lambda row: row["round"]):
+        value = m.value(row)
+        if math.isnan(value):
+            continue
+        if (value >= target) if m.higher_is_better else (value <= target):
+            return int(row["round"]), _num(row.get("cumulative_bytes")) / GIB, _num(row.get("sim_time"))
+    return None
+
+
+def _best(rounds: list[dict[str, Any]], m: Metric) -> float:
+    values = [v for v in map(m.value, rounds) if not math.isnan(v)]
+    if not values:
+        return math.nan
+    return max(values) if m.higher_is_better else min(values)
+
+
+def _final(rounds: list[dict[str, Any]], m: Metric) -> float:
+    values = [v for v in map(m.value, rounds) if not math.isnan(v)]
+    return values[-1] if values else math.nan
+
+
+def _default_target(bests: list[float], m: Metric) -> float | None:
+    """The weakest algorithm's best, rounded towards reachable, so all reach it."""
+    finite = [b for b in bests if not math.isnan(b)]
+    if not finite:
+        return None
+    if m.higher_is_better:
+        worst = min(finite)
+        target = math.floor(worst * 100 + 1e-9) / 100
+        return target if target <= worst else math.floor(worst * 100) / 100
+    worst = max(finite)
+    target = math.ceil(worst * 100 - 1e-9) / 100
+    return target if target >= worst else math.ceil(worst * 100) / 100
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    if value is None or reference is None or not reference > 0:
+        return None
+    return value / reference
+
+
+def target_table(series: list[Series], target: float | None = None,
+                 metric: str = "accuracy") -> list[dict[str, Any]]:
+    """Per facet and algorithm: best/final metric and the cost of reaching the target,
+    also as a ratio to FSL-SAGE's cost (> 1: FSL-SAGE needed less)."""
+    m = _metric(metric)
+    line_fields = _line_fields(series)
+    rows = []
+    for facet in _facets(series):
+        if target is not None:
+            goal, rule = target, "given"
+        else:
+            goal = _default_target([_best(s.rounds, m) for s in facet.series], m)
+            rule = ("lowest best accuracy in the facet, floored to 2 decimals"
+                    if m.higher_is_better else
+                    f"highest best {m.name} in the facet, ceiled to 2 decimals")
+        hits = {id(s): time_to_target(s.rounds, goal, metric) if goal is not None else None
+                for s in facet.series}
+        for s in facet.series:
+            ref = next((r for r in facet.series if r.algorithm == "fsl_sage"
+                        and _line_values(r, line_fields) == _line_values(s, line_fields)), None)
+            hit, ref_hit = hits[id(s)], hits[id(ref)] if ref is not None else None
+            rows.append({
+                "facet": facet.label, "algorithm": s.algorithm, "label": _line_label(s, line_fields),
+                "runs": len(s.runs), "best": _best(s.rounds, m), "final": _final(s.rounds, m),
+                "rounds": len(s.rounds), "target": goal, "target_rule": rule,
+                "round_to_target": hit[0] if hit else None,
+                "gib_to_target": hit[1] if hit else None,
+                "gib_ratio": _ratio(hit[1], ref_hit[1]) if hit and ref_hit else None,
+                "time_to_target": hit[2] if hit else None,
+                "time_ratio": _ratio(hit[2], ref_hit[2]) if hit and ref_hit else None,
+            })
+    return rows
+
+
+# ---------------------------------------------------------------- scalability
+def _run_costs(run: Run) -> dict[str, float]:
+    # Round 0 also builds models, actors and datasets once; it would inflate per-round costs.
+    rows = [r for r in run.rounds if r["round"] >= 1] if len(run.rounds) >= 2 else run.rounds
+    wall = [_num(r.get("wall_round_time")) for r in rows]
+    steps = sum(v for v in (_num(r.get("client_steps")) for r in rows) if not math.isnan(v))
+    total_wall = sum(v for v in wall if not math.isnan(v))
+    memory = [v for v in (_num(r.get("memory_total")) for r in run.rounds) if not math.isnan(v)]
+    return {"wall_per_round": _mean(wall),
+            "steps_per_s": steps / total_wall if total_wall > 0 else math.nan,
+            "peak_memory_gib": max(memory) / GIB if memory else math.nan,
+            "sim_round_time": _mean(_num(r.get("sim_round_time")) for r in rows),
+            "rounds": float(len(run.rounds))}
+
+
+@dataclass
+class ScalingLine:
+    algorithm: str
+    label: str
+    points: list[tuple[Any, int, dict[str, float]]]   # (axis value, runs, mean costs)
+
+
+def scaling_lines(runs: list[Run], axis: str) -> list[ScalingLine]:
+    """Per-run costs against ``axis`` (clients or workers), averaged over seeds;
+    only lines with at least two axis values."""
+    if len({_key(run.config.get(axis)) for run in runs}) < 2:
+        return []
+    other = "workers" if axis == "clients" else "clients"
+    groups: dict[str, tuple[dict, dict[Any, list[dict]]]] = {}
+    for run in runs:
+        cfg = scientific_config(run.config)
+        cfg.pop(axis, None)
+        cfg[other] = run.config.get(other)   # workers change costs though not results
+        points = groups.setdefault(_key(cfg), (cfg, defaultdict(list)))[1]
+        points[run.config.get(axis)].append(_run_costs(run))
+    kept = [(cfg, points) for cfg, points in groups.values() if len(points) >= 2]
+    shown = [f for f in _varying([cfg for cfg, _ in kept]) if f != "algorithm"]
+    lines = []
+    for cfg, points in kept:
+        extra = ", ".join(f"{f}={_show(cfg.get(f))}" for f in shown)
+        label = algorithm_label(cfg["algorithm"]) + (f" ({extra})" if extra else "")
+        means = [(x, len(costs), {k: _mean(c[k] for c in costs) for k in costs[0]})
+                 for x, costs in sorted(points.items(), key=lambda item: _sort_value(item[0]))]
+        lines.append(ScalingLine(cfg["algorithm"], label, means))
+    return sorted(lines, key=lambda line: (_rank(line.algorithm), line.label))
+
+
+# ---------------------------------------------------------------- figures
+CURVE_AXES = {  # x name -> (axis label, value of a round row)
+    "communication": ("communication (GiB)", lambda row: _num(row.get("cumulative_bytes")) / GIB),
+    "sim_time": ("simulated time (s)", lambda row: _num(row.get("sim_time"))),
+    "round": ("round", lambda row: float(row["round"])),
+}
+SCALING_PANELS = (  # cost, panel title, y label
+    ("wall_per_round", "host wall time per round", "wall time / round (s, rounds >= 1)"),
+    ("steps_per_s", "client throughput", "client steps / s of host time"),
+    ("peak_memory_gib", "peak memory", "peak memory (GiB, PSS of process tree)"),
+    ("sim_round_time", "simulated round time", "simulated time / round (s)"),
+)
+
+
+def _grid(panels: int, title: str, ncols: int = 3):
+    from matplotlib.figure import Figure  # no pyplot: nothing global to leak or close
+
+    ncols = min(panels, ncols)
+    nrows = math.ceil(panels / ncols)
+    fig = Figure(figsize=(5.2 * ncols, 4.0 * nrows), dpi=_DPI, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig, list(axes[:panels])
+
+
+def _finish(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title, fontsize="medium")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
+def _context(series: list[Series]) -> str:
+    shared = [str(series[0].config.get(f)) for f in ("dataset", "model")
+              if len({_key(s.config.get(f)) for s in series}) == 1]
+    return f" ({', '.join(shared)})" if shared else ""
+
+
+def _curve_figure(series: list[Series], metric: Metric, x: str,
+                  targets: dict[str, float | None] | None = None):
+    xlabel, x_of = CURVE_AXES[x]
+    facets, line_fields = _facets(series), _line_fields(series)
+    variants = sorted({_line_values(s, line_fields) for s in series},
+                      key=lambda v: tuple(map(_sort_value, v)))
+    fig, axes = _grid(len(facets), f"{metric.title.split(' (')[0]} vs {x.replace('_', ' ')}"
+                      + _context(series))
+    for ax, facet in zip(axes, facets):
+        for s in facet.series:
+            points = [(x_of(r), metric.value(r) * metric.scale) for r in s.rounds]
+            points = [p for p in points if not (math.isnan(p[0]) or math.isnan(p[1]))]
+            style = _LINESTYLES[variants.index(_line_values(s, line_fields)) % len(_LINESTYLES)]
+            ax.plot([p[0] for p in points], [p[1] for p in points], style,
+                    marker="o" if len(points) <= 20 else None, markersize=3,
+                    color=algorithm_color(s.algorithm), label=_line_label(s, line_fields))
+        goal = (targets or {}).get(facet.label)
+        if goal is not None:
+            ax.axhline(goal * metric.scale, color="black", linewidth=0.8, linestyle=":",
+                       label="target")
+        _finish(ax, facet.label, xlabel, metric.title)
+    return fig
+
+
+def _alpha_figure(series: list[Series], metric: Metric):
+    line_fields = _line_fields(series)
+    facets = [f for f in _facets(series, exclude=("partition", "alpha"))
+              if any(s.config.get("partition") == "dirichlet" for s in f.series)]
+    fig, axes = _grid(len(facets), "Best test accuracy vs Dirichlet alpha" + _context(series))
+    for ax, facet in zip(axes, facets):
+        lines: dict[tuple, list[Series]] = defaultdict(list)
+        for s in facet.series:
+            if s.config.get("partition") == "dirichlet":
+                lines[(s.algorithm, _line_values(s, line_fields))].append(s)
+        for members in sorted(lines.values(), key=lambda m: (_rank(m[0].algorithm), _key(m[0].config))):
+            members.sort(key=lambda s: s.config["alpha"])
+            ax.plot([s.config["alpha"] for s in members],
+                    [_best(s.rounds, metric) * metric.scale for s in members], "-o",
+                    color=algorithm_color(members[0].algorithm),
+                    label=_line_label(members[0], line_fields))
+        for s in facet.series:   # iid is the alpha -> infinity limit: a reference level
+            if s.config.get("partition") == "iid" and (s.algorithm, _line_values(s, line_fields)) in lines:
+                ax.axhline(_best(s.rounds, metric) * metric.scale, color=algorithm_color(s.algorithm),
+                           linestyle="--", linewidth=1, label=f"{_line_label(s, line_fields)} iid")
+        ax.set_xscale("log")
+        alphas = sorted({s.config["alpha"] for s in facet.series if s.config.get("alpha") is not None})
+        ax.set_xticks(alphas, [_show(a) for a in alphas])   # the swept values, not powers of 10
+        _finish(ax, facet.label, "Dirichlet alpha (log scale)", "best test accuracy (%)")
+    return fig
+
+
+def _scaling_figure(lines: list[ScalingLine], axis: str):
+    xlabel = "number of clients" if axis == "clients" else "number of client workers"
+    fig, axes = _grid(4, f"Scalability vs {axis} (round 0 left out of per-round means: "
+                      "it includes one-off setup)", ncols=2)
+    for ax, (cost, title, ylabel) in zip(axes, SCALING_PANELS):
+        for line in lines:
+            ax.plot([p[0] for p in line.points], [p[2][cost] for p in line.points], "-o",
+                    color=algorithm_color(line.algorithm), label=line.label)
+        _finish(ax, title, xlabel, ylabel)
+    return fig
+
+
+def _save_figure(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=_DPI)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- report
+def _gib(value: float | None) -> str:
+    if value is None:
+        return "not reached"
+    return f"{value:.4f}" if value >= 0.01 else f"{value:.3g}"
+
+
+def _seconds(value: float | None) -> str:
+    return "not reached" if value is None or math.isnan(value) else f"{value:.1f}"
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: Metric,
+              scaling: dict[str, list[ScalingLine]], figures: list[str]) -> str:
+    out = [f"# raysage report: {metric.title.split(' (')[0]}", "",
+           (f"{len(runs)} runs in {len(series)} series; runs that differ only in seed or in "
+            "execution settings are one series, averaged over the rounds all of them have."), "",
+           "## Runs", ""]
+    for run in runs:
+        planned = run.config.get("rounds")
+        done = f"{len(run.rounds)}/{planned} rounds" + (
+            " (unfinished)" if isinstance(planned, int) and len(run.rounds) < planned else "")
+        out.append(f"- `{run.path}`: {algorithm_label(run.algorithm)}, seed "
+                   f"{run.config.get('seed')}, {done}")
+    out += ["", "## Cost to reach the target", "",
+            "Ratios are the algorithm's cost over FSL-SAGE's (above 1x: FSL-SAGE needed less)."]
+    compare = ">=" if metric.higher_is_better else "<="
+    for facet in dict.fromkeys(row["facet"] for row in table):
+        rows = [row for row in table if row["facet"] == facet]
+        goal = rows[0]["target"]
+        out += ["", f"### {facet}", "",
+                f"Target: {metric.name} {compare} {metric.show(goal)} ({rows[0]['target_rule']})."
+                if goal is not None else "No target: no algorithm has an evaluated round.", "",
+                ("| algorithm | runs | best | final | rounds | GiB to target | vs FSL-SAGE "
+                 "| sim time to target (s) | vs FSL-SAGE |"),
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in rows:
+            out.append(f"| {row['label']} | {row['runs']} | {metric.show(row['best'])} | "
+                       f"{metric.show(row['final'])} | {row['rounds']} | "
+                       f"{_gib(row['gib_to_target'])} | {_times(row['gib_ratio'])} | "
+                       f"{_seconds(row['time_to_target'])} | {_times(row['time_ratio'])} |")
+    for axis, lines in scaling.items():
+        out += ["", f"## Scalability: {axis}", "",
+                "Per-round means leave out round 0 (one-off setup) when a run has more rounds.", "",
+                (f"| {axis} | algorithm | runs | rounds | wall s/round | client steps/s "
+                 "| peak memory GiB | sim round time s |"),
+                "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for line in lines:
+            for x, n, c in line.points:
+                shown = "0 (auto)" if axis == "workers" and x == 0 else _show(x)
+                out.append(f"| {shown} | {line.label} | {n} | {c['rounds']:g} | "
+                           f"{c['wall_per_round']:.3f} | {c['steps_per_s']:.1f} | "
+                           f"{c['peak_memory_gib']:.3f} | {c['sim_round_time']:.1f} |")
+    out += ["", "## Figures", ""]
+    out += [f"![{name[:-4].replace('_', ' ')}]({name})\n" for name in figures]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str | os.PathLike,
+                 target: float | None = None, metric: str = "accuracy") -> dict[str, Any]:
+    """Figures and report.md for the given runs in out_dir; returns a summary."""
+    m = _metric(metric)
+    runs = load_runs(paths)
+    series = group_series(runs)
+    table = target_table(series, target, metric)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create report folder {out}: {exc.strerror}; "
+                        "give a writable --out folder") from None
+
+    figures: list[str] = []
+    targets = {row["facet"]: row["target"] for row in table}
+
+    def save(fig, name: str) -> None:
+        _save_figure(fig, out / name)
+        figures.append(name)
+
+    for x in CURVE_AXES:
+        save(_curve_figure(series, m, x, targets), f"{m.name}_vs_{x}.png")
+    alphas = {s.config.get("alpha") for s in series if s.config.get("partition") == "dirichlet"}
+    if m.name == "accuracy" and len(alphas) >= 2:
+        save(_alpha_figure(series, m), "best_accuracy_vs_alpha.png")
+    scaling = {axis: lines for axis in SCALING_AXES if (lines := scaling_lines(runs, axis))}
+    for axis, lines in scaling.items():
+        save(_scaling_figure(lines, axis), f"scalability_{axis}.png")
+
+    _save_text(_markdown(runs, series, table, m, scaling, figures), out / "report.md")
+    return {"runs": len(runs), "series": len(series), "figures": figures, "table": table,
+            "scalability": {axis: [(line.label, line.points) for line in lines]
+                            for axis, lines in scaling.items()},
+            "report": str(out / "report.md")}

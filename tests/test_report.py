@@ -1,0 +1,262 @@
+"""Report: run folders built by hand -> series, targets, figures, report.md, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raysage.config import ALGORITHM_NAMES, Config
+from raysage.errors import DataError
+from raysage.studies import report
+from raysage.studies.report import (
+    GIB,
+    group_series,
+    load_runs,
+    target_table,
+    time_to_target,
+    write_report,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NAN = float("nan")
+
+
+def curve(accuracy, gib_per_round=0.5, sim_per_round=10.0, loss=None, wall=(3.0, 1.0)):
+    """Round rows: cumulative bytes and simulated time grow by a fixed step per round."""
+    rows = []
+    for r, acc in enumerate(accuracy):
+        rows.append({
+            "round": r, "accuracy": acc,
+            "test_loss": loss[r] if loss is not None else (NAN if math.isnan(acc) else 1 - acc),
+            "total_bytes": int(gib_per_round * GIB),
+            "cumulative_bytes": int((r + 1) * gib_per_round * GIB),
+            "sim_round_time": sim_per_round, "sim_time": (r + 1) * sim_per_round,
+            "wall_round_time": wall[0] if r == 0 else wall[1], "client_steps": 50,
+            "memory_total": 2 * GIB, "participants": 10})
+    return rows
+
+
+def make_run(root, name, rows, **overrides):
+    folder = root / name
+    folder.mkdir(parents=True)
+    cfg = Config().to_dict()
+    cfg.update(overrides, out=str(folder))
+    pq.write_table(pa.Table.from_pylist([cfg]), folder / "run.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), folder / "rounds.parquet")
+    return folder
+
+
+FSL = [0.2, 0.5, 0.6]                      # 0.5 reached in round 1: 1.0 GiB, 20 s
+CSE = [0.1, 0.2, 0.3, 0.4, 0.5, 0.55]      # 0.5 reached in round 4: 2.5 GiB, 50 s
+
+
+# ---------------------------------------------------------------- time to target
+def test_time_to_target_gives_round_gib_and_sim_time():
+    rows = curve([0.1, NAN, 0.6, 0.7])
+    assert time_to_target(rows, 0.5) == (2, 1.5, 30.0)
+    assert time_to_target(rows, 0.6) == (2, 1.5, 30.0)     # reaching counts (>=)
+    assert time_to_target(rows, 0.9) is None
+
+
+def test_time_to_target_skips_unevaluated_rounds():
+    rows = curve([0.1, NAN, NAN, 0.7])
+    assert time_to_target(rows, 0.05) == (0, 0.5, 10.0)
+    assert time_to_target(rows, 0.2) == (3, 2.0, 40.0)
+
+
+def test_time_to_target_for_losses_goes_down():
+    rows = curve([NAN] * 4, loss=[2.0, 1.5, NAN, 1.0])
+    assert time_to_target(rows, 1.5, metric="test_loss") == (1, 1.0, 20.0)
+    assert time_to_target(rows, 1.2, metric="test_loss") == (3, 2.0, 40.0)
+    assert time_to_target(rows, 0.5, metric="test_loss") is None
+    # perplexity = exp(loss): exp(1.5) = 4.48 > 3.5, exp(1.0) = 2.72 <= 3.5
+    assert time_to_target(rows, 3.5, metric="perplexity") == (3, 2.0, 40.0)
+
+
+# ---------------------------------------------------------------- series and target table
+def test_target_table_ratios_to_fsl_sage(tmp_path):
+    make_run(tmp_path, "a", curve(FSL), algorithm="fsl_sage")
+    make_run(tmp_path, "b", curve(CSE), algorithm="cse_fsl")
+    rows = target_table(group_series(load_runs(tmp_path)), target=0.5)
+    by_alg = {row["algorithm"]: row for row in rows}
+    assert by_alg["fsl_sage"]["gib_to_target"] == pytest.approx(1.0)
+    assert by_alg["cse_fsl"]["gib_to_target"] == pytest.approx(2.5)
+    assert by_alg["cse_fsl"]["gib_ratio"] == pytest.approx(2.5)
+    assert by_alg["cse_fsl"]["time_ratio"] == pytest.approx(50 / 20)
+    assert by_alg["fsl_sage"]["gib_ratio"] == pytest.approx(1.0)
+    assert (by_alg["cse_fsl"]["rounds"], by_alg["cse_fsl"]["best"]) == (6, 0.55)
+
+
+def test_default_target_is_the_weakest_best_floored(tmp_path):
+    make_run(tmp_path, "a", curve([0.3, 0.7]), algorithm="fsl_sage")
+    make_run(tmp_path, "b", curve([0.2, 0.5678, 0.4]), algorithm="fedavg")
+    rows = target_table(group_series(load_runs(tmp_path)))
+    assert {row["target"] for row in rows} == {0.56}
+    assert all(row["round_to_target"] == 1 for row in rows)
+
+
+def test_default_target_for_losses_is_the_weakest_best_ceiled(tmp_path):
+    make_run(tmp_path, "a", curve([NAN] * 2, loss=[2.0, 1.0]), algorithm="fsl_sage")
+    make_run(tmp_path, "b", curve([NAN] * 2, loss=[2.0, 1.2345]), algorithm="fedavg")
+    rows = target_table(group_series(load_runs(tmp_path)), metric="test_loss")
+    assert {row["target"] for row in rows} == {1.24}
+    by_alg = {row["algorithm"]: row for row in rows}
+    assert by_alg["fedavg"]["gib_ratio"] == pytest.approx(1.0)
+
+
+def test_missing_fsl_sage_or_unreached_target_gives_no_ratio(tmp_path):
+    make_run(tmp_path, "a", curve([0.2, 0.3]), algorithm="fedavg")
+    make_run(tmp_path, "b", curve([0.2, 0.6]), algorithm="sl")
+    rows = target_table(group_series(load_runs(tmp_path)), target=0.5)
+    assert all(row["gib_ratio"] is None and row["time_ratio"] is None for row in rows)
+    assert {row["algorithm"]: row["gib_to_target"] for row in rows}["fedavg"] is None
+
+
+def test_seeds_and_execution_settings_are_averaged(tmp_path):
+    make_run(tmp_path, "s1", curve([0.2, 0.4]), seed=1, workers=1)
+    make_run(tmp_path, "s2", curve([0.4, 0.6, 0.9], gib_per_round=1.5), seed=2, workers=4)
+    series = group_series(load_runs(tmp_path))
+    assert len(series) == 1
+    mean = series[0].rounds
+    assert [row["round"] for row in mean] == [0, 1]            # rounds both seeds have
+    assert [row["accuracy"] for row in mean] == pytest.approx([0.3, 0.5])
+    assert mean[1]["cumulative_bytes"] / GIB == pytest.approx((1.0 + 3.0) / 2)
+    assert time_to_target(mean, 0.5) == (1, pytest.approx(2.0), 20.0)
+
+
+def test_alpha_only_matters_for_dirichlet(tmp_path):
+    make_run(tmp_path, "a", curve(FSL), partition="iid", alpha=0.1, seed=1)
+    make_run(tmp_path, "b", curve(FSL), partition="iid", alpha=5.0, seed=2)
+    make_run(tmp_path, "c", curve(FSL), partition="dirichlet", alpha=0.1)
+    make_run(tmp_path, "d", curve(FSL), partition="dirichlet", alpha=5.0)
+    series = group_series(load_runs(tmp_path))
+    assert len(series) == 3
+    facets = {row["facet"] for row in target_table(series)}
+    assert facets == {"partition=iid", "partition=dirichlet, alpha=0.1",
+                      "partition=dirichlet, alpha=5"}
+
+
+# ---------------------------------------------------------------- write_report
+def _study(root):
+    for alg, acc in (("fsl_sage", FSL), ("cse_fsl", CSE)):
+        make_run(root, f"{alg}-iid", curve(acc), algorithm=alg, partition="iid")
+        for alpha in (0.1, 1.0):
+            make_run(root, f"{alg}-dir{alpha}", curve(acc), algorithm=alg,
+                     partition="dirichlet", alpha=alpha)
+        make_run(root, f"{alg}-c20", curve(acc, wall=(6.0, 2.0)), algorithm=alg, clients=20)
+    for workers in (1, 2):   # same science as fsl_sage-iid; only the host cost differs
+        make_run(root, f"fsl_sage-w{workers}", curve(FSL, wall=(3.0, 1.0 / workers)),
+                 workers=workers)
+
+
+def test_write_report_writes_figures_and_markdown(tmp_path):
+    _study(tmp_path / "runs")
+    summary = write_report(tmp_path / "runs", tmp_path / "report", target=0.5)
+
+    assert summary["runs"] == 10
+    expected = {"accuracy_vs_communication.png", "accuracy_vs_sim_time.png",
+                "accuracy_vs_round.png", "best_accuracy_vs_alpha.png",
+                "scalability_clients.png", "scalability_workers.png"}
+    assert set(summary["figures"]) == expected
+    written = {p.name for p in (tmp_path / "report").iterdir()}
+    assert written == expected | {"report.md"}     # no temporary files left behind
+    for name in expected:
+        assert (tmp_path / "report" / name).read_bytes()[:8] == PNG_SIGNATURE
+
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "10 runs" in text
+    assert "| CSE-FSL (clients=10) | 1 | 55.00% | 55.00% | 6 | 2.5000 | 2.50x | 50.0 | 2.50x |" \
+        in text
+    assert "### partition=dirichlet, alpha=0.1" in text and "## Scalability: workers" in text
+    assert "![accuracy vs communication](accuracy_vs_communication.png)" in text
+    cse = [row for row in summary["table"] if row["algorithm"] == "cse_fsl"]
+    assert len(cse) == 4 and all(row["gib_ratio"] == pytest.approx(2.5) for row in cse)
+
+    # workers 1 and 2 (and 0: auto) of the fsl_sage iid point; steps/s = 50 * 2 rounds / wall
+    (workers_line,) = summary["scalability"]["workers"]
+    assert [(x, costs["steps_per_s"]) for x, _, costs in workers_line[1]] == \
+        [(0, pytest.approx(50.0)), (1, pytest.approx(50.0)), (2, pytest.approx(100.0))]
+    clients_lines = summary["scalability"]["clients"]
+    # only the iid points at workers=0 have two client counts; labels need nothing but the name
+    assert [label for label, _ in clients_lines] == ["FSL-SAGE", "CSE-FSL"]
+
+
+def test_write_report_default_target_and_no_optional_figures(tmp_path):
+    make_run(tmp_path / "runs", "a", curve(FSL), algorithm="fsl_sage")
+    make_run(tmp_path / "runs", "b", curve(CSE), algorithm="cse_fsl")
+    summary = write_report(tmp_path / "runs", tmp_path / "out")
+    assert summary["figures"] == ["accuracy_vs_communication.png", "accuracy_vs_sim_time.png",
+                                  "accuracy_vs_round.png"]
+    assert {row["target"] for row in summary["table"]} == {0.55}
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "accuracy >= 55.00% (lowest best accuracy in the facet" in text
+
+
+def test_loss_report_names_figures_after_the_metric(tmp_path):
+    make_run(tmp_path / "runs", "a", curve([NAN] * 3, loss=[3.0, 2.0, 1.5]),
+             partition="dirichlet", alpha=0.1)
+    make_run(tmp_path / "runs", "b", curve([NAN] * 3, loss=[3.0, 2.5, 2.0]),
+             partition="dirichlet", alpha=1.0)
+    summary = write_report(tmp_path / "runs", tmp_path / "out", metric="perplexity")
+    assert summary["figures"] == ["perplexity_vs_communication.png", "perplexity_vs_sim_time.png",
+                                  "perplexity_vs_round.png"]
+
+
+def test_unfinished_runs_are_reported(tmp_path):
+    make_run(tmp_path / "runs", "a", curve(FSL), rounds=10)
+    write_report(tmp_path / "runs", tmp_path / "out")
+    assert "3/10 rounds (unfinished)" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_an_algorithm_has_one_colour_everywhere(tmp_path):
+    assert report.algorithm_color("fsl_sage") is report.algorithm_color("fsl_sage")
+    assert set(report.ALGORITHM_COLORS) == set(ALGORITHM_NAMES)
+    assert len(set(report.ALGORITHM_COLORS.values())) == len(ALGORITHM_NAMES)
+    assert set(report.ALGORITHM_LABELS) == set(ALGORITHM_NAMES)
+
+    make_run(tmp_path / "x", "a", curve(FSL), algorithm="fsl_sage")
+    make_run(tmp_path / "x", "b", curve(CSE), algorithm="cse_fsl")
+    make_run(tmp_path / "y", "a", curve(FSL), algorithm="fsl_sage")
+    make_run(tmp_path / "y", "c", curve(CSE), algorithm="sglr")
+    metric = report.METRICS["accuracy"]
+    for folder in ("x", "y"):
+        fig = report._curve_figure(group_series(load_runs(tmp_path / folder)), metric, "round")
+        colours = {line.get_label(): line.get_color() for line in fig.axes[0].get_lines()}
+        assert colours["FSL-SAGE"] == report.ALGORITHM_COLORS["fsl_sage"]
+        assert len(set(colours.values())) == len(colours)
+
+
+# ---------------------------------------------------------------- errors
+def _one_line_error(path, words):
+    with pytest.raises(DataError) as info:
+        load_runs(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    assert all(word in message for word in words), message
+
+
+def test_a_missing_path_is_a_one_line_error(tmp_path):
+    _one_line_error(tmp_path / "nope", ["does not exist"])
+
+
+def test_a_folder_without_runs_is_a_one_line_error(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    _one_line_error(tmp_path / "empty", ["no run folder"])
+
+
+def test_a_corrupt_or_missing_rounds_file_is_a_one_line_error(tmp_path):
+    folder = make_run(tmp_path, "bad", curve(FSL))
+    (folder / "rounds.parquet").write_bytes(b"not parquet at all")
+    _one_line_error(folder, ["corrupt", "rounds.parquet", "re-run it or remove it"])
+    (folder / "rounds.parquet").unlink()
+    _one_line_error(tmp_path, ["rounds.parquet is missing", "re-run it or remove it"])
+
+
+def test_sweep_folder_names_do_not_leak_into_the_config(tmp_path):
+    make_run(tmp_path, "alpha=0.1__partition=dirichlet", curve(FSL), partition="dirichlet",
+             alpha=0.1)
+    (run,) = load_runs(tmp_path)
+    assert run.config["alpha"] == 0.1 and run.config["partition"] == "dirichlet"

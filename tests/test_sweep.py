@@ -1,0 +1,193 @@
+"""Sweeps: expansion and validation, skipping finished points, resuming interrupted ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from raysage.cli import app
+from raysage.config import build_config
+from raysage.engine.orchestrator import simulate
+from raysage.errors import ConfigError
+from raysage.studies.sweep import (build_sweep, load_sweep, parse_grid_flag, point_status,
+                                   run_sweep)
+
+TINY = {"clients": 2, "samples_per_client": 20, "test_samples": 50, "rounds": 3,
+        "batch_size": 10, "align_epochs": 2, "align_buffer": 20, "align_batch_size": 20,
+        "backend": "serial", "checkpoint_every": 1}
+
+
+def test_grids_expand_to_the_union_of_their_products(tmp_path):
+    sweep = build_sweep(TINY, [{"algorithm": ["fsl_sage", "fedavg"], "seed": [1, 2]},
+                               {"algorithm": ["sl"], "partition": ["dirichlet"],
+                                "alpha": [0.1]}], str(tmp_path))
+    names = [p.name for p in sweep.points]
+    assert names == ["algorithm=fsl_sage__seed=1", "algorithm=fsl_sage__seed=2",
+                     "algorithm=fedavg__seed=1", "algorithm=fedavg__seed=2",
+                     "algorithm=sl__partition=dirichlet__alpha=0.1"]
+    last = sweep.points[-1].config
+    assert (last.algorithm, last.partition, last.alpha, last.clients) == ("sl", "dirichlet",
+                                                                          0.1, 2)
+    assert last.out == f"{tmp_path}/algorithm=sl__partition=dirichlet__alpha=0.1"
+
+
+def test_bad_sweeps_fail_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config field 'alfa'"):
+        build_sweep(TINY, [{"alfa": [1]}], str(tmp_path))
+    with pytest.raises(ConfigError, match=r"point alpha=-1: .*alpha"):
+        build_sweep(TINY, [{"alpha": [1, -1]}], str(tmp_path))
+    with pytest.raises(ConfigError, match="give --out"):
+        build_sweep(TINY, [{"seed": [1]}], None)
+    with pytest.raises(ConfigError, match="'out' cannot vary"):
+        build_sweep(TINY, [{"out": ["a", "b"]}], str(tmp_path))
+    with pytest.raises(ConfigError, match="not FIELD=V1,V2"):
+        parse_grid_flag("alpha")
+    assert not any(tmp_path.iterdir())
+
+
+def test_spec_file_and_flags_combine(tmp_path):
+    spec = tmp_path / "study.yaml"
+    spec.write_text("clients: 4\nrounds: 2\nbackend: serial\n"
+                    "grid:\n  algorithm: [fsl_sage, cse_fsl]\n")
+    sweep = load_sweep(spec, ["seed=1,2"], {"rounds": 5, "out": None})
+    assert len(sweep.points) == 4
+    assert {p.config.rounds for p in sweep.points} == {5}      # flags override the spec
+    assert sweep.points[0].name == "algorithm=fsl_sage__seed=1"
+    assert load_sweep(spec, [], {}).root == os.path.join("runs", "study")
+
+
+def _tables(folder) -> str:
+    """Both tables without host timings, as text (NaN compares equal to itself there)."""
+    drop = {"wall_round_time", "wall_time", "memory_driver", "memory_workers_max",
+            "memory_server", "memory_total"}
+    rounds = [{k: v for k, v in r.items() if k not in drop}
+              for r in pq.read_table(f"{folder}/rounds.parquet").to_pylist()]
+    clients = pq.read_table(f"{folder}/clients.parquet").to_pylist()
+    return json.dumps([rounds, clients], sort_keys=True)
+
+
+def test_rerun_skips_finished_points(tmp_path):
+    sweep = build_sweep(TINY, [{"algorithm": ["fsl_sage", "fedavg"]}], str(tmp_path))
+    calls = []
+
+    def counting(cfg, **kwargs):
+        calls.append(cfg.algorithm)
+        return simulate(cfg, **kwargs)
+
+    first = run_sweep(sweep, run_point=counting)
+    assert [o.status for o in first] == ["finished", "finished"] and calls == ["fsl_sage",
+                                                                               "fedavg"]
+    stamps = {p: os.stat(p).st_mtime_ns for p in tmp_path.rglob("*.parquet")}
+    events = []
+    again = run_sweep(build_sweep(TINY, [{"algorithm": ["fsl_sage", "fedavg", "sl"]}],
+                                  str(tmp_path)),
+                      run_point=counting, on_event=lambda kind, p, info: events.append(
+                          (kind, p.name)))
+    assert [o.status for o in again] == ["skipped", "skipped", "finished"]
+    assert calls == ["fsl_sage", "fedavg", "sl"]
+    assert ("skip", "algorithm=fsl_sage") in events and ("start", "algorithm=sl") in events
+    assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items())
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupting(after_round: int):
+    def run(cfg, on_round=None, **kwargs):
+        def stop(row):
+            on_round(row)
+            if row["round"] == after_round:
+                raise Interrupt("stopped by the test")
+        return simulate(cfg, on_round=stop, **kwargs)
+    return run
+
+
+def test_interrupted_point_resumes_from_its_checkpoint(tmp_path):
+    reference = simulate(build_config(TINY, {"out": str(tmp_path / "reference")}),
+                         announce=lambda line: None)
+    sweep = build_sweep(TINY, [{"algorithm": ["fsl_sage"]}], str(tmp_path / "sweep"))
+    point = sweep.points[0]
+    failed = run_sweep(sweep, run_point=_interrupting(after_round=1))
+    assert failed[0].status == "failed" and "stopped by the test" in failed[0].error
+    # Round 1 was written but its checkpoint was not: the point continues after round 0.
+    assert point_status(point) == "resume"
+    resumed = []
+
+    def tracking(cfg, resume=None, **kwargs):
+        resumed.append(resume)
+        return simulate(cfg, resume=resume, **kwargs)
+
+    assert run_sweep(sweep, run_point=tracking)[0].status == "finished"
+    assert resumed == [point.config.out]
+    assert _tables(point.config.out) == _tables(reference.run_dir)
+
+
+def test_point_interrupted_before_a_checkpoint_starts_over(tmp_path):
+    fields = TINY | {"checkpoint_every": 0}
+    sweep = build_sweep(fields, [{"seed": [3]}], str(tmp_path))
+    point = sweep.points[0]
+    run_sweep(sweep, run_point=_interrupting(after_round=0))
+    assert point_status(point) == "restart"
+    assert run_sweep(sweep)[0].status == "finished"
+    assert len(pq.read_table(f"{point.config.out}/rounds.parquet")) == 3
+    # A folder holding someone else's files is not cleared.
+    run_sweep(build_sweep(fields, [{"seed": [4]}], str(tmp_path)),
+              run_point=_interrupting(after_round=0))
+    (tmp_path / "seed=4" / "notes.txt").write_text("mine")
+    outcome = run_sweep(build_sweep(fields, [{"seed": [4]}], str(tmp_path)))[0]
+    assert outcome.status == "failed" and "notes.txt" in outcome.error
+
+
+def test_a_folder_from_another_config_is_an_error(tmp_path):
+    run_sweep(build_sweep(TINY, [{"seed": [1]}], str(tmp_path)))
+    changed = build_sweep(TINY | {"client_lr": 0.05}, [{"seed": [1]}], str(tmp_path))
+    with pytest.raises(ConfigError, match="client_lr = 0.001.*client_lr = 0.05"):
+        run_sweep(changed)
+    # How a point executes is not part of what it computes: still finished.
+    moved = build_sweep(TINY | {"threads": 2}, [{"seed": [1]}], str(tmp_path))
+    assert point_status(moved.points[0]) == "done"
+
+
+def test_points_share_the_cluster_when_they_fit(tmp_path, ray_session):
+    # Each point reserves 1 worker x 0.5 CPU + 0.5 CPU for its server: two fit in 2 CPUs.
+    fields = TINY | {"backend": "ray", "workers": 1, "cpus_per_worker": 0.5,
+                     "server_cpus": 0.5, "checkpoint_every": 0}
+    sweep = build_sweep(fields, [{"seed": [1, 2, 3]}], str(tmp_path))
+    live, most = set(), [0]
+    lock = threading.Lock()
+
+    def on_event(kind, point, info):
+        with lock:
+            if kind == "start":
+                live.add(point.name)
+                most[0] = max(most[0], len(live))
+            elif kind in ("finish", "fail"):
+                live.discard(point.name)
+
+    outcomes = run_sweep(sweep, on_event=on_event)
+    assert [o.status for o in outcomes] == ["finished"] * 3
+    assert most[0] == 2
+    alone = simulate(build_config(TINY, {"seed": 2, "out": str(tmp_path / "alone")}),
+                     announce=lambda line: None)
+    assert _tables(sweep.points[1].config.out) == _tables(alone.run_dir)
+    assert ray_session.is_initialized()   # a sweep leaves a Ray it did not start running
+
+
+def test_cli_lists_points_and_reports_bad_grids(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "s"
+    result = runner.invoke(app, ["sweep", "--grid", "algorithm=fsl_sage,fedavg", "--clients",
+                                 "2", "--out", str(out), "--list"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [f"new      {out}/algorithm=fsl_sage",
+                                          f"new      {out}/algorithm=fedavg"]
+    result = runner.invoke(app, ["sweep", "--grid", "algorithm=nope", "--out", str(out)])
+    assert result.exit_code == 2
+    assert "algorithm" in result.output and "nope" in result.output
+    assert not out.exists()
