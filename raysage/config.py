@@ -69,6 +69,9 @@ class Config:
     participation: float = field(default=1.0, metadata=_meta(
         "fraction of clients sampled each round", minimum=0.0, maximum=1.0, exclusive_min=True))
     rounds: int = field(default=10, metadata=_meta("communication rounds T", minimum=1))
+    budget_gib: float | None = field(default=None, metadata=_meta(
+        "stop after the round in which communication reaches this many GiB (rounds is then "
+        "an upper bound)", minimum=0.0, exclusive_min=True))
     local_epochs: int = field(default=1, metadata=_meta("local epochs E per round", minimum=1))
     batch_size: int = field(default=20, metadata=_meta("local batch size B", minimum=1))
 

@@ -150,3 +150,14 @@ def test_every_baseline_learns_real_cifar10(tmp_path, cifar10_subset, algorithm)
                  data_dir=str(cifar10_subset), backend="serial")
     accuracy = [r["accuracy"] for r in result.rounds]
     assert accuracy[-1] > 0.25, accuracy
+
+
+def test_a_communication_budget_ends_the_run_after_the_round_that_reaches_it(tmp_path):
+    # 3 FedAvg clients exchange the whole model (624,296 B) down and up: 3,745,776 B a round.
+    per_round = 3 * 2 * 624_296
+    budget = 2.5 * per_round / 2**30
+    result = run(tmp_path, algorithm="fedavg", clients=3, samples_per_client=20, rounds=10,
+                 backend="serial", test_samples=50, budget_gib=budget)
+    assert [r["cumulative_bytes"] for r in result.rounds] == [per_round, 2 * per_round,
+                                                                3 * per_round]
+    assert result.summary["rounds"] == 3

@@ -500,7 +500,7 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
         progress = saved[0] if saved else initial
         initial_plan = world.algorithm.plan_state() if not saved else None
         recoveries = 0
-        while progress.next_round < cfg.rounds:
+        while progress.next_round < cfg.rounds and not over_budget(cfg, progress):
             try:
                 progress = run_one_round(orchestrator, writer, progress, on_round)
             except ActorFailure as exc:
@@ -522,7 +522,8 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
                 writer.truncate(progress.next_round)
                 continue
             every = cfg.checkpoint_every
-            if every and (progress.next_round % every == 0 or progress.next_round == cfg.rounds):
+            last = progress.next_round == cfg.rounds or over_budget(cfg, progress)
+            if every and (progress.next_round % every == 0 or last):
                 write_checkpoint(run_dir, progress, orchestrator.snapshot())
     finally:
         orchestrator.close()
@@ -530,7 +531,7 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
     accuracies = [r["accuracy"] for r in writer.rounds if not math.isnan(r["accuracy"])]
     summary = {
         "algorithm": cfg.algorithm, "model": cfg.model, "dataset": cfg.dataset,
-        "clients": cfg.clients, "rounds": cfg.rounds,
+        "clients": cfg.clients, "rounds": progress.next_round,
         "final_accuracy": accuracies[-1], "best_accuracy": max(accuracies),
         "total_bytes": progress.totals["total_bytes"],
         "paper_total_bytes": progress.totals["paper_total_bytes"],
@@ -541,6 +542,12 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
     local = isinstance(run_dir.fs, pafs.LocalFileSystem)
     return SimulationResult(Path(run_dir.root) if local else str(run_dir), writer.rounds,
                             writer.clients, summary, progress.global_state)
+
+
+def over_budget(cfg: Config, progress: Progress) -> bool:
+    """The paper compares algorithms at equal communication: a run may stop at a budget."""
+    return (cfg.budget_gib is not None
+            and progress.totals["total_bytes"] >= cfg.budget_gib * GIB)
 
 
 def run_one_round(orchestrator: Orchestrator, writer: RunWriter, progress: Progress,

@@ -27,12 +27,14 @@ from ..errors import ConfigError, DataError
 
 GIB = 2 ** 30
 
-# How or where a run executed, not what it simulated. ``rounds`` is only the
-# horizon (an unfinished or shorter run is a prefix of the same experiment)
+# How or where a run executed, not what it simulated. ``rounds`` and
+# ``budget_gib`` are only the horizon (an unfinished or shorter run is a prefix
+# of the same experiment)
 # and ``data_dir`` is where the same dataset happens to live.
 NON_SCIENTIFIC_FIELDS = frozenset({
     "out", "backend", "address", "workers", "cpus_per_worker", "gpus_per_worker",
-    "server_cpus", "server_gpus", "threads", "checkpoint_every", "data_dir", "rounds"})
+    "server_cpus", "server_gpus", "threads", "checkpoint_every", "data_dir", "rounds",
+    "budget_gib"})
 # Fields that only act under another field's value; elsewhere they are blanked,
 # so e.g. iid runs made with different (unused) alpha values are one series.
 CONDITIONAL_FIELDS = {
@@ -563,8 +565,11 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
             "execution settings are one series, averaged over the rounds all of them have."), "",
            "## Runs", ""]
     for run in runs:
-        planned = run.config.get("rounds")
+        planned, budget = run.config.get("rounds"), run.config.get("budget_gib")
+        spent = _num(run.rounds[-1].get("cumulative_bytes")) / GIB if run.rounds else 0.0
+        stopped = budget is not None and spent >= budget
         done = f"{len(run.rounds)}/{planned} rounds" + (
+            f" (stopped at the {budget:g} GiB budget)" if stopped else
             " (unfinished)" if isinstance(planned, int) and len(run.rounds) < planned else "")
         out.append(f"- `{run.path}`: {algorithm_label(run.algorithm)}, seed "
                    f"{run.config.get('seed')}, {done}")

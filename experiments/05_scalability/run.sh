@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Experiment 5: scalability over clients (10 ... 1000) and over workers (1, 2, 4).
+# Expected runtime: about 15 minutes on 2 CPU cores. Run it on an otherwise
+# idle machine: it measures host wall time and memory.
+set -euo pipefail
+OUT=${OUT:-runs/05_scalability}
+raysage sweep experiments/05_scalability/clients.yaml --out "$OUT/clients" --parallel 1 "$@"
+raysage sweep experiments/05_scalability/workers.yaml --out "$OUT/workers" "$@"
+raysage report "$OUT" --out docs/results/05_scalability
