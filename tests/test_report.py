@@ -260,3 +260,22 @@ def test_sweep_folder_names_do_not_leak_into_the_config(tmp_path):
              alpha=0.1)
     (run,) = load_runs(tmp_path)
     assert run.config["alpha"] == 0.1 and run.config["partition"] == "dirichlet"
+
+
+def test_report_command_writes_the_report_and_fails_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from raysage.cli import app
+
+    make_run(tmp_path / "runs", "a", curve([0.2, 0.5]), algorithm="fsl_sage")
+    make_run(tmp_path / "runs", "b", curve([0.1, 0.3, 0.5], gib_per_round=1.0),
+             algorithm="cse_fsl")
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", str(tmp_path / "runs"), "--out",
+                                 str(tmp_path / "rep"), "--target", "0.5"])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "rep" / "report.md").read_text()
+    # FSL-SAGE reaches 0.5 after 2 rounds (1 GiB), CSE-FSL after 3 (3 GiB): 3x.
+    assert "| CSE-FSL |" in text and "3.00x" in text
+    result = runner.invoke(app, ["report", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
