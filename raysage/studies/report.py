@@ -478,12 +478,26 @@ def _curve_figure(series: list[Series], metric: Metric, x: str,
             ax.plot([p[0] for p in points], [p[1] for p in points], style,
                     marker="o" if len(points) <= 20 else None, markersize=3,
                     color=algorithm_color(s.algorithm), label=_line_label(s, line_fields))
+        wide = x != "round" and _spans_decades(ax)
         goal = (targets or {}).get(facet.label)
         if goal is not None:
             ax.axhline(goal * metric.scale, color="black", linewidth=0.8, linestyle=":",
                        label="target")
-        _finish(ax, facet.label, xlabel, metric.title)
+        label = xlabel
+        if wide:
+            # Algorithms differ in cost by 10x and more: on a linear axis the
+            # cheap ones would all crowd into the first few pixels.
+            ax.set_xscale("log")
+            label = xlabel.replace(")", ", log scale)")
+        _finish(ax, facet.label, label, metric.title)
     return fig
+
+
+def _spans_decades(ax) -> bool:
+    ends = [line.get_xdata()[-1] for line in ax.get_lines() if len(line.get_xdata())
+            and line.get_xdata()[-1] > 0]
+    starts = [x for line in ax.get_lines() for x in line.get_xdata()[:1] if x > 0]
+    return bool(ends and starts) and max(ends) / min(starts) > 100
 
 
 def _alpha_figure(series: list[Series], metric: Metric):
