@@ -277,8 +277,8 @@ def report_command(
     target: Optional[float] = typer.Option(None, "--target", help="target accuracy (or loss) "
                                            "for the cost-to-target table (default: the weakest "
                                            "algorithm's best, so every one reaches it)"),
-    metric: str = typer.Option("accuracy", "--metric", help="accuracy, test_loss or "
-                               "perplexity"),
+    metric: str = typer.Option("auto", "--metric", help="accuracy, test_loss or perplexity "
+                               "(default auto: test_loss for language models, else accuracy)"),
 ) -> None:
     """Plots and a Markdown table from run folders' Parquet files."""
     from .studies.report import write_report

@@ -279,3 +279,12 @@ def test_report_command_writes_the_report_and_fails_in_one_line(tmp_path):
     assert "| CSE-FSL |" in text and "3.00x" in text
     result = runner.invoke(app, ["report", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+
+
+def test_language_model_runs_are_reported_by_test_loss_by_default(tmp_path):
+    loss = [4.0, 3.0, 2.5]
+    make_run(tmp_path / "runs", "a", curve([0.1, 0.2, 0.3], loss=loss), algorithm="fsl_sage",
+             model="gpt2", dataset="e2e_synthetic")
+    summary = write_report(tmp_path / "runs", tmp_path / "rep")
+    assert "test_loss_vs_communication.png" in summary["figures"]
+    assert summary["table"][0]["best"] == 2.5

@@ -622,10 +622,16 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
 
 
 def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str | os.PathLike,
-                 target: float | None = None, metric: str = "accuracy") -> dict[str, Any]:
-    """Figures and report.md for the given runs in out_dir; returns a summary."""
-    m = _metric(metric)
+                 target: float | None = None, metric: str = "auto") -> dict[str, Any]:
+    """Figures and report.md for the given runs in out_dir; returns a summary.
+
+    ``metric="auto"`` is test loss when every run is a language model, else accuracy.
+    """
     runs = load_runs(paths)
+    if metric == "auto":
+        language = all(run.config.get("model") == "gpt2" for run in runs)
+        metric = "test_loss" if language else "accuracy"
+    m = _metric(metric)
     series = group_series(runs)
     table = target_table(series, target, metric)
     out = Path(out_dir)
