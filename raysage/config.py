@@ -24,14 +24,19 @@ from .errors import ConfigError
 # each name really maps to an implementation.
 ALGORITHM_NAMES = ("fsl_sage", "fedavg", "sl", "splitfed_v1", "splitfed_v2", "fsl_an",
                    "cse_fsl", "sglr")
-MODEL_NAMES = ("cnn", "resnet18")
-DATASET_NAMES = ("synthetic", "cifar10", "cifar100")
+MODEL_NAMES = ("cnn", "resnet18", "gpt2")
+DATASET_NAMES = ("synthetic", "cifar10", "cifar100", "e2e_synthetic", "e2e")
+LANGUAGE_DATASETS = ("e2e_synthetic", "e2e")
+GPT2_SIZES = ("tiny", "small", "medium")
+TOKENIZER_NAMES = ("byte", "gpt2")
 PARTITION_NAMES = ("iid", "dirichlet", "shards")
-OPTIMIZER_NAMES = ("adam", "sgd")
+OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
 BACKEND_NAMES = ("ray", "serial")
 PROFILE_NAMES = ("uniform", "datacenter", "wifi", "4g-mobile", "heterogeneous")
 STRAGGLER_NAMES = ("none", "lognormal", "pareto")
 ROUND_POLICY_NAMES = ("wait_all", "deadline", "over_selection")
+# Those the language-model task runs (the paper's comparison on E2E).
+LANGUAGE_ALGORITHMS = ("fsl_sage", "cse_fsl", "splitfed_v2", "fedavg")
 
 
 def _meta(help: str, *, choices: tuple[str, ...] | None = None, minimum: float | None = None,
@@ -47,10 +52,12 @@ class Config:
         "algorithm to simulate", choices=ALGORITHM_NAMES))
     model: str = field(default="cnn", metadata=_meta("split model", choices=MODEL_NAMES))
     dataset: str = field(default="synthetic", metadata=_meta(
-        "dataset: synthetic (embedded, no files), cifar10 or cifar100 (need --data-dir)",
+        "dataset: synthetic (embedded, no files), cifar10 or cifar100 (need --data-dir); for "
+        "--model gpt2: e2e_synthetic (embedded) or e2e (E2E NLG CSVs in --data-dir)",
         choices=DATASET_NAMES))
     data_dir: str | None = field(default=None, metadata=_meta(
-        "folder with cifar-10-batches-py/ or cifar-100-python/, or an .npz file"))
+        "folder with cifar-10-batches-py/ or cifar-100-python/, or an .npz file; for e2e, "
+        "the folder with trainset.csv and testset.csv"))
     samples_per_client: int | None = field(default=None, metadata=_meta(
         "training samples per client (default: 100 for synthetic, train size / clients otherwise)",
         minimum=1))
@@ -174,6 +181,34 @@ class Config:
         "write a checkpoint every this many rounds and after the last (0: never); a dead "
         "worker or --resume restarts from the latest", minimum=0))
     seed: int = field(default=200, metadata=_meta("seed of every random stream"))
+
+    # Language model (--model gpt2): GPT-2 split fine-tuning with LoRA.
+    gpt2_size: str = field(default="tiny", metadata=_meta(
+        "GPT-2 size: tiny (tests, CPU), small (124M) or medium (355M)", choices=GPT2_SIZES))
+    cut_layer: int = field(default=1, metadata=_meta(
+        "transformer blocks on the client (x_c = embeddings + this many blocks)", minimum=1))
+    aux_depth: int = field(default=3, metadata=_meta(
+        "transformer blocks in the auxiliary model x_a", minimum=1))
+    lora_rank: int | None = field(default=None, metadata=_meta(
+        "LoRA rank on the query and value projections; 0 trains every weight (default: 4, "
+        "the paper's, with --weights-dir; 0 for a random initialisation, where frozen random "
+        "weights leave LoRA almost nothing to adapt)", minimum=0))
+    lora_alpha: float = field(default=32.0, metadata=_meta("LoRA alpha (scale alpha / rank)",
+                                                           minimum=0.0, exclusive_min=True))
+    lora_dropout: float = field(default=0.1, metadata=_meta(
+        "dropout on the LoRA input", minimum=0.0, maximum=1.0))
+    e2e_max_slots: int = field(default=8, metadata=_meta(
+        "most slots in an e2e_synthetic meaning representation (3 to 8, as in E2E; fewer "
+        "gives shorter sequences)", minimum=3, maximum=8))
+    seq_len: int = field(default=128, metadata=_meta(
+        "tokens per sequence (longer records are cut, shorter ones padded)", minimum=8))
+    tokenizer: str = field(default="byte", metadata=_meta(
+        "byte (no files) or gpt2 (vocab.json and merges.txt from --tokenizer-dir or "
+        "--weights-dir)", choices=TOKENIZER_NAMES))
+    tokenizer_dir: str | None = field(default=None, metadata=_meta(
+        "folder with GPT-2's vocab.json and merges.txt (default: --weights-dir)"))
+    weights_dir: str | None = field(default=None, metadata=_meta(
+        "folder with GPT-2 weights (model.safetensors, config.json); random init if unset"))
     out: str | None = field(default=None, metadata=_meta(
         "run folder (default: runs/<algorithm>-<dataset>-<clients>c-<time>)"))
 
@@ -254,7 +289,24 @@ def _check(name: str, value: Any) -> None:
 
 def _check_together(cfg: Config) -> None:
     """Rules that involve more than one field."""
-    if cfg.dataset != "synthetic" and not cfg.data_dir:
+    language = cfg.dataset in LANGUAGE_DATASETS
+    if language != (cfg.model == "gpt2"):
+        raise ConfigError(f"model '{cfg.model}' does not fit dataset '{cfg.dataset}': use "
+                          "--model gpt2 with e2e or e2e_synthetic, and cnn or resnet18 with "
+                          "synthetic, cifar10 or cifar100")
+    if language and cfg.algorithm not in LANGUAGE_ALGORITHMS:
+        raise ConfigError(f"algorithm '{cfg.algorithm}' does not run the language-model task; "
+                          "choose one of: " + ", ".join(LANGUAGE_ALGORITHMS))
+    if language and cfg.partition != "iid":
+        raise ConfigError(f"partition '{cfg.partition}' needs class labels; the language-model "
+                          "task splits its records iid (--partition iid)")
+    if cfg.dataset == "e2e" and not cfg.data_dir:
+        raise ConfigError("dataset 'e2e' needs --data-dir with trainset.csv and testset.csv "
+                          "(or use e2e_synthetic)")
+    if language and cfg.tokenizer == "gpt2" and not (cfg.tokenizer_dir or cfg.weights_dir):
+        raise ConfigError("tokenizer 'gpt2' needs --tokenizer-dir (or --weights-dir) with "
+                          "vocab.json and merges.txt")
+    if cfg.dataset in ("cifar10", "cifar100") and not cfg.data_dir:
         raise ConfigError(f"dataset '{cfg.dataset}' needs data: pass --data-dir with a folder "
                           "holding the python-format batches or an .npz file")
     if cfg.gpus_per_worker > 1 and not float(cfg.gpus_per_worker).is_integer():
@@ -284,6 +336,8 @@ def build_config(*sources: dict[str, Any] | None) -> Config:
     values = {name: _coerce(name, value) for name, value in merged.items()}
     for name, value in values.items():
         _check(name, value)
+    if values.get("model") == "gpt2" and "dataset" not in values:
+        values["dataset"] = "e2e_synthetic"   # the language model's embedded default
     cfg = Config(**values)
     _check_together(cfg)
     return cfg

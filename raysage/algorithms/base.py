@@ -23,16 +23,17 @@ The engine never branches on an algorithm's name.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import Config
-from ..models import SplitArchitecture, state_bytes
+from ..models import (SplitArchitecture, frozen_bytes, frozen_names, split_loss,
+                      transfer_bytes, transfer_state)
 from ..netsim.cost import ModelCosts
 from ..netsim.planner import ClientRoundPlan
 
@@ -48,14 +49,26 @@ class ModelSizes:
     server: int
     aux: int
     smashed_per_sample: int
+    labels_per_sample: int = LABEL_BYTES
+    grad_per_sample: int = 0       # dL/dh: fp32 activations (no mask); 0 = smashed_per_sample
+    # Frozen weights never travel; they are reported beside the traffic.
+    client_frozen: int = 0
+    server_frozen: int = 0
+    aux_frozen: int = 0
 
     @classmethod
     def of(cls, arch: SplitArchitecture) -> "ModelSizes":
         with torch.random.fork_rng():
             torch.manual_seed(0)
             client, server, aux = arch.make_client(), arch.make_server(), arch.make_aux()
-        smashed = int(np.prod(arch.cut_shape)) * 4  # fp32 activations
-        return cls(state_bytes(client), state_bytes(server), state_bytes(aux), smashed)
+        return cls(transfer_bytes(client), transfer_bytes(server), transfer_bytes(aux),
+                   arch.smashed_bytes_per_sample, arch.label_bytes,
+                   math.prod(arch.cut_shape) * 4, frozen_bytes(client), frozen_bytes(server),
+                   frozen_bytes(aux))
+
+    def __post_init__(self):
+        if not self.grad_per_sample:
+            object.__setattr__(self, "grad_per_sample", self.smashed_per_sample)
 
 
 @dataclass
@@ -113,11 +126,18 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def to_state(module: nn.Module) -> State:
-    return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+    """What of a model travels: its state without frozen parameters (a LoRA
+    model's base weights are the same everywhere and never change)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in transfer_state(module).items()}
 
 
 def load_state(module: nn.Module, state: State) -> None:
-    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    missing, unexpected = module.load_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
+    absent = set(missing) - frozen_names(module)
+    if unexpected or absent:
+        raise KeyError(f"state does not fit the model: missing {sorted(absent)}, "
+                       f"unexpected {sorted(unexpected)}")
 
 
 def state_nbytes(obj: Any, _seen: set[int] | None = None) -> int:
@@ -160,6 +180,8 @@ def make_optimizer(kind: str, params, lr: float, weight_decay: float,
                    momentum: float) -> torch.optim.Optimizer:
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if kind == "adamw":  # decoupled weight decay, as the paper's GPT-2 fine-tuning
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
 
 
@@ -167,7 +189,7 @@ def cross_entropy_grad(model: nn.Module, h: torch.Tensor, y: torch.Tensor,
                        create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, dL/dh) of the batch-mean cross-entropy of model(h)."""
     leaf = h if h.requires_grad else h.detach().requires_grad_()
-    loss = F.cross_entropy(model(leaf), y)
+    loss = split_loss(model(leaf), y)
     (grad,) = torch.autograd.grad(loss, leaf, create_graph=create_graph)
     return loss, grad
 
@@ -220,7 +242,7 @@ class Algorithm:
     def server_step(server: "ServerState", x_s: nn.Module, optimizer: torch.optim.Optimizer,
                     smashed: torch.Tensor, y: torch.Tensor) -> None:
         """Step x_s on CE(x_s(h), y); dL/dh lands in smashed.grad if h requires it."""
-        loss = F.cross_entropy(x_s(smashed), y)
+        loss = split_loss(x_s(smashed), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -14,8 +14,8 @@ Bytes per round: 2 |x_c + x_s| per participant.
 from __future__ import annotations
 
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..models import split_loss
 from ..netsim.planner import ClientRoundPlan
 from .base import Algorithm, ClientState, ServerState, load_state, to_state
 
@@ -52,7 +52,7 @@ class FedAvg(Algorithm):
         load_state(upper, global_state["server"])
 
     def forward(self, client, rnd, k, x, y):
-        loss = F.cross_entropy(client.models["full"](x), y)
+        loss = split_loss(client.models["full"](x), y)
         client.carry["loss"] = loss
         client.log("train_loss_sum", loss.item() * len(y))
         client.log("train_samples", len(y))

@@ -9,10 +9,10 @@ round: FedAvg of x_c, of x_a (2 |x_a| per client) and of the server copies.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 
+from ..models import split_loss
 from ..netsim.planner import ClientRoundPlan, Exchange
-from .base import LABEL_BYTES, Algorithm, ServerState, load_state, to_state
+from .base import Algorithm, ServerState, load_state, to_state
 from .splitfed_v1 import average_server_copies, server_copy
 
 GLOBAL_AUX = "shared"  # names the random stream of the shared initial x_a
@@ -30,7 +30,7 @@ class FSLAN(Algorithm):
     def plan_client_round(self, rnd, cid, batch_sizes):
         c, s = self.costs, self.sizes
         exchanges = {k: Exchange(k, up={"smashed_up": s.smashed_per_sample * b,
-                                        "labels_up": LABEL_BYTES * b},
+                                        "labels_up": s.labels_per_sample * b},
                                  server_flops=c.server_step * b)
                      for k, b in enumerate(batch_sizes) if self.uploads_at(k)}
         return ClientRoundPlan(
@@ -65,7 +65,7 @@ class FSLAN(Algorithm):
 
     def backward(self, client, rnd, k):
         smashed, y = client.carry.pop("smashed"), client.carry.pop("y")
-        loss = F.cross_entropy(client.models["aux"](smashed), y)
+        loss = split_loss(client.models["aux"](smashed), y)
         for optimizer in client.optimizers.values():
             optimizer.zero_grad()
         loss.backward()

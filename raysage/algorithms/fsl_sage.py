@@ -45,10 +45,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..models import split_loss
 from ..netsim.planner import ClientRoundPlan, Exchange
-from .base import (LABEL_BYTES, Algorithm, ClientState, ServerState, cross_entropy_grad,
+from .base import (Algorithm, ClientState, ServerState, cross_entropy_grad,
                    load_state, stream_seed, to_state)
 
 
@@ -87,12 +87,12 @@ class FSLSage(Algorithm):
             work = c.server_step * b
             if self.aligns_at(rnd, k):
                 exchanges[k] = Exchange(
-                    k, up={"smashed_up": s.smashed_per_sample * b, "labels_up": LABEL_BYTES * b},
+                    k, up={"smashed_up": s.smashed_per_sample * b, "labels_up": s.labels_per_sample * b},
                     server_flops=work + self.alignment_flops(buffered),
                     down={"aux_down": s.aux}, blocking=self.cfg.align_blocking)
             else:
                 exchanges[k] = Exchange(
-                    k, up={"smashed_up": s.smashed_per_sample * b, "labels_up": LABEL_BYTES * b},
+                    k, up={"smashed_up": s.smashed_per_sample * b, "labels_up": s.labels_per_sample * b},
                     server_flops=work)
         self._uploads_this_round[cid] = buffered
         return ClientRoundPlan(
@@ -110,7 +110,8 @@ class FSLSage(Algorithm):
         self._uploads_this_round = {}
 
     def estimated_server_bytes(self, num_clients):
-        buffers = num_clients * self.cfg.align_buffer * (self.sizes.smashed_per_sample + LABEL_BYTES)
+        buffers = num_clients * self.cfg.align_buffer * (self.sizes.smashed_per_sample
+                                                        + self.sizes.labels_per_sample)
         return super().estimated_server_bytes(num_clients) + buffers
 
     def plan_state(self):
@@ -164,18 +165,18 @@ class FSLSage(Algorithm):
         x_s = self.place(self.initial_server_model())
         return ServerState(models={"server": x_s}, optimizers={"server": self.server_optimizer(x_s)})
 
-    def _buffer(self, server: ServerState, cid: int) -> dict:
+    def _buffer(self, server: ServerState, cid: int, upload: dict) -> dict:
+        # Empty arrays shaped like an upload: targets are (N,) labels or (N, T) tokens.
         return server.per_client.setdefault(cid, {
-            "smashed": np.zeros((0,) + self.arch.cut_shape, np.float32),
-            "y": np.zeros(0, np.int64),
-        })
+            name: np.zeros((0,) + upload[name].shape[1:], upload[name].dtype)
+            for name in ("smashed", "y")})
 
     def serve(self, server, rnd, cid, k, upload):
         x_s = server.models["server"]
         self.server_step(server, x_s, server.optimizers["server"], self.tensor(upload["smashed"]),
                          self.tensor(upload["y"]))
 
-        buffer = self._buffer(server, cid)
+        buffer = self._buffer(server, cid, upload)
         keep = self.cfg.align_buffer
         buffer["smashed"] = np.concatenate([buffer["smashed"], upload["smashed"]])[-keep:]
         buffer["y"] = np.concatenate([buffer["y"], upload["y"]])[-keep:]
@@ -198,7 +199,7 @@ class FSLSage(Algorithm):
         for h, target in zip(smashed.split(self.cfg.align_batch_size),
                              y.split(self.cfg.align_batch_size)):
             leaf = h.detach().requires_grad_()
-            loss = F.cross_entropy(x_s(leaf), target, reduction="sum")
+            loss = split_loss(x_s(leaf), target, reduction="sum")
             (z,) = torch.autograd.grad(loss, leaf)
             chunks.append(z)
         with torch.no_grad():

@@ -25,8 +25,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..models import split_loss
 from .base import ServerState, load_state, make_optimizer, stream_seed
 from .splitfed_v2 import SplitFedV2
 
@@ -89,7 +89,7 @@ class SGLR(SplitFedV2):
         x_s, optimizer = server.models["server"], server.optimizers["server"]
         smashed = [self.tensor(u["smashed"]).requires_grad_() for _, _, u in uploads]
         y = torch.cat([self.tensor(u["y"]) for _, _, u in uploads])
-        loss = F.cross_entropy(x_s(torch.cat(smashed)), y)
+        loss = split_loss(x_s(torch.cat(smashed)), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

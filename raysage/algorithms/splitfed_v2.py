@@ -13,7 +13,7 @@ Bytes per batch: s_h B up (plus labels), s_h B down; per round 2 |x_c|.
 from __future__ import annotations
 
 from ..netsim.planner import ClientRoundPlan, Exchange
-from .base import LABEL_BYTES, Algorithm, ServerState, load_state, to_state
+from .base import Algorithm, ServerState, load_state, to_state
 
 
 class SplitFedV2(Algorithm):
@@ -24,9 +24,11 @@ class SplitFedV2(Algorithm):
     # ------------------------------------------------------------ schedule
     def exchange(self, k: int, b: int) -> Exchange:
         """Iteration k: (h, y) up, the server steps x_s, dL/dh down; the client waits."""
-        smashed = self.sizes.smashed_per_sample * b
-        return Exchange(k, up={"smashed_up": smashed, "labels_up": LABEL_BYTES * b},
-                        server_flops=self.costs.server_step * b, down={"grad_down": smashed},
+        s = self.sizes
+        return Exchange(k, up={"smashed_up": s.smashed_per_sample * b,
+                               "labels_up": s.labels_per_sample * b},
+                        server_flops=self.costs.server_step * b,
+                        down={"grad_down": s.grad_per_sample * b},
                         blocking=True)
 
     def plan_client_round(self, rnd, cid, batch_sizes):

@@ -78,6 +78,9 @@ def make_batch(
     With ``train`` the raw image is augmented (black padding) before
     normalising; the result is deterministic given ``generator``'s state.
     """
+    if x_uint8.ndim == 2:
+        # Token sequences (N, T) of a language model go in as they are.
+        return torch.from_numpy(np.array(x_uint8, dtype=np.int64))  # a writable copy
     chw = _to_chw_uint8(x_uint8)
     if train:
         chw = augment(chw, generator)

@@ -19,20 +19,20 @@ from typing import Any, Callable
 import numpy as np
 
 from ..algorithms import ClientState, ModelSizes, algorithm_class
-from ..algorithms.base import Algorithm, State, state_nbytes, stream_seed
 import pyarrow.fs as pafs
 
-from ..config import Config, build_config
+from ..algorithms.base import Algorithm, State, state_nbytes, stream_seed
+from ..config import LANGUAGE_DATASETS, Config, build_config
 from ..data import ArrayDataset, load_dataset, partition
 from ..errors import ConfigError, RaysageError
-from ..models import get_architecture
 from ..netsim.cost import measure_costs
 from ..netsim.planner import RoundSchedule, Segment
 from ..netsim.policy import available_clients, plan_with_policy, selection_size
 from ..netsim.profiles import DeviceProfile, client_profiles
 from ..results import RunFolder, RunWriter
 from .backend import ActorFailure, make_backend
-from .runtime import ClientRuntime, ServerRuntime, Setup, batch_sizes, process_memory
+from .runtime import (ClientRuntime, ServerRuntime, Setup, architecture, batch_sizes,
+                      process_memory)
 
 # Byte kinds in a fixed order so every row has every column.
 BYTE_KINDS = ("smashed_up", "labels_up", "grad_down", "client_model_up", "client_model_down",
@@ -93,19 +93,40 @@ class World:
         return schedule
 
 
+def load_language_data(cfg: Config) -> tuple[ArrayDataset, int | None]:
+    from ..data.e2e import (SYNTHETIC_TEST, SYNTHETIC_TRAIN_PER_CLIENT, load_language_dataset,
+                            make_tokenizer)
+
+    synthetic = cfg.dataset == "e2e_synthetic"
+    per_client = cfg.samples_per_client or (SYNTHETIC_TRAIN_PER_CLIENT if synthetic else None)
+    tokenizer = make_tokenizer(cfg.tokenizer, cfg.tokenizer_dir or cfg.weights_dir)
+    data = load_language_dataset(
+        cfg.dataset, cfg.data_dir, tokenizer, cfg.seq_len,
+        num_train=per_client * cfg.clients if per_client else None,
+        num_test=cfg.test_samples or (SYNTHETIC_TEST if synthetic else None), seed=cfg.seed,
+        max_slots=cfg.e2e_max_slots)
+    return data, per_client
+
+
 def build_world(cfg: Config) -> World:
     """Load data, partition it and build the algorithm; every input error surfaces here."""
-    synthetic = cfg.dataset == "synthetic"
-    per_client = cfg.samples_per_client or (SYNTHETIC_SAMPLES_PER_CLIENT if synthetic else None)
-    data = load_dataset(
-        cfg.dataset, cfg.data_dir,
-        num_train=per_client * cfg.clients if synthetic else None,
-        num_test=cfg.test_samples or (SYNTHETIC_TEST_SAMPLES if synthetic else None),
-        seed=cfg.seed)
-    indices = partition(data.y_train, cfg.clients, cfg.partition, alpha=cfg.alpha,
+    if cfg.dataset in LANGUAGE_DATASETS:
+        data, per_client = load_language_data(cfg)
+    else:
+        synthetic = cfg.dataset == "synthetic"
+        per_client = cfg.samples_per_client or (SYNTHETIC_SAMPLES_PER_CLIENT if synthetic
+                                                else None)
+        data = load_dataset(
+            cfg.dataset, cfg.data_dir,
+            num_train=per_client * cfg.clients if synthetic else None,
+            num_test=cfg.test_samples or (SYNTHETIC_TEST_SAMPLES if synthetic else None),
+            seed=cfg.seed)
+    # Sequences have no class label; they are split iid, which only needs their count.
+    labels = data.y_train if data.y_train.ndim == 1 else np.zeros(len(data.y_train), np.int64)
+    indices = partition(labels, cfg.clients, cfg.partition, alpha=cfg.alpha,
                         shards_per_client=cfg.shards_per_client, samples_per_client=per_client,
                         seed=cfg.seed)
-    arch = get_architecture(cfg.model, data.num_classes)
+    arch = architecture(cfg, data.num_classes)
     sizes, costs = ModelSizes.of(arch), measure_costs(arch)
     setup = Setup(cfg.to_dict(), data.num_classes, tuple(data.mean), tuple(data.std), sizes, costs)
     algorithm = algorithm_class(cfg.algorithm)(cfg, arch, sizes, costs)
@@ -537,6 +558,10 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
         "paper_total_bytes": progress.totals["paper_total_bytes"],
         "total_gib": progress.totals["total_bytes"] / GIB, "sim_time_s": progress.sim_time,
         "wall_time_s": progress.wall_time, "startup_s": startup, "run_dir": str(run_dir),
+        # Frozen weights (a LoRA model's base) never travel; reported beside the traffic.
+        "frozen_model_bytes": {"client": world.setup.sizes.client_frozen,
+                               "server": world.setup.sizes.server_frozen,
+                               "aux": world.setup.sizes.aux_frozen},
     }
     writer.finish(summary)
     local = isinstance(run_dir.fs, pafs.LocalFileSystem)

@@ -16,15 +16,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..algorithms import ClientState, ModelSizes, algorithm_class
-from ..algorithms.base import (Algorithm, State, as_tensor, release_gradients, state_nbytes,
-                               stream_seed)
+from ..algorithms.base import (Algorithm, State, as_tensor, release_gradients, seeded,
+                               state_nbytes, stream_seed)
 from ..config import Config, build_config
 from ..data import make_batch
 from ..errors import RaysageError
-from ..models import get_architecture
+from ..models import correct_predictions, count_targets, get_architecture, split_loss
 from ..netsim.cost import ModelCosts
 from ..netsim.planner import Segment
 
@@ -42,8 +41,23 @@ class Setup:
 
     def algorithm(self) -> Algorithm:
         cfg = build_config(self.config)
-        arch = get_architecture(cfg.model, self.num_classes)
+        arch = architecture(cfg, self.num_classes)
         return algorithm_class(cfg.algorithm)(cfg, arch, self.sizes, self.costs)
+
+
+def lora_rank(cfg: Config) -> int:
+    if cfg.lora_rank is not None:
+        return cfg.lora_rank
+    return 4 if cfg.weights_dir else 0
+
+
+def architecture(cfg: Config, num_classes: int):
+    """The config's split model (the language-model fields matter only for gpt2)."""
+    return get_architecture(cfg.model, num_classes, gpt2_size=cfg.gpt2_size,
+                            seq_len=cfg.seq_len, cut_layer=cfg.cut_layer,
+                            aux_depth=cfg.aux_depth, lora_rank=lora_rank(cfg),
+                            lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                            weights_dir=cfg.weights_dir, seed=cfg.seed)
 
 
 class NonFiniteLoss(RaysageError):
@@ -165,7 +179,7 @@ def evaluate(model, test: dict[str, np.ndarray], setup: Setup, device,
     """Accuracy and mean loss of a model on the test split (eval mode, then back)."""
     model.eval()
     x_all, y_all = test["x_test"], test["y_test"]
-    correct, loss = 0, 0.0
+    correct, loss, units = 0, 0.0, 0
     try:
         for start in range(0, len(y_all), batch_size):
             x = make_batch(x_all[start:start + batch_size], setup.mean, setup.std,
@@ -173,11 +187,13 @@ def evaluate(model, test: dict[str, np.ndarray], setup: Setup, device,
             y = as_tensor(np.asarray(y_all[start:start + batch_size], dtype=np.int64))
             logits = model(x.to(device))
             y = y.to(device)
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += int((logits.argmax(1) == y).sum())
+            loss += split_loss(logits, y, reduction="sum").item()
+            correct += correct_predictions(logits, y)
+            units += count_targets(y)
     finally:
         model.train()
-    return {"accuracy": correct / len(y_all), "test_loss": loss / len(y_all)}
+    # Per sample for classifiers; per target token (and token accuracy) for language models.
+    return {"accuracy": correct / units, "test_loss": loss / units}
 
 
 class ClientRuntime:
@@ -206,6 +222,12 @@ class ClientRuntime:
         A first segment starts from ``start``: the round's broadcast, or, for a
         sequential protocol, the previous client's result (its hand-over).
         """
+        # Dropout (LoRA's) draws from torch's global generator: seed it per
+        # segment so that results do not depend on which worker runs what.
+        with seeded(self.cfg.seed, "segment", segment.cid, rnd, segment.index):
+            return self._run_segment(rnd, segment, start, reply)
+
+    def _run_segment(self, rnd, segment, start, reply):
         algo, client = self.algo, self.clients[segment.cid]
         if segment.is_first:
             client.metrics = {}
@@ -277,9 +299,10 @@ class ServerRuntime:
     def serve(self, rnd: int, uploads: list[tuple[int, int]], *produced: dict[int, Any]):
         """Serve one upload, or a barrier group at once (one reply per upload)."""
         payloads = [(cid, k, out[k]) for (cid, k), out in zip(uploads, produced)]
-        if len(payloads) == 1:
-            return self.algo.serve(self.state, rnd, *payloads[0])
-        return tuple(self.algo.serve_group(self.state, rnd, payloads))
+        with seeded(self.cfg.seed, "serve", rnd, *uploads[0]):
+            if len(payloads) == 1:
+                return self.algo.serve(self.state, rnd, *payloads[0])
+            return tuple(self.algo.serve_group(self.state, rnd, payloads))
 
     def end_round(self, rnd: int, global_state: dict[str, State],
                   weights: dict[int, float]) -> dict[str, Any]:

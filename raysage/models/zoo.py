@@ -26,6 +26,13 @@ class SplitArchitecture:
     build_client: Callable[[], nn.Module] = field(repr=False, compare=False)
     build_server: Callable[[int], nn.Module] = field(repr=False, compare=False)
     build_aux: Callable[[int], nn.Module] = field(repr=False, compare=False)
+    # What one sample puts on the wire at the cut, and its targets; None:
+    # the fp32 activations of cut_shape, and one int64 label.
+    smashed_bytes: int | None = None
+    label_bytes: int = 8
+    # Inputs and targets of n samples, for counting FLOPs; None: images.
+    build_example: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = field(
+        default=None, repr=False, compare=False)
 
     # Every make_* call returns a fresh, randomly initialised module; seeding
     # is left to the caller so the order of construction decides the weights.
@@ -42,8 +49,19 @@ class SplitArchitecture:
         """nn.Sequential(x_c, x_s): state-dict keys are '0.*' then '1.*'."""
         return nn.Sequential(self.make_client(), self.make_server())
 
+    @property
+    def smashed_bytes_per_sample(self) -> int:
+        if self.smashed_bytes is not None:
+            return self.smashed_bytes
+        return math.prod(self.cut_shape) * 4  # fp32 activations
 
-def cnn(num_classes: int) -> SplitArchitecture:
+    def example_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.build_example is not None:
+            return self.build_example(n)
+        return torch.randn(n, *self.input_shape), torch.zeros(n, dtype=torch.long)
+
+
+def cnn(num_classes: int, **_: object) -> SplitArchitecture:
     return SplitArchitecture(
         name="cnn",
         num_classes=num_classes,
@@ -55,7 +73,7 @@ def cnn(num_classes: int) -> SplitArchitecture:
     )
 
 
-def resnet18(num_classes: int) -> SplitArchitecture:
+def resnet18(num_classes: int, **_: object) -> SplitArchitecture:
     return SplitArchitecture(
         name="resnet18",
         num_classes=num_classes,
@@ -67,13 +85,62 @@ def resnet18(num_classes: int) -> SplitArchitecture:
     )
 
 
-MODELS: dict[str, Callable[[int], SplitArchitecture]] = {
+def gpt2(vocab_size: int, *, gpt2_size: str = "tiny", seq_len: int = 128, cut_layer: int = 1,
+         aux_depth: int = 3, lora_rank: int = 4, lora_alpha: float = 32.0,
+         lora_dropout: float = 0.1, weights_dir: str | None = None, seed: int = 0,
+         **_: object) -> SplitArchitecture:
+    """GPT-2 split for causal-LM fine-tuning: x_c = embeddings + ``cut_layer`` blocks.
+
+    A sample is a right-padded token sequence of ``seq_len``. What travels at
+    the cut is its hidden states (seq_len x width, fp32) and its attention
+    mask (one byte per position); the targets are seq_len int64 token ids.
+    Right padding under causal attention means no real position ever attends
+    to a padded one, so the parts compute the same logits with or without
+    the mask; it is counted because a receiver must know which rows are real.
+    """
+    from raysage.models.gpt2 import gpt2_spec, gpt2_split
+
+    spec = None
+    if weights_dir is None:
+        spec = gpt2_spec(gpt2_size, vocab_size=vocab_size, n_positions=max(seq_len, 1024))
+    split = gpt2_split(spec, cut=cut_layer, aux_depth=aux_depth, lora_rank=lora_rank,
+                       lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                       weights_dir=weights_dir, seed=seed)
+    spec = split.spec
+    if spec.vocab_size != vocab_size:
+        raise ModelError(f"the GPT-2 weights in {weights_dir} have a vocabulary of "
+                         f"{spec.vocab_size} tokens but the tokenizer has {vocab_size}; use "
+                         "--tokenizer gpt2 with the checkpoint's vocab.json and merges.txt")
+    if seq_len > spec.n_positions:
+        raise ModelError(f"seq_len = {seq_len} exceeds the model's {spec.n_positions} "
+                         "positions; lower --seq-len")
+
+    def example(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.randint(0, vocab_size, (n, seq_len + 1))
+        return tokens[:, :-1], tokens[:, 1:]
+
+    name = (f"gpt2-{gpt2_size if weights_dir is None else weights_dir}-v{vocab_size}-T{seq_len}"
+            f"-k{cut_layer}-a{aux_depth}-r{lora_rank}-{lora_alpha:g}-{lora_dropout:g}-s{seed}")
+    return SplitArchitecture(
+        name=name, num_classes=vocab_size, input_shape=(seq_len,),
+        cut_shape=(seq_len, spec.n_embd),
+        build_client=split.make_client,
+        build_server=lambda _vocab: split.make_server(),
+        build_aux=lambda _vocab: split.make_aux(),
+        smashed_bytes=seq_len * spec.n_embd * 4 + seq_len,
+        label_bytes=seq_len * 8,
+        build_example=example,
+    )
+
+
+MODELS: dict[str, Callable[..., SplitArchitecture]] = {
     "cnn": cnn,
     "resnet18": resnet18,
+    "gpt2": gpt2,
 }
 
 
-def get_architecture(name: str, num_classes: int) -> SplitArchitecture:
+def get_architecture(name: str, num_classes: int, **options) -> SplitArchitecture:
     if name not in MODELS:
         raise ModelError(
             f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}"
@@ -82,7 +149,7 @@ def get_architecture(name: str, num_classes: int) -> SplitArchitecture:
         raise ModelError(
             f"num_classes for model {name!r} is {num_classes!r}; it must be an integer >= 2"
         )
-    return MODELS[name](num_classes)
+    return MODELS[name](num_classes, **options)
 
 
 def state_bytes(module_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> int:
@@ -92,6 +159,32 @@ def state_bytes(module_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) ->
     else:
         state = module_or_state_dict
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def frozen_names(module: nn.Module) -> set[str]:
+    """State-dict names of parameters that do not train (every alias of a tied one)."""
+    return {name for name, p in module.named_parameters(remove_duplicate=False)
+            if not p.requires_grad}
+
+
+def transfer_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state that must travel when a model is sent: all but frozen parameters."""
+    frozen = frozen_names(module)
+    return {k: v for k, v in module.state_dict().items() if k not in frozen}
+
+
+def transfer_bytes(module: nn.Module) -> int:
+    return state_bytes(transfer_state(module))
+
+
+def frozen_bytes(module: nn.Module) -> int:
+    """Bytes of frozen parameters (counted once per tensor, however many names it has)."""
+    seen, total = set(), 0
+    for _, p in module.named_parameters(remove_duplicate=False):
+        if not p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
 
 
 def num_parameters(module: nn.Module) -> int:
@@ -110,6 +203,5 @@ def summarize(arch: SplitArchitecture) -> dict:
         for part, m in parts.items()
     }
     summary["cut_shape"] = tuple(arch.cut_shape)
-    # Smashed activations travel as fp32.
-    summary["smashed_bytes_per_sample"] = math.prod(arch.cut_shape) * 4
+    summary["smashed_bytes_per_sample"] = arch.smashed_bytes_per_sample
     return summary

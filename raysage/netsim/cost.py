@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
+
+from ..models.losses import split_loss
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,7 @@ def measure_costs(arch) -> ModelCosts:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         client, server, aux = arch.make_client(), arch.make_server(), arch.make_aux()
-    x = torch.randn(n, *arch.input_shape)
-    y = torch.zeros(n, dtype=torch.long)
+        x, y = arch.example_batch(n)
 
     client_fwd = _count(lambda: client(x))
     h = client(x)
@@ -54,7 +54,7 @@ def measure_costs(arch) -> ModelCosts:
 
     def server_step():
         leaf = h.detach().requires_grad_()
-        F.cross_entropy(server(leaf), y).backward()
+        split_loss(server(leaf), y).backward()
 
     # autograd.grad w.r.t. a leaf is not supported under the flop counter,
     # so gradients are taken w.r.t. a (free) non-leaf copy of h.
@@ -63,14 +63,14 @@ def measure_costs(arch) -> ModelCosts:
 
     def aux_estimate():
         leaf = smashed_input()
-        torch.autograd.grad(F.cross_entropy(aux(leaf), y), leaf)
+        torch.autograd.grad(split_loss(aux(leaf), y), leaf)
 
     def aux_step():
-        F.cross_entropy(aux(h.detach()), y).backward()
+        split_loss(aux(h.detach()), y).backward()
 
     def align_step():
         leaf = smashed_input()
-        (g_hat,) = torch.autograd.grad(F.cross_entropy(aux(leaf), y), leaf, create_graph=True)
+        (g_hat,) = torch.autograd.grad(split_loss(aux(leaf), y), leaf, create_graph=True)
         g_hat.pow(2).sum().backward()
 
     return ModelCosts(
