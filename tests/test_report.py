@@ -288,3 +288,13 @@ def test_language_model_runs_are_reported_by_test_loss_by_default(tmp_path):
     summary = write_report(tmp_path / "runs", tmp_path / "rep")
     assert "test_loss_vs_communication.png" in summary["figures"]
     assert summary["table"][0]["best"] == 2.5
+
+
+def test_runs_from_before_a_new_config_field_join_their_series(tmp_path):
+    old = make_run(tmp_path / "runs", "old", curve([0.2, 0.4]), algorithm="fsl_sage", seed=1)
+    table = pq.read_table(old / "run.parquet").drop_columns(["seq_len", "lora_rank"])
+    pq.write_table(table, old / "run.parquet")
+    make_run(tmp_path / "runs", "new", curve([0.4, 0.6]), algorithm="fsl_sage", seed=2)
+    series = group_series(load_runs(tmp_path / "runs"))
+    assert len(series) == 1
+    assert [r["accuracy"] for r in series[0].rounds] == pytest.approx([0.3, 0.5])

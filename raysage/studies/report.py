@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ALGORITHM_NAMES
+from ..config import ALGORITHM_NAMES, Config
 from ..errors import ConfigError, DataError
 
 GIB = 2 ** 30
@@ -42,6 +42,9 @@ CONDITIONAL_FIELDS = {
     "shards_per_client": ("partition", "shards"),
     "deadline": ("round_policy", "deadline"),
     "over_selection": ("round_policy", "over_selection"),
+    **{name: ("model", "gpt2") for name in (
+        "gpt2_size", "cut_layer", "aux_depth", "lora_rank", "lora_alpha", "lora_dropout",
+        "e2e_max_slots", "seq_len", "tokenizer", "tokenizer_dir", "weights_dir")},
 }
 SCALING_AXES = ("clients", "workers")
 
@@ -152,7 +155,9 @@ def _read_run(folder: Path) -> Run:
     rounds = _read_rows(folder, "rounds.parquet")
     if any(not isinstance(row.get("round"), int) for row in rounds):
         raise _corrupt(folder, "rounds.parquet has rows without a round number")
-    return Run(folder, configs[0], sorted(rounds, key=lambda row: row["round"]))
+    # A field added after the run was made acted as its default then.
+    config = {**Config().to_dict(), **configs[0]}
+    return Run(folder, config, sorted(rounds, key=lambda row: row["round"]))
 
 
 def _run_folders(path: Path) -> list[Path]:
