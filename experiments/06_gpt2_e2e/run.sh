@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Experiment 6: split fine-tuning of GPT-2 on E2E-style data (issue 7).
-#   experiments/06_gpt2_e2e/run.sh            scaled: about 20 minutes on 2 CPU cores
+#   experiments/06_gpt2_e2e/run.sh            scaled: about 12 minutes on 2 CPU cores
 #   FULL=1 WEIGHTS=/models/gpt2-medium E2E=/data/e2e experiments/06_gpt2_e2e/run.sh
 #                                             the paper's setup: GPU(s), about a GPU-day
 # Nothing is downloaded: WEIGHTS holds model.safetensors, config.json, vocab.json
