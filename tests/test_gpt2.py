@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from raysage.errors import ModelError
+from raysage.models import frozen_bytes
 from raysage.models.gpt2 import (
     GPT2Aux,
     GPT2Client,
@@ -18,7 +19,6 @@ from raysage.models.gpt2 import (
     GPT2Server,
     GPT2Spec,
     LoRASpec,
-    frozen_bytes,
     gpt2_spec,
     gpt2_split,
     lm_loss,

@@ -435,11 +435,6 @@ def trainable_bytes(module: nn.Module) -> int:
     return FP32_BYTES * sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def frozen_bytes(module: nn.Module) -> int:
-    """Bytes of frozen parameters, fp32: shipped once at setup, never per round."""
-    return FP32_BYTES * sum(p.numel() for p in module.parameters() if not p.requires_grad)
-
-
 def lora_parameter_count(spec: GPT2Spec, rank: int, n_blocks: int) -> int:
     """Per block 2 adapters (q, v) x (A: r*d + B: d*r)."""
     return n_blocks * 2 * (rank * spec.n_embd + spec.n_embd * rank)
