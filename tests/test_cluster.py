@@ -79,13 +79,19 @@ def _local_env() -> dict[str, str]:
 def local_cluster(monkeypatch):
     """A Ray head on 127.0.0.1 in its own process group, ended by group when done."""
     gcs, dashboard = _free_port(), _free_port()
+    # Every port of our own: another Ray on this machine (a user's, or a
+    # running experiment) holds the default ones, and a job agent that cannot
+    # bind its default port never comes up ("No available agent").
+    agent_http, agent_grpc, runtime_env, client_server = (_free_port() for _ in range(4))
     temp_dir = tempfile.mkdtemp(prefix="rsg", dir="/tmp")  # short: Ray's socket paths
     env = _local_env()
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")   # for the job client in this process
     head = subprocess.Popen(
         [str(RAY_BIN), "start", "--head", "--block", f"--port={gcs}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
+         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+         f"--ray-client-server-port={client_server}", "--num-cpus=2", "--include-dashboard=true",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{dashboard}"
@@ -156,7 +162,8 @@ def test_results_go_to_a_filesystem_uri_and_resume_from_it(tmp_path):
     assert result.summary["run_dir"] == uri
     folder = tmp_path / "remote/run-a"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "checkpoint.pt", "clients.parquet", "config.yaml", "rounds.parquet", "summary.json"]
+        "checkpoint.pt", "clients.parquet", "config.yaml", "rounds.parquet", "run.parquet",
+        "summary.json"]
     assert pq.read_table(folder / "rounds.parquet").num_rows == 2
     again = simulate(build_config({}), resume=uri, announce=lambda _: None)
     assert [r["round"] for r in again.rounds] == [0, 1]   # already complete: nothing re-run

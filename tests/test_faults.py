@@ -137,7 +137,8 @@ def test_sigint_leaves_a_folder_that_resume_completes(tmp_path):
     import sys
     import time
 
-    args = ["--clients", "3", "--samples-per-client", "40", "--rounds", "40",
+    # Rounds long enough (~0.3 s) that SIGINT lands mid-run even on a busy machine.
+    args = ["--clients", "3", "--samples-per-client", "120", "--rounds", "40",
             "--checkpoint-every", "2", "--backend", "serial", "--test-samples", "50",
             "--align-epochs", "2"]
     out = tmp_path / "sigint"

@@ -116,7 +116,7 @@ def test_num_parameters():
 
 
 def test_models_dict():
-    assert set(MODELS) == {"cnn", "resnet18"}
+    assert set(MODELS) == {"cnn", "resnet18", "gpt2"}
     assert MODELS["cnn"](10) == get_architecture("cnn", 10)
 
 
