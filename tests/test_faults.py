@@ -142,9 +142,12 @@ def test_sigint_leaves_a_folder_that_resume_completes(tmp_path):
             "--checkpoint-every", "2", "--backend", "serial", "--test-samples", "50",
             "--align-epochs", "2"]
     out = tmp_path / "sigint"
+    # A shell that runs this suite in the background starts it with SIGINT
+    # ignored, which children inherit; give the command the default back.
     proc = subprocess.Popen([sys.executable, "-m", "raysage.cli", "simulate", *args,
                              "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not (out / CHECKPOINT).exists() and time.time() < deadline:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Experiment 3: heterogeneity (best accuracy vs Dirichlet alpha), scaled.
-# Expected runtime: about 25 minutes on 2 CPU cores (25 runs of 20 rounds).
+# Expected runtime: about 35 minutes on 2 CPU cores (25 runs of 20 rounds).
 # For the full-scale version use experiment 1, whose grid includes the same alphas.
 set -euo pipefail
 DATA=${DATA:-../shared/data/cifar10_subset.npz}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Experiment 5: scalability over clients (10 ... 1000) and over workers (1, 2, 4).
-# Expected runtime: about 15 minutes on 2 CPU cores. Run it on an otherwise
+# Expected runtime: about 18 minutes on 2 CPU cores. Run it on an otherwise
 # idle machine: it measures host wall time and memory.
 set -euo pipefail
 OUT=${OUT:-runs/05_scalability}
