@@ -35,6 +35,10 @@ BACKEND_NAMES = ("ray", "serial")
 PROFILE_NAMES = ("uniform", "datacenter", "wifi", "4g-mobile", "heterogeneous")
 STRAGGLER_NAMES = ("none", "lognormal", "pareto")
 ROUND_POLICY_NAMES = ("wait_all", "deadline", "over_selection")
+# For --model gpt2, unless given: the embedded data, and the paper's GPT-2
+# batch size and alignment (40 epochs, batch 8, a buffer of 64 sequences).
+LANGUAGE_DEFAULTS = {"dataset": "e2e_synthetic", "batch_size": 8, "align_epochs": 40,
+                     "align_batch_size": 8, "align_buffer": 64}
 # Those the language-model task runs (the paper's comparison on E2E).
 LANGUAGE_ALGORITHMS = ("fsl_sage", "cse_fsl", "splitfed_v2", "fedavg")
 
@@ -200,7 +204,7 @@ class Config:
     e2e_max_slots: int = field(default=8, metadata=_meta(
         "most slots in an e2e_synthetic meaning representation (3 to 8, as in E2E; fewer "
         "gives shorter sequences)", minimum=3, maximum=8))
-    seq_len: int = field(default=128, metadata=_meta(
+    seq_len: int = field(default=256, metadata=_meta(
         "tokens per sequence (longer records are cut, shorter ones padded)", minimum=8))
     tokenizer: str = field(default="byte", metadata=_meta(
         "byte (no files) or gpt2 (vocab.json and merges.txt from --tokenizer-dir or "
@@ -336,8 +340,10 @@ def build_config(*sources: dict[str, Any] | None) -> Config:
     values = {name: _coerce(name, value) for name, value in merged.items()}
     for name, value in values.items():
         _check(name, value)
-    if values.get("model") == "gpt2" and "dataset" not in values:
-        values["dataset"] = "e2e_synthetic"   # the language model's embedded default
+    if values.get("model") == "gpt2":
+        # The paper's language-model settings where the CIFAR ones would not fit.
+        for name, value in LANGUAGE_DEFAULTS.items():
+            values.setdefault(name, value)
     cfg = Config(**values)
     _check_together(cfg)
     return cfg

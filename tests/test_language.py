@@ -123,8 +123,12 @@ def test_language_config_errors_are_one_line(fields, words):
     assert "\n" not in str(caught.value)
 
 
-def test_model_gpt2_defaults_to_the_embedded_e2e_data():
-    assert build_config({"model": "gpt2"}).dataset == "e2e_synthetic"
+def test_model_gpt2_defaults_to_the_embedded_data_and_the_papers_alignment():
+    cfg = build_config({"model": "gpt2"})
+    assert (cfg.dataset, cfg.batch_size, cfg.align_epochs, cfg.align_batch_size,
+            cfg.align_buffer, cfg.seq_len) == ("e2e_synthetic", 8, 40, 8, 64, 256)
+    assert build_config({"model": "gpt2", "align_epochs": 5}).align_epochs == 5
+    assert build_config({}).align_epochs == 100           # the CIFAR paper's
 
 
 def test_too_short_sequences_and_bad_cuts_fail_in_one_line():

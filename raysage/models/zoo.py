@@ -85,7 +85,7 @@ def resnet18(num_classes: int, **_: object) -> SplitArchitecture:
     )
 
 
-def gpt2(vocab_size: int, *, gpt2_size: str = "tiny", seq_len: int = 128, cut_layer: int = 1,
+def gpt2(vocab_size: int, *, gpt2_size: str = "tiny", seq_len: int = 256, cut_layer: int = 1,
          aux_depth: int = 3, lora_rank: int = 4, lora_alpha: float = 32.0,
          lora_dropout: float = 0.1, weights_dir: str | None = None, seed: int = 0,
          **_: object) -> SplitArchitecture:
