@@ -241,6 +241,9 @@ def _run_sweep(spec: Optional[Path], grid: Optional[list[str]], parallel: Option
             outcomes = run_sweep(sweep, on_event=on_event, announce=lambda line: None)
     except RaysageError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; run the same command again to skip the finished points and "
+              "resume the others")
     failed = [o for o in outcomes if o.status == "failed"]
     done = len(outcomes) - len(failed)
     typer.echo(f"sweep {sweep.root}: {done}/{len(outcomes)} points finished"
