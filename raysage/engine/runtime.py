@@ -196,7 +196,20 @@ def evaluate(model, test: dict[str, np.ndarray], setup: Setup, device,
     return {"accuracy": correct / units, "test_loss": loss / units}
 
 
-class ClientRuntime:
+class _Process:
+    """What the orchestrator asks of any actor process: who and where it is, its memory."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node(self) -> str:
+        return node_address()
+
+    def memory(self) -> dict[str, int]:
+        return process_memory()
+
+
+class ClientRuntime(_Process):
     """A client worker: hosts a shard of virtual clients and their persistent state."""
 
     def __init__(self, setup: Setup, train: dict[str, np.ndarray],
@@ -274,17 +287,8 @@ class ClientRuntime:
             for model in client.models.values():
                 model.to(self.algo.device)
 
-    def pid(self) -> int:
-        return os.getpid()
 
-    def node(self) -> str:
-        return node_address()
-
-    def memory(self) -> dict[str, int]:
-        return process_memory()
-
-
-class ServerRuntime:
+class ServerRuntime(_Process):
     """The server: the algorithm's server state, fed uploads in simulated arrival order."""
 
     def __init__(self, setup: Setup, test: dict[str, np.ndarray]):
@@ -329,12 +333,3 @@ class ServerRuntime:
         self.state = from_blob(blob)
         for model in self.state.models.values():
             model.to(self.algo.device)
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def node(self) -> str:
-        return node_address()
-
-    def memory(self) -> dict[str, int]:
-        return process_memory()

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..config import ALGORITHM_NAMES, Config
 from ..errors import ConfigError, DataError
+from .sweep import EXECUTION_FIELDS
 
 GIB = 2 ** 30
 
@@ -31,10 +32,7 @@ GIB = 2 ** 30
 # ``budget_gib`` are only the horizon (an unfinished or shorter run is a prefix
 # of the same experiment)
 # and ``data_dir`` is where the same dataset happens to live.
-NON_SCIENTIFIC_FIELDS = frozenset({
-    "out", "backend", "address", "workers", "cpus_per_worker", "gpus_per_worker",
-    "server_cpus", "server_gpus", "threads", "checkpoint_every", "data_dir", "rounds",
-    "budget_gib"})
+NON_SCIENTIFIC_FIELDS = EXECUTION_FIELDS | {"data_dir", "rounds", "budget_gib"}
 # Fields that only act under another field's value; elsewhere they are blanked,
 # so e.g. iid runs made with different (unused) alpha values are one series.
 CONDITIONAL_FIELDS = {
