@@ -176,6 +176,12 @@ class Config:
         "GPUs reserved for the server actor", minimum=0.0))
     threads: int = field(default=0, metadata=_meta(
         "torch threads per worker and server (0: CPUs per worker, at least 1)", minimum=0))
+    state_memory_mib: int = field(default=1024, metadata=_meta(
+        "RAM for per-client state (kept models, optimizer moments, server buffers) in each "
+        "worker and in the server, in MiB; the rest spills to disk under the run folder",
+        minimum=0))
+    dashboard: bool = field(default=False, metadata=_meta(
+        "start Ray's dashboard with a local cluster (about 160 MiB more; off by default)"))
     eval_clients: int = field(default=10, metadata=_meta(
         "clients whose own models are evaluated when client models are unshared (SGLR)",
         minimum=1))

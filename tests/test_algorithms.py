@@ -7,20 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raysage.algorithms import ALGORITHMS, ClientState, ModelSizes
+from raysage.algorithms import ALGORITHMS
 from raysage.algorithms.base import to_state, weighted_average
 from raysage.algorithms.fsl_sage import FSLSage
 from raysage.config import build_config
 from raysage.models import get_architecture
-from raysage.netsim.cost import measure_costs
 from raysage.netsim.planner import plan_round
 from raysage.netsim.profiles import MEDIAN_DEVICE
 
 
 def make(name="fsl_sage", model="cnn", **fields):
     cfg = build_config(fields | {"algorithm": name, "model": model})
-    arch = get_architecture(model, 10)
-    return ALGORITHMS[name](cfg, arch, ModelSizes.of(arch), measure_costs(arch))
+    return ALGORITHMS[name].from_config(cfg, 10)
 
 
 def test_cnn_sizes_by_hand():
@@ -34,8 +32,7 @@ def test_cnn_sizes_by_hand():
 
 def test_fsl_sage_client_step_is_backprop_of_the_aux_gradient_estimate():
     algo = make(client_optimizer="sgd", client_lr=0.1, client_weight_decay=0.0)
-    client = ClientState(cid=3, num_samples=8)
-    algo.init_client(client)
+    client = algo.new_client(3, 8)
     algo.start_round(client, 1, algo.init_global())
     x_c, aux = client.models["client"], client.models["aux"]
     before = {k: v.clone() for k, v in x_c.state_dict().items()}
@@ -59,8 +56,7 @@ def test_fsl_sage_client_step_is_backprop_of_the_aux_gradient_estimate():
 
 def test_fsl_sage_uploads_every_q_and_aligns_at_k0_of_round_multiples_of_l():
     algo = make(server_update_interval=2, align_interval=3)
-    client = ClientState(cid=0, num_samples=4)
-    algo.init_client(client)
+    client = algo.new_client(0, 4)
     algo.start_round(client, 0, algo.init_global())
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
     uploads = [algo.forward(client, 0, k, x, y) is not None or algo.backward(client, 0, k)
@@ -163,8 +159,7 @@ def test_weighted_average_by_hand():
 
 def test_fedavg_client_trains_both_halves_from_the_broadcast():
     algo = make("fedavg", client_optimizer="sgd", client_lr=0.1, client_weight_decay=0.0)
-    client = ClientState(cid=0, num_samples=4)
-    algo.init_client(client)
+    client = algo.new_client(0, 4)
     g = algo.init_global()
     algo.start_round(client, 0, g)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])

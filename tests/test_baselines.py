@@ -10,13 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raysage.algorithms import ALGORITHMS, ClientState, ModelSizes
+from raysage.algorithms import ALGORITHMS
 from raysage.algorithms.base import seeded, to_state
 from raysage.config import build_config
 from raysage.engine.orchestrator import build_world, plan, simulate
-from raysage.engine.runtime import client_batch, evaluate
+from raysage.data import client_batch
+from raysage.engine.runtime import evaluate
 from raysage.models import get_architecture
-from raysage.netsim.cost import measure_costs
 from raysage.netsim.profiles import MEDIAN_DEVICE
 
 QUIET = {"announce": lambda line: None}
@@ -28,8 +28,7 @@ def run(tmp_path, name, **fields):
 
 def make(name, **fields):
     cfg = build_config(fields | {"algorithm": name})
-    arch = get_architecture(cfg.model, 10)
-    return ALGORITHMS[name](cfg, arch, ModelSizes.of(arch), measure_costs(arch))
+    return ALGORITHMS[name].from_config(cfg, 10)
 
 
 ONE_CLIENT = dict(clients=1, samples_per_client=50, batch_size=20, rounds=2, test_samples=200,
@@ -92,8 +91,7 @@ def test_fsl_sage_with_an_exact_aux_equals_splitfed_v2_update():
     server = v2.init_server()
     clients = []
     for algo in (sage, v2):
-        client = ClientState(cid=0, num_samples=8)
-        algo.init_client(client)
+        client = algo.new_client(0, 8)
         algo.start_round(client, 1, {"client": to_state(algo.initial_client_model())})
         clients.append(client)
     clients[0].models["aux"] = copy.deepcopy(server.models["server"])
@@ -113,8 +111,7 @@ def test_fsl_sage_with_an_exact_aux_equals_splitfed_v2_update():
 @pytest.mark.parametrize("name,uploads", [("cse_fsl", [0, 2, 4]), ("fsl_an", [0, 1, 2, 3, 4, 5])])
 def test_local_loss_methods_upload_when_the_paper_says(name, uploads):
     algo = make(name, server_update_interval=2)
-    client = ClientState(cid=0, num_samples=4)
-    algo.init_client(client)
+    client = algo.new_client(0, 4)
     algo.start_round(client, 0, algo.init_global())
     sent = []
     for k in range(6):

@@ -162,8 +162,8 @@ def test_results_go_to_a_filesystem_uri_and_resume_from_it(tmp_path):
     assert result.summary["run_dir"] == uri
     folder = tmp_path / "remote/run-a"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "checkpoint.pt", "clients.parquet", "config.yaml", "rounds.parquet", "run.parquet",
-        "summary.json"]
+        "checkpoint.json", "clients.parquet", "config.yaml", "rounds.parquet", "run.parquet",
+        "state", "summary.json"]
     assert pq.read_table(folder / "rounds.parquet").num_rows == 2
     again = simulate(build_config({}), resume=uri, announce=lambda _: None)
     assert [r["round"] for r in again.rounds] == [0, 1]   # already complete: nothing re-run

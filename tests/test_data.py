@@ -55,12 +55,53 @@ def test_synthetic_deterministic():
     a = load_dataset("synthetic", num_train=500, num_test=100, seed=5)
     b = load_dataset("synthetic", num_train=500, num_test=100, seed=5)
     c = load_dataset("synthetic", num_train=500, num_test=100, seed=6)
-    assert a.x_train.tobytes() == b.x_train.tobytes()
+    assert a.x_train[:].tobytes() == b.x_train[:].tobytes()
     assert a.y_train.tobytes() == b.y_train.tobytes()
-    assert a.x_test.tobytes() == b.x_test.tobytes()
-    assert a.x_train.tobytes() != c.x_train.tobytes()
+    assert a.x_test[:].tobytes() == b.x_test[:].tobytes()
+    assert a.x_train[:].tobytes() != c.x_train[:].tobytes()
     # Train and test come from different streams.
-    assert a.x_train[:100].tobytes() != a.x_test.tobytes()
+    assert a.x_train[:100].tobytes() != a.x_test[:].tobytes()
+
+
+# sha256 (first 16 hex digits) of x_train, y_train, x_test, y_test as the generator
+# made them when it drew every image up front, before images were made on demand.
+SYNTHETIC_DIGESTS = {
+    (200, 2000, 300): ("04f97a9501412b12", "f87b6fd55e2e26aa", "bcbd7cd3ccd8bfc2",
+                       "7971f11af2d2ab56"),
+    (11, 150, 200): ("56fd93cec07fdef1", "ca610b1a72067acc", "3ff0b118a38f638f",
+                     "4d4426a06a62ea9c"),
+    (7, 1025, 5): ("ee0533ffdf803e69", "0fb19447ca1867b5", "2405756b672b35ac",
+                   "3b1c60d8b2843fca"),
+}
+
+
+@pytest.mark.parametrize("seed, n, m", sorted(SYNTHETIC_DIGESTS))
+def test_synthetic_images_made_on_demand_are_the_ones_drawn_up_front(seed, n, m):
+    import hashlib
+
+    ds = load_dataset("synthetic", num_train=n, num_test=m, seed=seed)
+    arrays = (ds.x_train[np.arange(n)], ds.y_train, ds.x_test[:], ds.y_test)
+    digests = tuple(hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+                    for a in arrays)
+    assert digests == SYNTHETIC_DIGESTS[(seed, n, m)]
+
+
+def test_synthetic_images_are_random_access_and_compact():
+    ds = load_dataset("synthetic", num_train=1500, num_test=10, seed=3)
+    whole = ds.x_train[:]
+    picks = np.array([1499, 0, 512, 511, 513, 7, 7])
+    np.testing.assert_array_equal(ds.x_train[picks], whole[picks])
+    np.testing.assert_array_equal(ds.x_train[10:20], whole[10:20])
+    assert ds.x_train[np.array([], np.int64)].shape == (0, 32, 32, 3)
+    # A million images cost tens of bytes each, not 3,072.
+    big = load_dataset("synthetic", num_train=1_000_000, num_test=10, seed=3)
+    assert big.x_train.shape == (1_000_000, 32, 32, 3)
+    assert big.x_train.nbytes < 30 * 2**20
+    # Pickled (sent to a worker) it is as small, and makes the same images there.
+    import pickle
+
+    again = pickle.loads(pickle.dumps(ds.x_train))
+    np.testing.assert_array_equal(again[picks], whole[picks])
 
 
 def test_synthetic_balanced_labels(synthetic):
@@ -72,8 +113,8 @@ def test_synthetic_balanced_labels(synthetic):
 
 def test_synthetic_learnable_but_not_trivial(synthetic):
     ds = synthetic
-    xtr = ds.x_train.reshape(len(ds.x_train), -1).astype(np.float32)
-    xte = ds.x_test.reshape(len(ds.x_test), -1).astype(np.float32)
+    xtr = ds.x_train[:].reshape(len(ds.x_train), -1).astype(np.float32)
+    xte = ds.x_test[:].reshape(len(ds.x_test), -1).astype(np.float32)
     means = np.stack([xtr[ds.y_train == c].mean(axis=0) for c in range(10)])
     dist = (xte**2).sum(1)[:, None] - 2 * xte @ means.T + (means**2).sum(1)[None, :]
     acc = (dist.argmin(1) == ds.y_test).mean()

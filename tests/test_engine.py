@@ -16,7 +16,7 @@ from raysage.algorithms import ALGORITHMS
 from raysage.algorithms.base import seeded, to_state
 from raysage.config import build_config, load_config
 from raysage.engine.orchestrator import build_world, place_clients, simulate
-from raysage.engine.runtime import client_batch
+from raysage.data import client_batch
 from raysage.errors import ConfigError, DataError
 
 QUIET = {"announce": lambda line: None}
@@ -61,8 +61,8 @@ def test_run_folder_and_bytes_match_the_formula(tmp_path):
                  server_update_interval=2, align_epochs=2, backend="serial", test_samples=100)
     folder = result.run_dir
     assert sorted(p.name for p in folder.iterdir()) == [
-        "checkpoint.pt", "clients.parquet", "config.yaml", "rounds.parquet", "run.parquet",
-        "summary.json"]
+        "checkpoint.json", "clients.parquet", "config.yaml", "rounds.parquet", "run.parquet",
+        "state", "summary.json"]
     assert pq.read_table(folder / "run.parquet").to_pylist() == [
         load_config(folder / "config.yaml").to_dict()]
     assert load_config(folder / "config.yaml").to_dict() == load_config(

@@ -14,7 +14,10 @@ from typer.testing import CliRunner
 from raysage.cli import app
 from raysage.config import build_config
 from raysage.engine import orchestrator as orch
-from raysage.engine.orchestrator import CHECKPOINT, simulate
+from raysage.engine.checkpoint import CHECKPOINT, read_manifest
+from raysage.engine.memory import PROCESS_BYTES, check_memory, estimate
+from raysage.engine.orchestrator import simulate
+from raysage.results import RunFolder
 from raysage.errors import RaysageError
 
 TIMING = ("wall_round_time", "wall_time", "memory_driver", "memory_workers_max", "memory_server",
@@ -108,8 +111,7 @@ def test_a_diverging_loss_stops_naming_round_and_client_and_keeps_the_checkpoint
     rows = pq.read_table(out / "rounds.parquet").to_pylist()
     assert [r["round"] for r in rows] == list(range(bad_round))
     if bad_round:
-        progress, _ = orch.read_checkpoint(out)
-        assert progress.next_round == bad_round
+        assert read_manifest(RunFolder(out))["next_round"] == bad_round
     result = CliRunner().invoke(app, ["simulate", "--resume", str(out)])
     assert result.exit_code == 2 and "became" in result.output
 
@@ -117,15 +119,16 @@ def test_a_diverging_loss_stops_naming_round_and_client_and_keeps_the_checkpoint
 def test_memory_is_estimated_before_any_actor_starts(tmp_path):
     world = orch.build_world(build_config({"algorithm": "splitfed_v1", "clients": 50,
                                            "samples_per_client": 10}))
-    need = orch.estimate_memory(world, 2)
+    need = estimate(world, 2)
     x_s = world.algorithm.sizes.server
-    # SplitFed v1: the averaged x_s plus, per client, a copy with gradients and Adam moments.
-    assert need["server"] == orch.PROCESS_BYTES + x_s + 50 * 4 * x_s
+    # SplitFed v1: the averaged x_s plus, per participant, a copy with gradients and Adam
+    # moments during a round, and the moments of every client's copy between rounds.
+    assert need.server == PROCESS_BYTES + x_s + 50 * 4 * x_s + 50 * 2 * x_s
     with pytest.raises(RaysageError, match=r"needs about .* GiB .* is available; lower"):
-        orch.check_memory(world, 2, available=need["server"])
+        check_memory(need, available=need.server)
     out = tmp_path / "huge"
-    with pytest.raises(RaysageError, match="lower --clients"):
-        simulate(build_config({"algorithm": "fedavg", "model": "resnet18", "clients": 1000,
+    with pytest.raises(RaysageError, match="is available; lower"):
+        simulate(build_config({"algorithm": "splitfed_v1", "model": "resnet18", "clients": 1000,
                                "samples_per_client": 2, "backend": "serial", "out": str(out)}),
                  announce=lambda _: None)
     assert not out.exists()

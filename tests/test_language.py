@@ -48,8 +48,7 @@ def test_bytes_of_a_tiny_config_equal_the_hand_computed_numbers():
 
 
 def test_only_adapters_travel_and_frozen_weights_stay_put(tmp_path):
-    from raysage.algorithms import ClientState
-    from raysage.engine.runtime import client_batch
+    from raysage.data import client_batch
 
     cfg = build_config(TINY_LM, {"clients": 2, "samples_per_client": 16, "batch_size": 8,
                                  "rounds": 2, "lora_rank": RANK, "algorithm": "fedavg",
@@ -58,8 +57,7 @@ def test_only_adapters_travel_and_frozen_weights_stay_put(tmp_path):
     algo, initial = world.algorithm, world.algorithm.init_global()
     assert all("lora" in name for part in initial.values() for name in part)
     # A client's local steps move its adapters and nothing else.
-    client = ClientState(0, 16)
-    algo.init_client(client)
+    client = algo.new_client(0, 16)
     algo.start_round(client, 0, initial)
     frozen = {n: p.detach().clone() for m in client.models.values()
               for n, p in m.named_parameters() if not p.requires_grad}

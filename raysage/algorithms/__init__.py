@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .base import Algorithm, ClientState, ModelSizes, ServerState
+from .base import Algorithm, ClientState, Keeps, ModelSizes, ServerState, Setup
 from .cse_fsl import CSEFSL
 from .fedavg import FedAvg
 from .fsl_an import FSLAN
@@ -27,5 +27,5 @@ def algorithm_class(name: str) -> type[Algorithm]:
                           + ", ".join(ALGORITHMS)) from None
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientState", "ModelSizes", "ServerState",
-           "algorithm_class"]
+__all__ = ["ALGORITHMS", "Algorithm", "ClientState", "Keeps", "ModelSizes", "ServerState",
+           "Setup", "algorithm_class"]

@@ -6,6 +6,13 @@ An algorithm says, in plain torch and without Ray:
   the bytes by kind and the FLOPs of each local iteration, and which
   iterations upload to the server and wait for its reply. The simulated
   clock and the dry run are derived from this alone.
+* **what a client is**: :meth:`build_client` makes a worker's working
+  models and optimizers (once, not per client), and :attr:`client_keeps`
+  names the part of them that persists per client between its rounds
+  (FSL-SAGE's own x_a,i, optimizer moments). The engine stores that part as
+  arrays, loads it into the working models when the client takes part, and
+  writes it back when its round ends; a client's first state comes from
+  :meth:`fresh_client_models`, seeded by its id.
 * **what a client does**: :meth:`start_round` (load the broadcast),
   :meth:`forward` (iteration k up to the cut layer; returns the upload, if
   the plan has one at k), :meth:`receive` (a server reply arrives),
@@ -13,11 +20,15 @@ An algorithm says, in plain torch and without Ray:
   uploads at the end, by name).
 * **what the server does**: :meth:`serve` (one upload, in simulated arrival
   order; returns the reply, if the plan has one), :meth:`end_server_round`.
+  Per-client server state lives in ``server.clients``, a store of arrays
+  like the clients' own.
 * **what is aggregated**: the names in :attr:`aggregated` are averaged by
   the engine with weights n_i / sum n_j, in client-id order, into the global
   state that is broadcast next round.
 
-The engine never branches on an algorithm's name.
+The engine never branches on an algorithm's name. The driver uses an
+algorithm only to plan and average, so nothing here imports torch before a
+tensor is needed (see :mod:`raysage.lazy`).
 """
 
 from __future__ import annotations
@@ -25,20 +36,28 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
 import numpy as np
-import torch
-import torch.nn as nn
 
-from ..config import Config
-from ..models import (SplitArchitecture, frozen_bytes, frozen_names, split_loss,
-                      transfer_bytes, transfer_state)
+from ..config import Config, build_config
+from ..errors import RaysageError
+from ..lazy import nn, torch
+from ..models import frozen_bytes, frozen_names, split_loss, transfer_bytes, transfer_state
 from ..netsim.cost import ModelCosts
 from ..netsim.planner import ClientRoundPlan
+from ..store import StateStore
+from ..streams import stream_seed
+
+if TYPE_CHECKING:
+    from ..models import SplitArchitecture
 
 State = dict[str, np.ndarray]          # a model's state dict as numpy arrays (zero-copy in Ray)
 LABEL_BYTES = 8                        # labels travel as int64
+
+__all__ = ["Algorithm", "ClientState", "Keeps", "ModelSizes", "ServerState", "Setup", "State",
+           "stream_seed"]
 
 
 @dataclass(frozen=True)
@@ -71,9 +90,44 @@ class ModelSizes:
             object.__setattr__(self, "grad_per_sample", self.smashed_per_sample)
 
 
+@dataclass(frozen=True)
+class Setup:
+    """Everything needed to rebuild an algorithm anywhere: driver, worker or server."""
+
+    config: dict[str, Any]
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    sizes: ModelSizes
+    costs: ModelCosts
+
+    def algorithm(self) -> "Algorithm":
+        from . import algorithm_class
+
+        return algorithm_class(self.config["algorithm"])(self)
+
+
+@dataclass(frozen=True)
+class Keeps:
+    """What of a client's working set outlives its round, by name.
+
+    ``models`` are kept whole (their state dicts, frozen weights aside);
+    ``optimizers`` keep their per-parameter state (Adam's moments and step
+    count, SGD's momentum). Anything not named is overwritten at the start of
+    every round, by the broadcast or a hand-over, and is never stored.
+    """
+
+    models: tuple[str, ...] = ()
+    optimizers: tuple[str, ...] = ()
+
+
 @dataclass
 class ClientState:
-    """One virtual client's persistent state, kept by the worker that hosts it."""
+    """The working set a worker runs one client's round in.
+
+    Its models and optimizers are built once and reused for client after
+    client; ``cid`` and the kept state say whose round it currently is.
+    """
 
     cid: int
     num_samples: int
@@ -90,7 +144,12 @@ class ClientState:
 class ServerState:
     models: dict[str, nn.Module] = field(default_factory=dict)
     optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
-    per_client: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # What the server keeps per client between rounds, as arrays (RAM budget, spill).
+    clients: StateStore = field(default_factory=lambda: StateStore(budget=0))
+    # Per-client objects alive during a round only (SplitFed v1's copies of x_s),
+    # and those put away after it, to be reused for other clients.
+    live: dict[int, dict[str, Any]] = field(default_factory=dict)
+    spare: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)     # this round's sums
 
     def log(self, name: str, value: float) -> None:
@@ -98,18 +157,6 @@ class ServerState:
 
 
 # ----------------------------------------------------------------- helpers
-
-def stream_seed(seed: int, *path: int | str) -> int:
-    """A 63-bit seed for the random stream named by (seed, *path).
-
-    Streams are named, not drawn in execution order, so results do not
-    depend on which worker runs what or in which order.
-    """
-    words = [seed] + [w if isinstance(w, int) else int.from_bytes(w.encode(), "little") % 2**32
-                      for w in path]
-    return int(np.random.SeedSequence(words).generate_state(2, dtype=np.uint32).view(np.uint64)[0]
-               >> np.uint64(1))
-
 
 @contextlib.contextmanager
 def seeded(seed: int, *path: int | str):
@@ -131,13 +178,59 @@ def to_state(module: nn.Module) -> State:
     return {k: v.detach().cpu().numpy().copy() for k, v in transfer_state(module).items()}
 
 
+class StateMismatch(RaysageError):
+    """Arrays (a checkpoint's, a client's) that do not fit the model they are loaded into."""
+
+
 def load_state(module: nn.Module, state: State) -> None:
-    missing, unexpected = module.load_state_dict(
-        {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(
+            {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
+    except RuntimeError as exc:  # shapes that differ
+        raise StateMismatch(f"state does not fit the model: {str(exc).splitlines()[-1].strip()}"
+                            ) from None
     absent = set(missing) - frozen_names(module)
     if unexpected or absent:
-        raise KeyError(f"state does not fit the model: missing {sorted(absent)}, "
-                       f"unexpected {sorted(unexpected)}")
+        raise StateMismatch(f"state does not fit the model: missing {sorted(absent)[:3]}, "
+                            f"unexpected {sorted(unexpected)[:3]}")
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> State:
+    """An optimizer's per-parameter state as arrays named '<parameter index>.<key>'."""
+    out = {}
+    for index, values in optimizer.state_dict()["state"].items():
+        for key, value in values.items():
+            if value is None:        # e.g. SGD's momentum buffer before its first step
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"optimizer state {key!r} is a {type(value).__name__}, "
+                                "not a tensor; raysage keeps tensors only")
+            out[f"{index}.{key}"] = value.detach().cpu().numpy().copy()
+    return out
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: State | None) -> None:
+    """Give an optimizer a client's state (or none: a client that never stepped).
+
+    ``load_state_dict`` moves each value to its parameter's device and dtype
+    the way torch itself restores a checkpoint, so state written on one
+    device continues on another.
+    """
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    groups = optimizer.state_dict()["param_groups"]
+    known = {i for g in groups for i in g["params"]}
+    for name, array in (state or {}).items():
+        index, _, key = name.partition(".")
+        if not index.isdigit() or int(index) not in known or not key:
+            raise StateMismatch(f"optimizer state {name!r} does not fit the optimizer")
+        per_param.setdefault(int(index), {})[key] = torch.from_numpy(np.array(array))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for index, values in per_param.items():
+        for key, value in values.items():
+            if value.dim() and value.shape != params[index].shape:
+                raise StateMismatch(f"optimizer state {index}.{key} has shape "
+                                    f"{tuple(value.shape)}, its parameter {tuple(params[index].shape)}")
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
 
 
 def state_nbytes(obj: Any, _seen: set[int] | None = None) -> int:
@@ -146,34 +239,36 @@ def state_nbytes(obj: Any, _seen: set[int] | None = None) -> int:
     if id(obj) in seen:
         return 0
     seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
     if isinstance(obj, np.ndarray):
         return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(state_nbytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_nbytes(v, seen) for v in obj)
+    if isinstance(obj, StateStore):
+        return obj.total_bytes
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
     if isinstance(obj, nn.Module):
         total = sum(state_nbytes(t, seen) for t in obj.state_dict(keep_vars=True).values())
         return total + sum(state_nbytes(p.grad, seen) for p in obj.parameters()
                            if p.grad is not None)
     if isinstance(obj, torch.optim.Optimizer):
         return sum(state_nbytes(v, seen) for st in obj.state.values() for v in st.values())
-    if isinstance(obj, dict):
-        return sum(state_nbytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(state_nbytes(v, seen) for v in obj)
     return 0
 
 
 def release_gradients(obj: Any) -> None:
     """Drop the gradients of every model in obj: between rounds they are dead weight,
     and a checkpoint does not keep them, so state is the same restored or not."""
-    if isinstance(obj, nn.Module):
-        obj.zero_grad(set_to_none=True)
-    elif isinstance(obj, dict):
+    if isinstance(obj, dict):
         for value in obj.values():
             release_gradients(value)
     elif isinstance(obj, (list, tuple)):
         for value in obj:
             release_gradients(value)
+    elif isinstance(obj, nn.Module):
+        obj.zero_grad(set_to_none=True)
 
 
 def make_optimizer(kind: str, params, lr: float, weight_decay: float,
@@ -194,21 +289,82 @@ def cross_entropy_grad(model: nn.Module, h: torch.Tensor, y: torch.Tensor,
     return loss, grad
 
 
+class WeightedAverage:
+    """FedAvg of whole states (parameters and buffers), added one client at a time.
+
+    Clients are added in id order so that the floating-point sum, and hence
+    the result, is the same whatever worker computed each state; only one
+    state needs to be in memory at a time. Sums run in float64 and are cast
+    back to each entry's dtype (integer buffers such as BatchNorm's
+    num_batches_tracked are rounded).
+    """
+
+    def __init__(self):
+        self.sums: dict[str, np.ndarray] | None = None
+        self.dtypes: dict[str, np.dtype] = {}
+
+    def add(self, weight: float, state: State) -> None:
+        if self.sums is None:
+            self.sums = {name: np.zeros(arr.shape, np.float64) for name, arr in state.items()}
+            self.dtypes = {name: arr.dtype for name, arr in state.items()}
+        for name, acc in self.sums.items():
+            acc += weight * state[name]
+
+    def result(self) -> State:
+        out = {}
+        for name, acc in self.sums.items():
+            dtype = self.dtypes[name]
+            out[name] = (np.rint(acc) if np.issubdtype(dtype, np.integer) else acc).astype(dtype)
+        return out
+
+
+def weighted_average(weighted_states: Iterable[tuple[float, State]]) -> State:
+    average = WeightedAverage()
+    for weight, state in weighted_states:
+        average.add(weight, state)
+    return average.result()
+
+
 # ------------------------------------------------------------- the contract
 
 class Algorithm:
     name: ClassVar[str]
     description: ClassVar[str]
     aggregated: ClassVar[tuple[str, ...]] = ()
+    # What of a client outlives its round (see Keeps); the engine stores it.
+    client_keeps: ClassVar[Keeps] = Keeps()
+    # False for algorithms whose server only averages (FedAvg): the driver
+    # averages, so no server process is started, and a worker evaluates.
+    has_server: ClassVar[bool] = True
     # Unshared client models (SGLR) are evaluated client by client, on a
     # seeded sample of clients, instead of as one global model.
     evaluate_on_clients: ClassVar[bool] = False
 
-    def __init__(self, cfg: Config, arch: SplitArchitecture, sizes: ModelSizes,
-                 costs: ModelCosts):
-        self.cfg, self.arch, self.sizes, self.costs = cfg, arch, sizes, costs
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        self.cfg = build_config(setup.config)
+        self.sizes, self.costs = setup.sizes, setup.costs
         # Set by the runtime hosting this instance (a GPU when it reserved one).
-        self.device = torch.device("cpu")
+        self.device: Any = "cpu"
+        self._eval_models: dict[str, nn.Module] = {}
+
+    @classmethod
+    def from_config(cls, cfg: Config, num_classes: int = 10) -> "Algorithm":
+        """An instance for a config, with sizes and costs counted here (tests, notebooks)."""
+        from ..models import architecture
+        from ..netsim.cost import measure_costs
+
+        arch = architecture(cfg, num_classes)
+        setup = Setup(cfg.to_dict(), num_classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+                      ModelSizes.of(arch), measure_costs(arch))
+        return cls(setup)
+
+    @cached_property
+    def arch(self) -> SplitArchitecture:
+        """The split model, built on first use (never on the driver)."""
+        from ..models import architecture
+
+        return architecture(self.cfg, self.setup.num_classes)
 
     def place(self, module: nn.Module) -> nn.Module:
         return module.to(self.device)
@@ -276,43 +432,61 @@ class Algorithm:
 
     def optimizer_copies(self, kind: str) -> int:
         """Model-sized tensors an optimizer keeps: Adam's two moments, SGD's momentum."""
-        if kind == "adam":
+        if kind in ("adam", "adamw"):
             return 2
         return 1 if self.cfg.momentum > 0 else 0
 
-    def estimated_server_bytes(self, num_clients: int) -> int:
-        """The server's state: x_s with its gradients and optimizer state. Algorithms
-        that keep per-client server state add it."""
+    def server_model_bytes(self, live_clients: int) -> int:
+        """The server's models with gradients and optimizer state, and whatever it holds
+        per client during a round (``live_clients`` take part at once)."""
         return self.sizes.server * (2 + self.optimizer_copies(self.cfg.server_optimizer))
 
+    def server_client_bytes(self) -> int:
+        """What the server keeps per client between rounds (at most)."""
+        return 0
+
     def plan_state(self) -> dict[str, Any]:
-        """What planning remembers between rounds, for checkpoints."""
+        """What planning remembers between rounds, for checkpoints (JSON-able)."""
         return {}
 
     def load_plan_state(self, state: dict[str, Any]) -> None:
         pass
 
-    def aggregate(self, rnd: int, results: list[tuple[int, int, dict[str, State]]],
-                  global_state: dict[str, State]) -> dict[str, State]:
+    def aggregate(self, rnd: int, results: Iterable[tuple[int, int, dict[str, State]]],
+                  total: int, global_state: dict[str, State]) -> dict[str, State]:
         """New global state from (cid, n_i, uploaded states), given in client-id order.
 
-        FedAvg of every name in ``aggregated`` with weights n_i / sum n_j.
+        FedAvg of every name in ``aggregated`` with weights n_i / total, where
+        total = sum n_j over the round's participants. ``results`` is consumed
+        once, one client at a time.
         """
-        if not results:  # everyone dropped: nothing to average
+        sums = {name: WeightedAverage() for name in self.aggregated}
+        for _, n, states in results:
+            for name, average in sums.items():
+                average.add(n / total, states[name])
+        if not total:  # everyone dropped: nothing to average
             return dict(global_state)
-        total = sum(n for _, n, _ in results)
-        new = dict(global_state)
-        for name in self.aggregated:
-            new[name] = weighted_average([(n / total, states[name]) for _, n, states in results])
-        return new
+        return dict(global_state) | {name: average.result() for name, average in sums.items()}
 
     # -- global state
     def init_global(self) -> dict[str, State]:
         raise NotImplementedError
 
     # -- client side
-    def init_client(self, client: ClientState) -> None:
+    def build_client(self, client: ClientState) -> None:
+        """Build the working models and optimizers a worker runs its clients in."""
         raise NotImplementedError
+
+    def fresh_client_models(self, cid: int) -> dict[str, nn.Module]:
+        """Kept models of a client that has never taken part, seeded by its id."""
+        return {}
+
+    def new_client(self, cid: int, num_samples: int) -> ClientState:
+        """A working set holding client cid's first state (tests and notebooks)."""
+        client = ClientState(cid, num_samples)
+        self.build_client(client)
+        load_kept(self, client, None)
+        return client
 
     def start_round(self, client: ClientState, rnd: int, global_state: dict[str, State]) -> None:
         raise NotImplementedError
@@ -347,13 +521,21 @@ class Algorithm:
         """Server work after aggregation, e.g. averaging server-side copies with the
         participants' weights n_i / sum n_j (given in client-id order)."""
 
+    def server_state_bytes(self, server: ServerState) -> int:
+        """Bytes a real server holds: models, optimizer state and per-client state."""
+        return state_nbytes([server.models, server.optimizers, server.clients])
+
     def eval_model(self, server: ServerState, global_state: dict[str, State]) -> nn.Module:
         """The model whose test accuracy is reported: the global x_c below the server's x_s."""
-        lower = server.models.get("eval_client")
-        if lower is None:
-            lower = server.models["eval_client"] = self.place(self.arch.make_client())
+        lower = self._eval_part("client", self.arch.make_client)
         load_state(lower, global_state["client"])
         return nn.Sequential(lower, server.models["server"])
+
+    def _eval_part(self, name: str, build) -> nn.Module:
+        """A model kept for evaluation only (never part of the simulated state)."""
+        if name not in self._eval_models:
+            self._eval_models[name] = self.place(build())
+        return self._eval_models[name]
 
     # -- per-client evaluation (evaluate_on_clients)
     def eval_export(self, server: ServerState) -> dict[str, State]:
@@ -364,21 +546,36 @@ class Algorithm:
         raise NotImplementedError
 
 
-def weighted_average(weighted_states: list[tuple[float, State]]) -> State:
-    """FedAvg of whole states (parameters and buffers), summed in the order given.
+# ------------------------------------------------------------- kept state
 
-    The caller passes clients in id order so that the floating-point sum, and
-    hence the result, is the same whatever worker computed each state.
-    Sums run in float64 and are cast back to each entry's dtype (integer
-    buffers such as BatchNorm's num_batches_tracked are rounded).
-    """
-    first = weighted_states[0][1]
-    sums = {name: np.zeros(arr.shape, np.float64) for name, arr in first.items()}
-    for weight, state in weighted_states:
-        for name, acc in sums.items():
-            acc += weight * state[name]
-    out = {}
-    for name, acc in sums.items():
-        dtype = first[name].dtype
-        out[name] = (np.rint(acc) if np.issubdtype(dtype, np.integer) else acc).astype(dtype)
+def save_kept(algo: Algorithm, client: ClientState) -> State:
+    """The client's kept state (see Keeps) as one flat mapping of arrays."""
+    keeps = algo.client_keeps
+    out: State = {}
+    for name in keeps.models:
+        out.update({f"model.{name}.{k}": v for k, v in to_state(client.models[name]).items()})
+    for name in keeps.optimizers:
+        out.update({f"optimizer.{name}.{k}": v
+                    for k, v in optimizer_state(client.optimizers[name]).items()})
     return out
+
+
+def load_kept(algo: Algorithm, client: ClientState, state: State | None) -> None:
+    """Load a client's kept state into the working set; None: its first round."""
+    keeps = algo.client_keeps
+    if state is None:
+        fresh = algo.fresh_client_models(client.cid)
+        for name in keeps.models:
+            client.models[name].load_state_dict(fresh[name].state_dict())
+        for name in keeps.optimizers:
+            load_optimizer_state(client.optimizers[name], None)
+        return
+    for name in keeps.models:
+        prefix = f"model.{name}."
+        load_state(client.models[name], {k[len(prefix):]: v for k, v in state.items()
+                                         if k.startswith(prefix)})
+    for name in keeps.optimizers:
+        prefix = f"optimizer.{name}."
+        load_optimizer_state(client.optimizers[name],
+                             {k[len(prefix):]: v for k, v in state.items()
+                              if k.startswith(prefix)})

@@ -27,8 +27,14 @@ class CSEFSL(FSLAN):
     def server_model(self, server, rnd, cid):
         return server.models["server"], server.optimizers["server"]
 
-    def estimated_server_bytes(self, num_clients):
-        return Algorithm.estimated_server_bytes(self, num_clients)
+    def server_model_bytes(self, live_clients):
+        return Algorithm.server_model_bytes(self, live_clients)
+
+    def server_client_bytes(self):
+        return 0
+
+    def server_state_bytes(self, server):
+        return Algorithm.server_state_bytes(self, server)
 
     def end_server_round(self, server, rnd, global_state, weights):
         """One shared server model: nothing to average."""

@@ -13,17 +13,19 @@ Bytes per round: 2 |x_c + x_s| per participant.
 
 from __future__ import annotations
 
-import torch.nn as nn
-
+from ..lazy import nn
 from ..models import split_loss
 from ..netsim.planner import ClientRoundPlan
-from .base import Algorithm, ClientState, ServerState, load_state, to_state
+from .base import Algorithm, ClientState, Keeps, ServerState, load_state, to_state
 
 
 class FedAvg(Algorithm):
     name = "fedavg"
     description = "each client trains the whole model locally; the server averages (McMahan 2017)"
     aggregated = ("client", "server")
+    # The whole model comes with every broadcast; only the optimizer's state is the client's.
+    client_keeps = Keeps(optimizers=("full",))
+    has_server = False
 
     def plan_client_round(self, rnd, cid, batch_sizes):
         whole = self.sizes.client + self.sizes.server
@@ -41,7 +43,7 @@ class FedAvg(Algorithm):
                 "server": to_state(self.initial_server_model())}
 
     # -- client
-    def init_client(self, client: ClientState) -> None:
+    def build_client(self, client: ClientState) -> None:
         model = self.place(nn.Sequential(self.arch.make_client(), self.arch.make_server()))
         client.models["full"] = model
         client.optimizers["full"] = self.client_optimizer(model)
@@ -68,12 +70,12 @@ class FedAvg(Algorithm):
         lower, upper = client.models["full"]
         return {"client": to_state(lower), "server": to_state(upper)}
 
-    # -- server: only evaluates the average
+    # -- the server only averages, which the engine does; evaluation needs the average
+    def server_model_bytes(self, live_clients):
+        return 0
+
     def eval_model(self, server: ServerState, global_state):
-        model = server.models.get("eval")
-        if model is None:
-            model = server.models["eval"] = self.place(
-                nn.Sequential(self.arch.make_client(), self.arch.make_server()))
+        model = self._eval_part("full", self.arch.make_full)
         load_state(model[0], global_state["client"])
         load_state(model[1], global_state["server"])
         return model

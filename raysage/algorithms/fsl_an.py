@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from ..models import split_loss
 from ..netsim.planner import ClientRoundPlan, Exchange
-from .base import Algorithm, ServerState, load_state, to_state
-from .splitfed_v1 import average_server_copies, server_copy
+from .base import Algorithm, Keeps, ServerState, load_state, to_state
+from .splitfed_v1 import average_server_copies, copies_state_bytes, server_copy
 
 GLOBAL_AUX = "shared"  # names the random stream of the shared initial x_a
 
@@ -22,6 +22,8 @@ class FSLAN(Algorithm):
     name = "fsl_an"
     description = "clients train on a local auxiliary loss and upload smashed data every step (Han 2021)"
     aggregated = ("client", "aux")
+    # x_c and x_a come with every broadcast; their optimizers' state is the client's.
+    client_keeps = Keeps(optimizers=("client", "aux"))
 
     def uploads_at(self, k: int) -> bool:
         return True
@@ -47,7 +49,7 @@ class FSLAN(Algorithm):
                 "aux": to_state(self.initial_aux_model(GLOBAL_AUX))}
 
     # -------------------------------------------------------------- client
-    def init_client(self, client):
+    def build_client(self, client):
         x_c, x_a = self.place(self.arch.make_client()), self.place(self.arch.make_aux())
         client.models.update(client=x_c, aux=x_a)
         client.optimizers.update(client=self.client_optimizer(x_c), aux=self.aux_optimizer(x_a))
@@ -85,8 +87,14 @@ class FSLAN(Algorithm):
     def server_model(self, server: ServerState, rnd: int, cid: int):
         return server_copy(self, server, rnd, cid)
 
-    def estimated_server_bytes(self, num_clients):
-        return self.sizes.server + num_clients * super().estimated_server_bytes(num_clients)
+    def server_model_bytes(self, live_clients):
+        return self.sizes.server + live_clients * super().server_model_bytes(live_clients)
+
+    def server_client_bytes(self):
+        return self.sizes.server * self.optimizer_copies(self.cfg.server_optimizer)
+
+    def server_state_bytes(self, server):
+        return copies_state_bytes(self, server)
 
     def serve(self, server, rnd, cid, k, upload):
         x_s, optimizer = self.server_model(server, rnd, cid)

@@ -43,13 +43,12 @@ instead of one after another in the server process.
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn as nn
 
+from ..lazy import nn, torch
 from ..models import split_loss
 from ..netsim.planner import ClientRoundPlan, Exchange
-from .base import (Algorithm, ClientState, ServerState, cross_entropy_grad,
-                   load_state, stream_seed, to_state)
+from .base import (Algorithm, ClientState, Keeps, ServerState, cross_entropy_grad, load_state,
+                   stream_seed, to_state)
 
 
 class FSLSage(Algorithm):
@@ -57,6 +56,8 @@ class FSLSage(Algorithm):
     description = ("clients train on auxiliary-model gradient estimates; the server "
                    "periodically aligns them (Nair et al. ICML 2025)")
     aggregated = ("client",)
+    # x_a,i is the client's own and never averaged; x_c comes with every broadcast.
+    client_keeps = Keeps(models=("aux",), optimizers=("client",))
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -109,26 +110,30 @@ class FSLSage(Algorithm):
             self._buffered[cid] = self._uploads_this_round[cid]
         self._uploads_this_round = {}
 
-    def estimated_server_bytes(self, num_clients):
-        buffers = num_clients * self.cfg.align_buffer * (self.sizes.smashed_per_sample
-                                                        + self.sizes.labels_per_sample)
-        return super().estimated_server_bytes(num_clients) + buffers
+    def server_client_bytes(self):
+        """Client i's alignment buffer: up to align_buffer smashed samples and labels."""
+        return self.cfg.align_buffer * (self.sizes.smashed_per_sample
+                                        + self.sizes.labels_per_sample)
 
     def plan_state(self):
         return {"buffered": dict(self._buffered)}
 
     def load_plan_state(self, state):
-        self._buffered = dict(state["buffered"])
+        # Keys come back from JSON as strings.
+        self._buffered = {int(cid): n for cid, n in state["buffered"].items()}
 
     def init_global(self):
         return {"client": to_state(self.initial_client_model())}
 
     # -------------------------------------------------------------- client
-    def init_client(self, client: ClientState) -> None:
+    def build_client(self, client: ClientState) -> None:
         x_c = self.place(self.arch.make_client())
         client.models["client"] = x_c
-        client.models["aux"] = self.place(self.initial_aux_model(client.cid))
+        client.models["aux"] = self.place(self.arch.make_aux())
         client.optimizers["client"] = self.client_optimizer(x_c)
+
+    def fresh_client_models(self, cid):
+        return {"aux": self.initial_aux_model(cid)}
 
     def start_round(self, client, rnd, global_state):
         load_state(client.models["client"], global_state["client"])
@@ -165,21 +170,19 @@ class FSLSage(Algorithm):
         x_s = self.place(self.initial_server_model())
         return ServerState(models={"server": x_s}, optimizers={"server": self.server_optimizer(x_s)})
 
-    def _buffer(self, server: ServerState, cid: int, upload: dict) -> dict:
-        # Empty arrays shaped like an upload: targets are (N,) labels or (N, T) tokens.
-        return server.per_client.setdefault(cid, {
-            name: np.zeros((0,) + upload[name].shape[1:], upload[name].dtype)
-            for name in ("smashed", "y")})
-
     def serve(self, server, rnd, cid, k, upload):
         x_s = server.models["server"]
         self.server_step(server, x_s, server.optimizers["server"], self.tensor(upload["smashed"]),
                          self.tensor(upload["y"]))
 
-        buffer = self._buffer(server, cid, upload)
+        # Client i's buffer: its last align_buffer uploaded samples. Targets are
+        # (N,) labels or (N, T) tokens.
         keep = self.cfg.align_buffer
-        buffer["smashed"] = np.concatenate([buffer["smashed"], upload["smashed"]])[-keep:]
-        buffer["y"] = np.concatenate([buffer["y"], upload["y"]])[-keep:]
+        old = server.clients.get(cid)
+        buffer = {name: np.array(upload[name][-keep:]) if old is None
+                  else np.concatenate([old[name], upload[name]])[-keep:]
+                  for name in ("smashed", "y")}
+        server.clients.put(cid, buffer)
         if not self.aligns_at(rnd, k):
             return None
         # The targets must see x_s as it stands now; the aux training that

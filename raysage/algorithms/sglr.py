@@ -23,11 +23,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-import torch
-import torch.nn as nn
 
+from ..lazy import nn, torch
 from ..models import split_loss
-from .base import ServerState, load_state, make_optimizer, stream_seed
+from .base import Keeps, ServerState, load_state, make_optimizer, stream_seed
 from .splitfed_v2 import SplitFedV2
 
 
@@ -36,6 +35,8 @@ class SGLR(SplitFedV2):
     description = "parallel split learning, server-side gradient averaging, split learning rates (Pal 2021)"
     aggregated = ()
     evaluate_on_clients = True
+    # No FedAvg: each client's x_c is its own, and so is its optimizer's state.
+    client_keeps = Keeps(models=("client",), optimizers=("client",))
 
     @property
     def participants_per_round(self) -> int:
@@ -56,10 +57,13 @@ class SGLR(SplitFedV2):
         return {}
 
     # -------------------------------------------------------------- client
-    def init_client(self, client):
-        x_c = self.place(self.initial_client_model())   # every client starts from one x_c
+    def build_client(self, client):
+        x_c = self.place(self.arch.make_client())
         client.models["client"] = x_c
         client.optimizers["client"] = self.client_optimizer(x_c)
+
+    def fresh_client_models(self, cid):
+        return {"client": self.initial_client_model()}   # every client starts from one x_c
 
     def start_round(self, client, rnd, global_state):
         """Client models are never shared: nothing to load."""
@@ -109,8 +113,6 @@ class SGLR(SplitFedV2):
 
     # ---------------------------------------------------------- evaluation
     def client_eval_model(self, client, export):
-        upper = getattr(self, "_eval_server", None)
-        if upper is None:
-            upper = self._eval_server = self.place(self.arch.make_server())
+        upper = self._eval_part("server", self.arch.make_server)
         load_state(upper, export["server"])
         return nn.Sequential(client.models["client"], upper)

@@ -39,7 +39,10 @@ class SplitLearning(SplitFedV2):
             previous = cid
         return plans
 
-    def aggregate(self, rnd, results, global_state):
+    def aggregate(self, rnd, results, total, global_state):
         """No averaging: the global x_c is the one the last client of the turn holds."""
+        results = list(results)
+        if not results:  # everyone dropped: x_c stays where it was
+            return dict(global_state)
         last = self.order(rnd, [cid for cid, _, _ in results])[-1]
         return {"client": next(states for cid, _, states in results if cid == last)["client"]}

@@ -13,13 +13,15 @@ Bytes per batch: s_h B up (plus labels), s_h B down; per round 2 |x_c|.
 from __future__ import annotations
 
 from ..netsim.planner import ClientRoundPlan, Exchange
-from .base import Algorithm, ServerState, load_state, to_state
+from .base import Algorithm, Keeps, ServerState, load_state, to_state
 
 
 class SplitFedV2(Algorithm):
     name = "splitfed_v2"
     description = "parallel split learning, one server model stepped in arrival order (Thapa 2022)"
     aggregated = ("client",)
+    # x_c comes with every broadcast; its optimizer's state is the client's own.
+    client_keeps = Keeps(optimizers=("client",))
 
     # ------------------------------------------------------------ schedule
     def exchange(self, k: int, b: int) -> Exchange:
@@ -46,7 +48,7 @@ class SplitFedV2(Algorithm):
         return {"client": to_state(self.initial_client_model())}
 
     # -------------------------------------------------------------- client
-    def init_client(self, client):
+    def build_client(self, client):
         x_c = self.place(self.arch.make_client())
         client.models["client"] = x_c
         client.optimizers["client"] = self.client_optimizer(x_c)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import pickle
+import sys
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -39,12 +40,16 @@ _DATA_DIR_HINT = (
 
 @dataclass(frozen=True)
 class ArrayDataset:
-    """A train/test split of 32x32 RGB images held in memory."""
+    """A train/test split of 32x32 RGB images (or token sequences, for the language task).
+
+    Images are indexed by arrays of indices, ``x_train[idx]``; they are numpy
+    arrays in memory, or :class:`SyntheticImages` made when indexed.
+    """
 
     name: str
-    x_train: np.ndarray  # uint8, (N, 32, 32, 3), HWC RGB
+    x_train: np.ndarray | SyntheticImages  # uint8, (N, 32, 32, 3), HWC RGB
     y_train: np.ndarray  # int64, (N,)
-    x_test: np.ndarray  # uint8, (M, 32, 32, 3)
+    x_test: np.ndarray | SyntheticImages  # uint8, (M, 32, 32, 3)
     y_test: np.ndarray  # int64, (M,)
     num_classes: int
     mean: tuple[float, float, float]  # per channel, in [0, 1] pixel units
@@ -76,9 +81,6 @@ class _SynthSpec:
 
 
 _SYNTH = _SynthSpec()
-# Samples are built in chunks so the float temporaries stay in CPU cache;
-# the chunk size is fixed because the noise stream depends on it.
-_SYNTH_CHUNK = 512
 
 
 def _synthetic_templates(seed: int, spec: _SynthSpec = _SYNTH) -> np.ndarray:
@@ -117,39 +119,113 @@ def _all_shifts(templates: np.ndarray) -> np.ndarray:
     return windows[:, :32, :32].transpose(0, 1, 2, 4, 5, 3)
 
 
-def _synthetic_split(
-    templates: np.ndarray, n: int, rng: np.random.Generator, spec: _SynthSpec = _SYNTH
-) -> tuple[np.ndarray, np.ndarray]:
-    k = spec.templates_per_class
-    shifted = _all_shifts(templates)
-    # Balanced labels: round-robin, then shuffled.
-    labels = rng.permutation(np.arange(n) % spec.classes)
-    other_cls = (labels + rng.integers(1, spec.classes, size=n)) % spec.classes  # never the own class
-    own = labels * k + rng.integers(0, k, size=n)
-    other = other_cls * k + rng.integers(0, k, size=n)
-    dy, dx = rng.integers(-spec.max_shift, spec.max_shift + 1, size=(2, n)) % 32
-    mix = rng.uniform(0.0, spec.max_mix, size=n)
-    contrast = rng.uniform(*spec.contrast, size=n)
-    brightness = rng.uniform(*spec.brightness, size=n)
-    # pixel = 255 * (contrast * ((1-mix)*own + mix*other - 0.5) + 0.5 + brightness)
-    # with own/other in [0, 1]; the templates hold 255*own, so per sample this
-    # is one affine map a*own + b*other + c (the +0.5 rounds on the uint8 cast).
-    a = (contrast * (1 - mix)).astype(np.float32)[:, None, None, None]
-    b = (contrast * mix).astype(np.float32)[:, None, None, None]
-    c = (255 * (0.5 + brightness - 0.5 * contrast) + 0.5).astype(np.float32)[:, None, None, None]
-    noise_scale = np.float32(spec.noise_scale)
+class SyntheticImages:
+    """The synthetic images of one split, generated when indexed.
 
-    pixels = np.empty((n, 32, 32, 3), dtype=np.uint8)
-    for lo in range(0, n, _SYNTH_CHUNK):
-        part = slice(lo, min(lo + _SYNTH_CHUNK, n))
-        img = shifted[own[part], dy[part], dx[part]] * a[part]
-        img += shifted[other[part], dy[part], dx[part]] * b[part]
-        img += c[part]
-        noise = np.frombuffer(rng.bytes(img.size), dtype=np.int8).reshape(img.shape)
-        img += noise * noise_scale
+    ``images[idx]`` (an index array or a slice) returns uint8 (len, 32, 32, 3)
+    exactly as if every image had been drawn up front, but only the images
+    asked for are made. Per image the object keeps its template indices,
+    shift and affine coefficients (about 20 bytes instead of 3,072), so a
+    million-image split costs tens of MB and a client's batch is generated
+    where it is trained.
+
+    The draws follow one seeded stream: every per-image parameter first, then
+    the pixel noise as raw bytes, image after image. Image j's noise is
+    therefore a fixed stretch of that byte stream, which PCG64 reaches by
+    jumping ahead (``advance``) without drawing what comes before it.
+    """
+
+    NOISE_WORDS = _PIXELS // 8      # 64-bit PCG outputs of noise per image
+
+    def __init__(self, templates: np.ndarray, n: int, rng: np.random.Generator,
+                 spec: _SynthSpec = _SYNTH):
+        k = spec.templates_per_class
+        # Balanced labels: round-robin, then shuffled.
+        labels = rng.permutation(np.arange(n) % spec.classes)
+        other_cls = (labels + rng.integers(1, spec.classes, size=n)) % spec.classes  # never the own class
+        own = labels * k + rng.integers(0, k, size=n)
+        other = other_cls * k + rng.integers(0, k, size=n)
+        dy, dx = rng.integers(-spec.max_shift, spec.max_shift + 1, size=(2, n)) % 32
+        mix = rng.uniform(0.0, spec.max_mix, size=n)
+        contrast = rng.uniform(*spec.contrast, size=n)
+        brightness = rng.uniform(*spec.brightness, size=n)
+        # pixel = 255 * (contrast * ((1-mix)*own + mix*other - 0.5) + 0.5 + brightness)
+        # with own/other in [0, 1]; the templates hold 255*own, so per sample this
+        # is one affine map a*own + b*other + c (the +0.5 rounds on the uint8 cast).
+        self.a = (contrast * (1 - mix)).astype(np.float32)
+        self.b = (contrast * mix).astype(np.float32)
+        self.c = (255 * (0.5 + brightness - 0.5 * contrast) + 0.5).astype(np.float32)
+        self.own, self.other = own.astype(np.int16), other.astype(np.int16)
+        self.dy, self.dx = dy.astype(np.uint8), dx.astype(np.uint8)
+        self.labels = labels.astype(np.int64)
+        self.templates = templates
+        self.noise_scale = np.float32(spec.noise_scale)
+        # Where the noise bytes begin: the stream's state after the parameters,
+        # including the half of a 64-bit output a 32-bit draw may have left.
+        self.noise_start = rng.bit_generator.state
+        assert sys.byteorder == "little", "noise words are read as little-endian bytes"
+        self._shifted = self._bits = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), 32, 32, 3)
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this object holds (not the images it stands for)."""
+        return (sum(a.nbytes for a in (self.a, self.b, self.c, self.own, self.other, self.dy,
+                                      self.dx, self.labels)) + self.templates.nbytes)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_shifted"] = state["_bits"] = None     # rebuilt where they are used
+        return state
+
+    def _noise(self, j: int) -> np.ndarray:
+        """Image j's noise bytes, read off the stream without drawing what precedes them."""
+        if self._bits is None:
+            # One generator, repositioned per image: making a fresh one per image
+            # would cost more than the jump (it gathers OS entropy first).
+            self._bits = np.random.PCG64(0)
+            self._start = {**self.noise_start, "has_uint32": 0, "uinteger": 0}
+        bits, words = self._bits, self.NOISE_WORDS
+        bits.state = self._start
+        # Bytes are drawn as 32-bit words, two per 64-bit output, low half first.
+        if not self.noise_start["has_uint32"]:
+            bits.advance(words * j)
+            return bits.random_raw(words).view(np.int8)
+        # The first word of the stream is a half left over from the parameters;
+        # image j then starts at the high half of output words * j - 1.
+        if j == 0:
+            first = np.array([self.noise_start["uinteger"]], np.uint32)
+            rest = bits.random_raw(words).view(np.uint32)[:2 * words - 1]
+            return np.concatenate([first, rest]).view(np.int8)
+        bits.advance(words * j - 1)
+        return bits.random_raw(words + 1).view(np.uint32)[1:2 * words + 1].view(np.int8)
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, slice):
+            index = np.arange(len(self))[index]
+        idx = np.asarray(index)
+        if idx.ndim != 1:
+            raise IndexError("synthetic images are indexed by a 1-d array of indices or a slice")
+        if self._shifted is None:
+            self._shifted = _all_shifts(self.templates)
+        shifted = self._shifted
+        img = shifted[self.own[idx], self.dy[idx], self.dx[idx]] * self.a[idx, None, None, None]
+        img += shifted[self.other[idx], self.dy[idx], self.dx[idx]] * self.b[idx, None, None, None]
+        img += self.c[idx, None, None, None]
+        noise = np.stack([self._noise(int(j)) for j in idx]) if len(idx) else \
+            np.zeros((0, _PIXELS), np.int8)
+        img += noise.reshape(img.shape) * self.noise_scale
         np.clip(img, 0, 255, out=img)
-        pixels[part] = img  # truncating cast; c already holds the +0.5
-    return pixels, labels.astype(np.int64)
+        return img.astype(np.uint8)  # truncating cast; c already holds the +0.5
 
 
 def _load_synthetic(data_dir: str | None, num_train: int | None, num_test: int | None, seed: int) -> ArrayDataset:
@@ -157,9 +233,10 @@ def _load_synthetic(data_dir: str | None, num_train: int | None, num_test: int |
     num_train = 10_000 if num_train is None else num_train
     num_test = 1_000 if num_test is None else num_test
     templates = _synthetic_templates(seed)
-    x_train, y_train = _synthetic_split(templates, num_train, np.random.default_rng(np.random.SeedSequence([seed, 0])))
-    x_test, y_test = _synthetic_split(templates, num_test, np.random.default_rng(np.random.SeedSequence([seed, 1])))
-    return ArrayDataset("synthetic", x_train, y_train, x_test, y_test, _SYNTH.classes, IMAGENET_MEAN, IMAGENET_STD)
+    train = SyntheticImages(templates, num_train, np.random.default_rng(np.random.SeedSequence([seed, 0])))
+    test = SyntheticImages(templates, num_test, np.random.default_rng(np.random.SeedSequence([seed, 1])))
+    return ArrayDataset("synthetic", train, train.labels, test, test.labels, _SYNTH.classes,
+                        IMAGENET_MEAN, IMAGENET_STD)
 
 
 # --------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
+
+from raysage.lazy import torch
 
 
 def _to_chw_uint8(x: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -85,8 +85,10 @@ class RayBackend:
                                        f"{str(exc).splitlines()[0]}; check --address / "
                                        "RAY_ADDRESS") from None
             else:
-                # Keep Ray quiet and light on a laptop: no dashboard, warnings only.
-                ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+                # Keep Ray quiet and light on a laptop: warnings only, and the
+                # dashboard's web UI (and its memory) only when asked for.
+                ray.init(include_dashboard=cfg.dashboard, logging_level="WARNING",
+                         log_to_driver=True)
             self.started_here = True
         resources = ray.cluster_resources()
         self.cpus = float(resources.get("CPU", 0))

@@ -4,12 +4,18 @@ Per round: sample participants (seeded by round), plan the round on the
 simulated clock, put the global state in the object store once, execute
 the plan's actions in causal order, average what the algorithm aggregates
 in client-id order, let the server finish the round, evaluate, write.
+
+The driver never imports torch and never holds more than one client's
+upload at a time: uploads are averaged as they are fetched, and client state
+stays in the workers (checkpoints included).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,158 +23,24 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-
-from ..algorithms import ClientState, ModelSizes, algorithm_class
 import pyarrow.fs as pafs
 
-from ..algorithms.base import Algorithm, State, state_nbytes, stream_seed
-from ..config import LANGUAGE_DATASETS, Config, build_config
-from ..data import ArrayDataset, load_dataset, partition
+from ..algorithms.base import State
+from ..config import Config, build_config
 from ..errors import ConfigError, RaysageError
-from ..netsim.cost import measure_costs
 from ..netsim.planner import RoundSchedule, Segment
-from ..netsim.policy import available_clients, plan_with_policy, selection_size
-from ..netsim.profiles import DeviceProfile, client_profiles
 from ..results import RunFolder, RunWriter
 from .backend import ActorFailure, make_backend
-from .runtime import (ClientRuntime, ServerRuntime, Setup, architecture, batch_sizes,
-                      process_memory)
+from .checkpoint import (Manifest, Progress, read_manifest, read_progress,
+                         remove_unlisted_state, write_checkpoint)
+from .memory import GIB, check_memory, describe, estimate
+from .rows import BYTE_KINDS, plan_rows, round_rows
+from .runtime import ClientResult, ClientRuntime, ServerRuntime, process_memory
+from .world import World, build_world
 
-# Byte kinds in a fixed order so every row has every column.
-BYTE_KINDS = ("smashed_up", "labels_up", "grad_down", "client_model_up", "client_model_down",
-              "aux_up", "aux_down", "server_model")
-SYNTHETIC_SAMPLES_PER_CLIENT = 100
-SYNTHETIC_TEST_SAMPLES = 1000
-GIB = 2**30
-
-
-@dataclass
-class World:
-    """Everything about a simulation that exists before anything runs."""
-
-    cfg: Config
-    data: ArrayDataset
-    client_indices: list[np.ndarray]
-    algorithm: Algorithm
-    setup: Setup
-    profiles: list[DeviceProfile]
-
-    def eval_clients(self, rnd: int) -> list[int]:
-        """Clients whose own models are evaluated: all, or a seeded sample when many."""
-        m, sample = self.cfg.clients, self.cfg.eval_clients
-        if m <= sample:
-            return list(range(m))
-        rng = np.random.default_rng(stream_seed(self.cfg.seed, "eval-clients", rnd))
-        return sorted(int(c) for c in rng.choice(m, size=sample, replace=False))
-
-    def target_participants(self) -> int:
-        return max(1, round(self.cfg.participation * self.cfg.clients))
-
-    def participants(self, rnd: int) -> list[int]:
-        """Selected clients: a seeded sample of the reachable ones (more under over-selection)."""
-        cfg = self.cfg
-        available = available_clients(
-            self.profiles, np.random.default_rng(stream_seed(cfg.seed, "available", rnd)))
-        count = selection_size(self.target_participants(), cfg.round_policy, cfg.over_selection,
-                               cfg.clients)
-        if count >= len(available):
-            return available
-        rng = np.random.default_rng(stream_seed(cfg.seed, "participants", rnd))
-        return sorted(available[i] for i in rng.choice(len(available), size=count, replace=False))
-
-    def plan(self, rnd: int, start: float) -> RoundSchedule:
-        cfg, algo = self.cfg, self.algorithm
-
-        def make_plans(cids: list[int]):
-            return algo.plan_round(rnd, {c: batch_sizes(len(self.client_indices[c]), cfg)
-                                         for c in cids})
-
-        selected = self.participants(rnd)
-        schedule = plan_with_policy(
-            make_plans, selected, {c: self.profiles[c] for c in selected}, cfg.server_flops,
-            start, policy=cfg.round_policy, deadline=cfg.deadline,
-            keep=self.target_participants(), dropout=cfg.dropout,
-            rng=np.random.default_rng(stream_seed(cfg.seed, "drops", rnd)))
-        algo.commit_round(rnd, sorted(schedule.clients))
-        return schedule
-
-
-def load_language_data(cfg: Config) -> tuple[ArrayDataset, int | None]:
-    from ..data.e2e import (SYNTHETIC_TEST, SYNTHETIC_TRAIN_PER_CLIENT, load_language_dataset,
-                            make_tokenizer)
-
-    synthetic = cfg.dataset == "e2e_synthetic"
-    per_client = cfg.samples_per_client or (SYNTHETIC_TRAIN_PER_CLIENT if synthetic else None)
-    tokenizer = make_tokenizer(cfg.tokenizer, cfg.tokenizer_dir or cfg.weights_dir)
-    data = load_language_dataset(
-        cfg.dataset, cfg.data_dir, tokenizer, cfg.seq_len,
-        num_train=per_client * cfg.clients if per_client else None,
-        num_test=cfg.test_samples or (SYNTHETIC_TEST if synthetic else None), seed=cfg.seed,
-        max_slots=cfg.e2e_max_slots)
-    return data, per_client
-
-
-def build_world(cfg: Config) -> World:
-    """Load data, partition it and build the algorithm; every input error surfaces here."""
-    if cfg.dataset in LANGUAGE_DATASETS:
-        data, per_client = load_language_data(cfg)
-    else:
-        synthetic = cfg.dataset == "synthetic"
-        per_client = cfg.samples_per_client or (SYNTHETIC_SAMPLES_PER_CLIENT if synthetic
-                                                else None)
-        data = load_dataset(
-            cfg.dataset, cfg.data_dir,
-            num_train=per_client * cfg.clients if synthetic else None,
-            num_test=cfg.test_samples or (SYNTHETIC_TEST_SAMPLES if synthetic else None),
-            seed=cfg.seed)
-    # Sequences have no class label; they are split iid, which only needs their count.
-    labels = data.y_train if data.y_train.ndim == 1 else np.zeros(len(data.y_train), np.int64)
-    indices = partition(labels, cfg.clients, cfg.partition, alpha=cfg.alpha,
-                        shards_per_client=cfg.shards_per_client, samples_per_client=per_client,
-                        seed=cfg.seed)
-    arch = architecture(cfg, data.num_classes)
-    sizes, costs = ModelSizes.of(arch), measure_costs(arch)
-    setup = Setup(cfg.to_dict(), data.num_classes, tuple(data.mean), tuple(data.std), sizes, costs)
-    algorithm = algorithm_class(cfg.algorithm)(cfg, arch, sizes, costs)
-    profiles = client_profiles(cfg.profile, cfg.clients, cfg.seed, trace=cfg.profile_trace,
-                               stragglers=cfg.stragglers, straggler_param=cfg.straggler_param,
-                               availability=cfg.availability)
-    return World(cfg, data, indices, algorithm, setup, profiles)
-
-
-# Unique memory of one Python process with torch and Ray's core worker
-# imported, measured on this project's workers (USS about 0.45 GB).
-PROCESS_BYTES = 450 * 2**20
-
-
-def estimate_memory(world: World, n_workers: int) -> dict[str, int]:
-    """Bytes the run will hold: per worker (its clients' models and optimizer state),
-    the server (its models, optimizer state, per-client copies and buffers), and
-    the dataset, held once in the object store."""
-    algo, cfg = world.algorithm, world.cfg
-    probe = ClientState(0, 0)
-    algo.init_client(probe)
-    per_client = sum(state_nbytes(m) * (1 + algo.optimizer_copies(
-        cfg.aux_optimizer if name == "aux" else cfg.client_optimizer))
-        for name, m in probe.models.items())
-    clients_per_worker = math.ceil(cfg.clients / n_workers)
-    data = world.data
-    return {
-        "worker": PROCESS_BYTES + clients_per_worker * per_client,
-        "server": PROCESS_BYTES + algo.estimated_server_bytes(cfg.clients),
-        "dataset": data.x_train.nbytes + data.y_train.nbytes + data.x_test.nbytes,
-    }
-
-
-def check_memory(world: World, n_workers: int, available: float) -> None:
-    need = estimate_memory(world, n_workers)
-    total = n_workers * need["worker"] + need["server"] + need["dataset"]
-    if total > available:
-        raise RaysageError(
-            f"this run needs about {total / 2**30:.1f} GiB ({n_workers} workers x "
-            f"{need['worker'] / 2**30:.2f} GiB, server {need['server'] / 2**30:.2f} GiB, data "
-            f"{need['dataset'] / 2**30:.2f} GiB) but {available / 2**30:.1f} GiB is available; "
-            "lower --clients or --workers, or use a smaller --model or --align-buffer")
+MAX_RECOVERIES = 3
+__all__ = ["BYTE_KINDS", "GIB", "Orchestrator", "SimulationResult", "build_world", "plan",
+           "simulate"]
 
 
 def place_clients(sizes: list[int], workers: int) -> list[int]:
@@ -197,75 +69,114 @@ class SimulationResult:
 
 
 class Orchestrator:
-    def __init__(self, world: World, announce: Callable[[str], None]):
+    def __init__(self, world: World, announce: Callable[[str], None], run_dir: RunFolder):
         self.world = world
         self.cfg = world.cfg
+        self.run_dir = run_dir
         self.backend = make_backend(self.cfg)
+        self.workers, self.server = [], None
         try:
             self._start(announce)
         except BaseException:
-            self.backend.close()
+            self.close()
             raise
 
     def _start(self, announce) -> None:
         cfg, world, backend = self.cfg, self.world, self.backend
         n_workers = backend.worker_count(cfg.clients)
-        check_memory(world, n_workers, backend.available_memory())
+        need = estimate(world, n_workers)
+        check_memory(need, backend.available_memory())
         self.owner = place_clients([len(ix) for ix in world.client_indices], n_workers)
         data = world.data
         self.train = backend.put({"x_train": data.x_train, "y_train": data.y_train})
         self.test = backend.put({"x_test": data.x_test, "y_test": data.y_test})
         self.n_workers = n_workers
-        self.workers, self.server = [], None
+        self.spill = self._spill_root()
         self._create_actors()
         get, call = backend.get, backend.call
         nodes = get([call(w, "node") for w in self.workers])
         placed = ", ".join(f"{nodes.count(n)} on {n}" for n in sorted(set(nodes)))
+        server = (f"1 server ({cfg.server_cpus:g} CPU, {cfg.server_gpus:g} GPU)"
+                  if self.server is not None else "no server process (the driver averages)")
         announce(f"raysage: {cfg.algorithm} with {cfg.clients} virtual clients on {n_workers} "
                  f"worker(s) ({cfg.cpus_per_worker:g} CPU, {cfg.gpus_per_worker:g} GPU, "
-                 f"{cfg.torch_threads} torch thread(s) each) + 1 server "
-                 f"({cfg.server_cpus:g} CPU, {cfg.server_gpus:g} GPU); {backend.describe()}; "
-                 f"workers placed: {placed}")
+                 f"{cfg.torch_threads} torch thread(s) each) + {server}; {backend.describe()}; "
+                 f"workers placed: {placed}; {describe(need)}")
+
+    def _spill_root(self) -> Path:
+        """Where stores spill: the run folder when it is local, else a local temporary one."""
+        if isinstance(self.run_dir.fs, pafs.LocalFileSystem):
+            return Path(self.run_dir.root) / ".spill"
+        return Path(tempfile.mkdtemp(prefix="raysage-spill-"))
 
     def _create_actors(self) -> None:
         backend, world = self.backend, self.world
-        self.server = backend.create(ServerRuntime, world.setup, self.test, server=True)
+        if world.algorithm.has_server:
+            self.server = backend.create(ServerRuntime, world.setup, self.test,
+                                         str(self.spill / "server"), server=True)
         self.workers = []
         for w in range(self.n_workers):
             shard = {cid: world.client_indices[cid]
                      for cid in range(self.cfg.clients) if self.owner[cid] == w}
-            self.workers.append(backend.create(ClientRuntime, world.setup, self.train, shard))
-        # Actor processes start (import torch, build client state) asynchronously;
-        # waiting here counts that as start-up, not as round time.
-        backend.get([backend.call(actor, "memory") for actor in self.workers + [self.server]])
+            self.workers.append(backend.create(ClientRuntime, world.setup, self.train, shard,
+                                               str(self.spill / f"worker-{w}")))
+        # Actor processes start (import torch) asynchronously; waiting here
+        # counts that as start-up, not as round time.
+        backend.get([backend.call(actor, "memory") for actor in self.actors])
+
+    @property
+    def actors(self) -> list:
+        return self.workers + ([self.server] if self.server is not None else [])
 
     def restart_actors(self) -> None:
         """Replace every actor (the pool never shrinks); state comes from a checkpoint."""
-        for actor in self.workers + [self.server]:
+        for actor in self.actors:
             self.backend.kill(actor)
+        shutil.rmtree(self.spill, ignore_errors=True)
+        self.server = None
         self._create_actors()
 
-    def snapshot(self) -> dict[str, Any]:
-        """The actors' state and the planner's memory, for a checkpoint."""
+    # ------------------------------------------------------------ checkpoints
+    def checkpoint_actors(self, location: str, tag: str) -> dict[str, Any]:
+        """Every actor writes the state that changed; returns what went where."""
         get, call = self.backend.get, self.backend.call
-        return {"server": get(call(self.server, "export_state")),
-                "workers": get([call(w, "export_state") for w in self.workers]),
-                "plan": self.world.algorithm.plan_state()}
+        written = get([call(w, "checkpoint", location, tag) for w in self.workers])
+        clients = {cid: entry for part in written for cid, entry in part.items()}
+        server = {"server": None, "clients": {}}
+        if self.server is not None:
+            server = get(call(self.server, "checkpoint", location, tag))
+        return {"clients": clients, "server": server["server"],
+                "server_clients": server["clients"]}
 
-    def restore(self, snapshot: dict[str, Any]) -> None:
+    def restore(self, manifest: Manifest | None) -> None:
+        """Actors start from a checkpoint's state (or, without one, from nothing)."""
         get, call = self.backend.get, self.backend.call
-        get([call(self.server, "import_state", snapshot["server"])]
-            + [call(w, "import_state", blob) for w, blob in zip(self.workers,
-                                                                  snapshot["workers"])])
-        self.world.algorithm.load_plan_state(snapshot["plan"])
+        location = str(self.run_dir)
+        clients = manifest.client_files("clients") if manifest else {}
+        shards: list[dict[int, tuple[str, int]]] = [{} for _ in self.workers]
+        for cid, entry in clients.items():
+            shards[self.owner[cid]][cid] = entry
+        calls = [call(w, "restore", location, shard) for w, shard in zip(self.workers, shards)]
+        if self.server is not None and manifest is not None:
+            calls.append(call(self.server, "restore", location, manifest["server"],
+                              manifest.client_files("server_clients")))
+        get(calls)
+        if manifest is not None:
+            self.world.algorithm.load_plan_state(manifest["plan"])
 
     def close(self) -> None:
         # End our actors explicitly: a shared Ray instance outlives this run.
-        for actor in self.workers + [self.server]:
-            if actor is not None:
-                self.backend.kill(actor)
+        for actor in self.actors:
+            try:
+                self.backend.get(self.backend.call(actor, "close"))
+            except Exception:  # a dead actor has nothing left to clean
+                pass
+            self.backend.kill(actor)
+        if getattr(self, "spill", None) is not None:
+            shutil.rmtree(self.spill, ignore_errors=True)
         self.backend.close()
 
+    # ------------------------------------------------------------ a round
     def execute(self, rnd: int, schedule: RoundSchedule, global_ref) -> dict[int, Any]:
         """Submit the round's actions in causal order; returns end-of-round refs by client."""
         backend = self.backend
@@ -291,21 +202,38 @@ class Orchestrator:
         return ends
 
     def run_round(self, rnd: int, global_state: dict[str, State], start: float):
-        backend, algo = self.backend, self.world.algorithm
-        schedule = self.world.plan(rnd, start)
+        backend, algo, world = self.backend, self.world.algorithm, self.world
+        schedule = world.plan(rnd, start)
         global_ref = backend.put(global_state)
         ends = self.execute(rnd, schedule, global_ref)
-        results = {cid: backend.get(ends[cid]) for cid in sorted(ends)}
-        new_global = algo.aggregate(
-            rnd, [(cid, r.num_samples, r.states) for cid, r in results.items()], global_state)
-        total = sum(r.num_samples for r in results.values())
-        weights = {cid: r.num_samples / total for cid, r in results.items()}
-        server_out = backend.get(backend.call(self.server, "end_round", rnd, new_global, weights))
+        cids = sorted(ends)
+        total = sum(world.num_samples(cid) for cid in cids)
+        results: dict[int, ClientResult] = {}
+
+        def uploads():
+            """Each client's result in id order, its uploaded states dropped once averaged."""
+            for cid in cids:
+                result = backend.get(ends.pop(cid))
+                results[cid] = ClientResult({}, result.metrics, result.num_samples,
+                                            result.state_bytes)
+                yield cid, result.num_samples, result.states
+
+        new_global = algo.aggregate(rnd, uploads(), total, global_state)
+        for cid in cids[len(results):]:      # an aggregate that stopped early
+            results[cid] = backend.get(ends.pop(cid))
+        server_out = {"metrics": {}, "state_bytes": 0}
+        if self.server is not None:
+            weights = {cid: world.num_samples(cid) / total for cid in cids}
+            server_out = backend.get(backend.call(self.server, "end_round", rnd, new_global,
+                                                  weights))
         return schedule, results, server_out, new_global
 
     def evaluate(self, rnd: int, global_state) -> dict[str, float]:
         backend = self.backend
         if not self.world.algorithm.evaluate_on_clients:
+            if self.server is None:
+                return backend.get(backend.call(self.workers[0], "evaluate_global",
+                                                global_state, self.test))
             return backend.get(backend.call(self.server, "evaluate", global_state))
         # Unshared client models: the mean over a seeded sample of clients.
         cids = self.world.eval_clients(rnd)
@@ -329,42 +257,12 @@ class Orchestrator:
                     "memory_total": driver["pss"]}
         get, call = self.backend.get, self.backend.call
         workers = get([call(w, "memory") for w in self.workers])
-        server = get(call(self.server, "memory"))
+        server = get(call(self.server, "memory")) if self.server is not None else \
+            {"rss": 0, "pss": 0}
         return {"memory_driver": driver["rss"],
                 "memory_workers_max": max(w["rss"] for w in workers),
                 "memory_server": server["rss"],
                 "memory_total": driver["pss"] + server["pss"] + sum(w["pss"] for w in workers)}
-
-
-def _mean(values: list[float]) -> float:
-    return float(np.mean(values)) if values else math.nan
-
-
-def bytes_by_kind(kinds: dict[str, int]) -> dict[str, int]:
-    """Every byte kind as a column, plus ``total_bytes`` and ``paper_total_bytes``
-    (all but labels, as the FSL-SAGE paper counts)."""
-    row = {kind: kinds.get(kind, 0) for kind in BYTE_KINDS}
-    row["total_bytes"] = sum(kinds.values())
-    row["paper_total_bytes"] = row["total_bytes"] - row["labels_up"]
-    return row
-
-
-def plan_rows(world: World, rounds: int | None = None) -> list[dict[str, Any]]:
-    """The dry run: bytes by kind and simulated time of each round, without training."""
-    rows, sim_time = [], 0.0
-    for rnd in range(world.cfg.rounds if rounds is None else rounds):
-        schedule = world.plan(rnd, sim_time)
-        kinds: dict[str, int] = {}
-        spent = [t.bytes for t in schedule.clients.values()]
-        spent += [d.bytes for d in schedule.dropped.values()]
-        for used in spent:
-            for kind, n in used.items():
-                kinds[kind] = kinds.get(kind, 0) + n
-        sim_time = schedule.end
-        rows.append({"round": rnd, "participants": len(schedule.clients),
-                     "dropped": len(schedule.dropped), **bytes_by_kind(kinds),
-                     "sim_round_time": schedule.duration, "sim_time": sim_time})
-    return rows
 
 
 def plan(cfg: Config) -> list[dict[str, Any]]:
@@ -372,122 +270,21 @@ def plan(cfg: Config) -> list[dict[str, Any]]:
     return plan_rows(build_world(cfg))
 
 
-def round_rows(rnd: int, schedule: RoundSchedule, results: dict[int, Any],
-               server_out: dict[str, Any], owner: list[int]) -> tuple[dict, list[dict]]:
-    """Turn a round's schedule and outcomes into one round row and its client rows."""
-    client_rows = []
-    for cid in sorted(set(schedule.clients) | set(schedule.dropped)):
-        row = {"round": rnd, "client": cid, "worker": owner[cid]}
-        drop = schedule.dropped.get(cid)
-        if drop is not None:
-            # Its work is lost; what it had sent and received by then still counts.
-            row.update(num_samples=0, client_state_bytes=0, dropped=True,
-                       drop_reason=drop.reason, **bytes_by_kind(drop.bytes))
-            row.update({name: math.nan for name in
-                        ("sim_compute", "sim_upload", "sim_download", "sim_wait", "sim_queue",
-                         "sim_idle", "train_loss", "nmse_before", "nmse_after")})
-            row["sim_finish"] = drop.time - schedule.start
-            client_rows.append(row)
-            continue
-        timing, result = schedule.clients[cid], results[cid]
-        metrics = result.metrics
-        row.update(num_samples=result.num_samples, client_state_bytes=result.state_bytes,
-                   dropped=False, drop_reason="", **bytes_by_kind(timing.bytes))
-        row.update(sim_compute=timing.compute, sim_upload=timing.upload,
-                   sim_download=timing.download, sim_wait=timing.wait, sim_queue=timing.queue,
-                   sim_idle=schedule.end - timing.finish,
-                   train_loss=metrics.get("train_loss_sum", math.nan)
-                   / max(metrics.get("train_samples", 0), 1))
-        aligned = metrics.get("alignments", 0)
-        row["nmse_before"] = metrics["nmse_before_sum"] / aligned if aligned else math.nan
-        row["nmse_after"] = metrics["nmse_after_sum"] / aligned if aligned else math.nan
-        row["sim_finish"] = timing.finish - schedule.start
-        client_rows.append(row)
-
-    metrics = server_out["metrics"]
-    kept = [r for r in client_rows if not r["dropped"]]
-    aligned_rows = [r for r in kept if not math.isnan(r["nmse_before"])]
-    train_loss = sum(r.metrics.get("train_loss_sum", 0.0) for r in results.values())
-    train_samples = sum(r.metrics.get("train_samples", 0) for r in results.values())
-    row = {"round": rnd, "participants": len(kept), "dropped": len(client_rows) - len(kept)}
-    # Local iterations that counted: those of clients that finished the round.
-    row["client_steps"] = sum(a.stop - a.first for a in schedule.actions
-                              if isinstance(a, Segment) and a.cid not in schedule.dropped)
-    row.update({kind: sum(r[kind] for r in client_rows) for kind in BYTE_KINDS})
-    row["total_bytes"] = sum(r["total_bytes"] for r in client_rows)
-    row["paper_total_bytes"] = sum(r["paper_total_bytes"] for r in client_rows)
-    row.update(
-        train_loss=train_loss / train_samples if train_samples else math.nan,
-        server_loss=(metrics["server_loss_sum"] / metrics["server_samples"]
-                     if metrics.get("server_samples") else math.nan),
-        alignments=len(aligned_rows),
-        nmse_before=_mean([r["nmse_before"] for r in aligned_rows]),
-        nmse_after=_mean([r["nmse_after"] for r in aligned_rows]),
-        sim_round_time=schedule.duration,
-        sim_server_busy=schedule.server_busy,
-        server_state_bytes=server_out["state_bytes"],
-        client_state_bytes_max=max((r["client_state_bytes"] for r in kept), default=0),
-    )
-    return row, client_rows
-
-
-CHECKPOINT = "checkpoint.pt"
-MAX_RECOVERIES = 3
-
-
-@dataclass
-class Progress:
-    """Where a run stands after a round: what a checkpoint restores."""
-
-    next_round: int
-    global_state: dict[str, State]
-    sim_time: float
-    totals: dict[str, int]
-    wall_time: float
-
-
-def _folder(location: RunFolder | str | Path) -> RunFolder:
-    return location if isinstance(location, RunFolder) else RunFolder(location)
-
-
-def write_checkpoint(folder: RunFolder, progress: Progress, snapshot: dict[str, Any]) -> None:
-    import io
-
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save({"progress": progress, "snapshot": snapshot}, buffer)
-    folder.write_bytes(CHECKPOINT, buffer.getvalue())
-
-
-def read_checkpoint(location) -> tuple[Progress, dict[str, Any]] | None:
-    import io
-
-    import torch
-
-    folder = _folder(location)
-    if not folder.exists(CHECKPOINT):
-        return None
-    try:
-        # raysage's own file (models and optimizers need full unpickling).
-        payload = torch.load(io.BytesIO(folder.read_bytes(CHECKPOINT)), map_location="cpu",
-                             weights_only=False)
-        return payload["progress"], payload["snapshot"]
-    except Exception as exc:  # a truncated or foreign file
-        raise RaysageError(f"checkpoint {folder.path(CHECKPOINT)} cannot be read "
-                           f"({type(exc).__name__}); remove it to restart the run from round 0"
-                           ) from None
-
-
 def resume_config(location) -> Config:
     import yaml
 
-    folder = _folder(location)
+    folder = location if isinstance(location, RunFolder) else RunFolder(location)
     if not folder.exists("config.yaml"):
         raise ConfigError(f"cannot resume {folder}: no config.yaml there; "
                           "pass the folder of a run that raysage started")
     values = yaml.safe_load(folder.read_bytes("config.yaml").decode())
     return build_config(values, {"out": str(location)})
+
+
+def over_budget(cfg: Config, progress: Progress) -> bool:
+    """The paper compares algorithms at equal communication: a run may stop at a budget."""
+    return (cfg.budget_gib is not None
+            and progress.totals["total_bytes"] >= cfg.budget_gib * GIB)
 
 
 def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None = None,
@@ -501,51 +298,52 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
     announce = announce or (lambda line: print(line, file=sys.stderr))
     if resume is not None:
         cfg = resume_config(resume)
-    world = build_world(cfg)
     run_dir = RunFolder(cfg.out or default_run_dir(cfg))
+    manifest = read_manifest(run_dir) if resume is not None else None
+    world = build_world(cfg)
     if resume is None and run_dir.is_nonempty():
         raise ConfigError(f"run folder {run_dir} already exists and is not empty; "
                           "choose another --out, remove it, or continue it with --resume")
-    t0 = time.perf_counter()
-    orchestrator = Orchestrator(world, announce)
-    startup = time.perf_counter() - t0
-    initial = Progress(0, world.algorithm.init_global(), 0.0,
+    initial = Progress(0, world.facts.initial_global, 0.0,
                        {"total_bytes": 0, "paper_total_bytes": 0}, 0.0)
-    saved = read_checkpoint(run_dir) if resume is not None else None
-    writer = RunWriter(run_dir, cfg, keep_rounds_below=saved[0].next_round if saved
-                       else 0 if resume is not None else None)
+    progress = read_progress(run_dir, manifest) if manifest else initial
+    if resume is not None:
+        remove_unlisted_state(run_dir, manifest)
+    t0 = time.perf_counter()
+    orchestrator = Orchestrator(world, announce, run_dir)
+    startup = time.perf_counter() - t0
+    writer = RunWriter(run_dir, cfg, keep_rounds_below=progress.next_round if resume is not None
+                       else None)
+    initial_plan = world.algorithm.plan_state()
     try:
-        if saved:
-            orchestrator.restore(saved[1])
-            announce(f"raysage: resuming {run_dir} at round {saved[0].next_round}")
-        progress = saved[0] if saved else initial
-        initial_plan = world.algorithm.plan_state() if not saved else None
+        if manifest:
+            orchestrator.restore(manifest)
+            announce(f"raysage: resuming {run_dir} at round {progress.next_round}")
         recoveries = 0
         while progress.next_round < cfg.rounds and not over_budget(cfg, progress):
             try:
-                progress = run_one_round(orchestrator, writer, progress, on_round)
+                done = run_one_round(orchestrator, writer, progress, on_round)
+                every = cfg.checkpoint_every
+                last = done.next_round == cfg.rounds or over_budget(cfg, done)
+                if every and (done.next_round % every == 0 or last):
+                    manifest = write_checkpoint(run_dir, done, orchestrator, manifest)
+                progress = done
             except ActorFailure as exc:
+                # Anything of the round, its checkpoint included, runs again from the
+                # last checkpoint; a checkpoint cut short leaves the previous one valid.
                 recoveries += 1
                 if recoveries > MAX_RECOVERIES:
                     raise RaysageError(f"{exc} {recoveries} times; giving up. The run folder "
                                        "is consistent: continue it with --resume") from None
-                saved = read_checkpoint(run_dir)
-                restart = saved[0].next_round if saved else 0
+                progress = read_progress(run_dir, manifest) if manifest else initial
                 announce(f"raysage: {exc} in round {progress.next_round}; restarted all "
-                         f"actors, re-running from round {restart} (recovery {recoveries})")
+                         f"actors, re-running from round {progress.next_round} "
+                         f"(recovery {recoveries})")
                 orchestrator.restart_actors()
-                if saved:
-                    orchestrator.restore(saved[1])
-                    progress = saved[0]
-                else:
-                    world.algorithm.load_plan_state(initial_plan or {})
-                    progress = initial
+                remove_unlisted_state(run_dir, manifest)
+                world.algorithm.load_plan_state(initial_plan)
+                orchestrator.restore(manifest)
                 writer.truncate(progress.next_round)
-                continue
-            every = cfg.checkpoint_every
-            last = progress.next_round == cfg.rounds or over_budget(cfg, progress)
-            if every and (progress.next_round % every == 0 or last):
-                write_checkpoint(run_dir, progress, orchestrator.snapshot())
     finally:
         orchestrator.close()
 
@@ -567,12 +365,6 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
     local = isinstance(run_dir.fs, pafs.LocalFileSystem)
     return SimulationResult(Path(run_dir.root) if local else str(run_dir), writer.rounds,
                             writer.clients, summary, progress.global_state)
-
-
-def over_budget(cfg: Config, progress: Progress) -> bool:
-    """The paper compares algorithms at equal communication: a run may stop at a budget."""
-    return (cfg.budget_gib is not None
-            and progress.totals["total_bytes"] >= cfg.budget_gib * GIB)
 
 
 def run_one_round(orchestrator: Orchestrator, writer: RunWriter, progress: Progress,

@@ -3,61 +3,36 @@
 These are plain classes: the serial backend calls them in-process and the
 Ray backend wraps them with ``ray.remote``, so both backends execute the
 same code on the same inputs.
+
+A worker hosts a shard of virtual clients as state, not objects: it builds
+working sets of models (one per client that is mid-round at once) and keeps
+each client's persistent state as arrays in a :class:`~raysage.store.StateStore`.
+Running a client is: take a working set, load the client's state into it,
+run the segment, write the state back when the client's round ends.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import torch
 
-from ..algorithms import ClientState, ModelSizes, algorithm_class
-from ..algorithms.base import (Algorithm, State, as_tensor, release_gradients, seeded,
-                               state_nbytes, stream_seed)
-from ..config import Config, build_config
-from ..data import make_batch
+from ..algorithms.base import (Algorithm, ClientState, ServerState, Setup, State, as_tensor,
+                               load_kept, load_optimizer_state, load_state, optimizer_state,
+                               release_gradients, save_kept, seeded, state_nbytes, to_state)
+from ..config import build_config
+from ..data import client_batch, make_batch
 from ..errors import RaysageError
-from ..models import correct_predictions, count_targets, get_architecture, split_loss
-from ..netsim.cost import ModelCosts
+from ..lazy import torch
+from ..models import correct_predictions, count_targets, split_loss
 from ..netsim.planner import Segment
+from ..results import RunFolder
+from ..store import StateStore, from_safetensors, to_safetensors
 
-
-@dataclass(frozen=True)
-class Setup:
-    """Everything a worker or the server needs to rebuild the algorithm."""
-
-    config: dict[str, Any]
-    num_classes: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    sizes: ModelSizes
-    costs: ModelCosts
-
-    def algorithm(self) -> Algorithm:
-        cfg = build_config(self.config)
-        arch = architecture(cfg, self.num_classes)
-        return algorithm_class(cfg.algorithm)(cfg, arch, self.sizes, self.costs)
-
-
-def lora_rank(cfg: Config) -> int:
-    if cfg.lora_rank is not None:
-        return cfg.lora_rank
-    return 4 if cfg.weights_dir else 0
-
-
-def architecture(cfg: Config, num_classes: int):
-    """The config's split model (the language-model fields matter only for gpt2)."""
-    return get_architecture(cfg.model, num_classes, gpt2_size=cfg.gpt2_size,
-                            seq_len=cfg.seq_len, cut_layer=cfg.cut_layer,
-                            aux_depth=cfg.aux_depth, lora_rank=lora_rank(cfg),
-                            lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                            weights_dir=cfg.weights_dir, seed=cfg.seed)
+MIB = 2**20
 
 
 class NonFiniteLoss(RaysageError):
@@ -74,10 +49,6 @@ class ClientResult:
     state_bytes: int          # the client's persistent state (models, optimizer, buffers)
 
 
-def _threads(cfg: Config) -> None:
-    torch.set_num_threads(cfg.torch_threads)
-
-
 def pick_device(gpus: float) -> torch.device:
     """The GPU Ray assigned to this actor (fractions share one), else the CPU."""
     if gpus > 0 and torch.cuda.is_available():
@@ -85,60 +56,11 @@ def pick_device(gpus: float) -> torch.device:
     return torch.device("cpu")
 
 
-def num_batches(num_samples: int, batch_size: int) -> int:
-    return math.ceil(num_samples / batch_size)
-
-
-def batch_sizes(num_samples: int, cfg: Config) -> list[int]:
-    """Sizes of a client's local iterations in one round (the last batch may be short)."""
-    per_epoch = [min(cfg.batch_size, num_samples - j * cfg.batch_size)
-                 for j in range(num_batches(num_samples, cfg.batch_size))]
-    return per_epoch * cfg.local_epochs
-
-
-@lru_cache(maxsize=8)
-def _epoch_order(seed: int, cid: int, rnd: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng(stream_seed(seed, "shuffle", cid, rnd, epoch)).permutation(n)
-
-
-def batch_indices(cfg: Config, indices: np.ndarray, cid: int, rnd: int, k: int) -> np.ndarray:
-    """Training-set indices of client cid's k-th local batch in round rnd.
-
-    A pure function of (seed, client, round, k), so a client's batches do not
-    depend on how its round is cut into segments or where it runs.
-    """
-    per_epoch = num_batches(len(indices), cfg.batch_size)
-    epoch, j = divmod(k, per_epoch)
-    order = _epoch_order(cfg.seed, cid, rnd, epoch, len(indices))
-    return indices[order[j * cfg.batch_size:(j + 1) * cfg.batch_size]]
-
-
-def client_batch(cfg: Config, data: dict[str, np.ndarray], mean, std, indices: np.ndarray,
-                 cid: int, rnd: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The augmented, normalised k-th batch of a client (also used by tests)."""
-    idx = batch_indices(cfg, indices, cid, rnd, k)
-    augment = torch.Generator().manual_seed(stream_seed(cfg.seed, "augment", cid, rnd, k))
-    x = make_batch(data["x_train"][idx], mean, std, train=True, generator=augment)
-    return x, torch.from_numpy(np.asarray(data["y_train"][idx], dtype=np.int64))
-
-
 def _check_finite(metrics: dict[str, float], rnd: int, who: str) -> None:
     for name, value in metrics.items():
         if not math.isfinite(value):
             raise NonFiniteLoss(f"{name.replace('_sum', '')} became {value} in round {rnd} "
                                 f"at {who}; lower the learning rate or check the data")
-
-
-def to_blob(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def from_blob(blob: bytes) -> Any:
-    # Our own checkpoint (models, optimizers, arrays), written by this code;
-    # full unpickling is needed to restore optimizer objects bound to modules.
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
 
 
 def node_address() -> str:
@@ -173,7 +95,6 @@ def process_memory() -> dict[str, int]:
     return {"rss": rss, "pss": pss}
 
 
-@torch.no_grad()
 def evaluate(model, test: dict[str, np.ndarray], setup: Setup, device,
              batch_size: int = 500) -> dict[str, float]:
     """Accuracy and mean loss of a model on the test split (eval mode, then back)."""
@@ -181,15 +102,16 @@ def evaluate(model, test: dict[str, np.ndarray], setup: Setup, device,
     x_all, y_all = test["x_test"], test["y_test"]
     correct, loss, units = 0, 0.0, 0
     try:
-        for start in range(0, len(y_all), batch_size):
-            x = make_batch(x_all[start:start + batch_size], setup.mean, setup.std,
-                           train=False, generator=None)
-            y = as_tensor(np.asarray(y_all[start:start + batch_size], dtype=np.int64))
-            logits = model(x.to(device))
-            y = y.to(device)
-            loss += split_loss(logits, y, reduction="sum").item()
-            correct += correct_predictions(logits, y)
-            units += count_targets(y)
+        with torch.no_grad():
+            for start in range(0, len(y_all), batch_size):
+                x = make_batch(x_all[start:start + batch_size], setup.mean, setup.std,
+                               train=False, generator=None)
+                y = as_tensor(np.asarray(y_all[start:start + batch_size], dtype=np.int64))
+                logits = model(x.to(device))
+                y = y.to(device)
+                loss += split_loss(logits, y, reduction="sum").item()
+                correct += correct_predictions(logits, y)
+                units += count_targets(y)
     finally:
         model.train()
     # Per sample for classifiers; per target token (and token accuracy) for language models.
@@ -198,6 +120,13 @@ def evaluate(model, test: dict[str, np.ndarray], setup: Setup, device,
 
 class _Process:
     """What the orchestrator asks of any actor process: who and where it is, its memory."""
+
+    def __init__(self, setup: Setup, gpus: float):
+        self.setup = setup
+        self.cfg = build_config(setup.config)
+        torch.set_num_threads(self.cfg.torch_threads)
+        self.algo: Algorithm = setup.algorithm()
+        self.algo.device = pick_device(gpus)
 
     def pid(self) -> int:
         return os.getpid()
@@ -208,25 +137,51 @@ class _Process:
     def memory(self) -> dict[str, int]:
         return process_memory()
 
+    def store(self, spill_dir: str | None) -> StateStore:
+        return StateStore(self.cfg.state_memory_mib * MIB, spill_dir)
+
+    def evaluate_global(self, global_state: dict[str, State],
+                        test: dict[str, np.ndarray]) -> dict[str, float]:
+        """Test metrics of the global model (here when the algorithm has no server)."""
+        return evaluate(self.algo.eval_model(ServerState(), global_state), test, self.setup,
+                        self.algo.device)
+
 
 class ClientRuntime(_Process):
     """A client worker: hosts a shard of virtual clients and their persistent state."""
 
     def __init__(self, setup: Setup, train: dict[str, np.ndarray],
-                 client_indices: dict[int, np.ndarray]):
-        self.cfg = build_config(setup.config)
-        _threads(self.cfg)
-        self.setup = setup
-        self.algo = setup.algorithm()
-        self.algo.device = pick_device(self.cfg.gpus_per_worker)
+                 client_indices: dict[int, np.ndarray], spill_dir: str | None = None):
+        super().__init__(setup, setup.config["gpus_per_worker"])
         self.train = train
         self.indices = client_indices
-        self.clients: dict[int, ClientState] = {}
-        for cid in sorted(client_indices):
-            client = ClientState(cid, len(client_indices[cid]))
-            self.algo.init_client(client)
-            self.clients[cid] = client
+        self.states = self.store(spill_dir)
+        self.free: list[ClientState] = []           # working sets not in use
+        self.active: dict[int, ClientState] = {}    # clients mid-round, by id
 
+    # -------------------------------------------------------- working sets
+    def _take(self, cid: int) -> ClientState:
+        """A working set holding client cid's state (its first, if it never took part)."""
+        if self.free:
+            client = self.free.pop()
+        else:
+            client = ClientState(cid, 0)
+            # Building draws initial weights that the client's state then replaces; it
+            # must not move the seeded stream the segment is running on.
+            with torch.random.fork_rng(devices=[]):
+                self.algo.build_client(client)
+        client.cid, client.num_samples = cid, len(self.indices[cid])
+        client.carry, client.metrics = {}, {}
+        load_kept(self.algo, client, self.states.get(cid))
+        return client
+
+    def _put_back(self, client: ClientState, keep: bool) -> None:
+        if keep:
+            self.states.put(client.cid, save_kept(self.algo, client))
+        release_gradients(client.models)
+        self.free.append(client)
+
+    # -------------------------------------------------------- training
     def run_segment(self, rnd: int, segment: Segment,
                     start: dict[str, State] | ClientResult | None,
                     reply: Any) -> tuple[dict[int, Any], ClientResult | None]:
@@ -241,12 +196,14 @@ class ClientRuntime(_Process):
             return self._run_segment(rnd, segment, start, reply)
 
     def _run_segment(self, rnd, segment, start, reply):
-        algo, client = self.algo, self.clients[segment.cid]
+        algo = self.algo
         if segment.is_first:
-            client.metrics = {}
+            client = self.active[segment.cid] = self._take(segment.cid)
             if isinstance(start, ClientResult):
                 start = start.states
             algo.start_round(client, rnd, start)
+        else:
+            client = self.active[segment.cid]
         if segment.reply_of is not None:
             algo.receive(client, rnd, reply)
         if segment.resume is not None:
@@ -266,39 +223,48 @@ class ClientRuntime(_Process):
         _check_finite(client.metrics, rnd, f"client {segment.cid}")
         states = algo.end_round(client, rnd)
         release_gradients(client.models)
-        return uploads, ClientResult(states, dict(client.metrics), client.num_samples,
-                                     state_nbytes([client.models, client.optimizers]))
+        result = ClientResult(states, dict(client.metrics), client.num_samples,
+                              state_nbytes([client.models, client.optimizers]))
+        del self.active[segment.cid]
+        self._put_back(client, keep=True)
+        return uploads, result
 
-    @torch.no_grad()
     def evaluate_clients(self, cids: list[int], export: dict[str, State],
                          test: dict[str, np.ndarray]) -> dict[int, dict[str, float]]:
         """Test metrics of each listed client's own model (unshared client models)."""
-        return {cid: evaluate(self.algo.client_eval_model(self.clients[cid], export), test,
-                              self.setup, self.algo.device)
-                for cid in cids}
+        scores = {}
+        for cid in cids:
+            client = self._take(cid)
+            scores[cid] = evaluate(self.algo.client_eval_model(client, export), test,
+                                   self.setup, self.algo.device)
+            self._put_back(client, keep=False)
+        return scores
 
-    def export_state(self) -> bytes:
-        """Every hosted client's persistent state, for a checkpoint."""
-        return to_blob(self.clients)
+    # -------------------------------------------------------- checkpoints
+    def checkpoint(self, location: str, tag: str) -> dict[int, tuple[str, int]]:
+        """Write the state of clients that changed since the last checkpoint."""
+        return self.states.checkpoint(RunFolder(location), "state/clients", tag)
 
-    def import_state(self, blob: bytes) -> None:
-        self.clients = from_blob(blob)
-        for client in self.clients.values():
-            for model in client.models.values():
-                model.to(self.algo.device)
+    def restore(self, location: str, files: dict[int, tuple[str, int]]) -> None:
+        self.states.restore(RunFolder(location), files)
+
+    def close(self) -> None:
+        self.states.close()
 
 
 class ServerRuntime(_Process):
     """The server: the algorithm's server state, fed uploads in simulated arrival order."""
 
-    def __init__(self, setup: Setup, test: dict[str, np.ndarray]):
-        self.cfg = build_config(setup.config)
-        _threads(self.cfg)
-        self.setup = setup
-        self.algo = setup.algorithm()
-        self.algo.device = pick_device(self.cfg.server_gpus)
-        self.state = self.algo.init_server()
+    def __init__(self, setup: Setup, test: dict[str, np.ndarray], spill_dir: str | None = None):
+        super().__init__(setup, setup.config["server_gpus"])
+        self.spill_dir = spill_dir
+        self.state = self._fresh_state()
         self.test = test
+
+    def _fresh_state(self) -> ServerState:
+        state = self.algo.init_server()
+        state.clients = self.store(self.spill_dir)
+        return state
 
     def serve(self, rnd: int, uploads: list[tuple[int, int]], *produced: dict[int, Any]):
         """Serve one upload, or a barrier group at once (one reply per upload)."""
@@ -311,14 +277,11 @@ class ServerRuntime(_Process):
     def end_round(self, rnd: int, global_state: dict[str, State],
                   weights: dict[int, float]) -> dict[str, Any]:
         self.algo.end_server_round(self.state, rnd, global_state, weights)
-        release_gradients([self.state.models, self.state.per_client])
+        release_gradients(self.state.models)
         metrics, self.state.metrics = self.state.metrics, {}
         _check_finite(metrics, rnd, "the server")
-        return {"metrics": metrics,
-                "state_bytes": state_nbytes([self.state.models, self.state.optimizers,
-                                             self.state.per_client])}
+        return {"metrics": metrics, "state_bytes": self.algo.server_state_bytes(self.state)}
 
-    @torch.no_grad()
     def evaluate(self, global_state: dict[str, State]) -> dict[str, float]:
         return evaluate(self.algo.eval_model(self.state, global_state), self.test, self.setup,
                         self.algo.device)
@@ -326,10 +289,35 @@ class ServerRuntime(_Process):
     def eval_export(self) -> dict[str, State]:
         return self.algo.eval_export(self.state)
 
-    def export_state(self) -> bytes:
-        return to_blob(self.state)
+    # -------------------------------------------------------- checkpoints
+    def checkpoint(self, location: str, tag: str) -> dict[str, Any]:
+        """Write the server's models and optimizers, and the per-client state that changed."""
+        folder = RunFolder(location)
+        arrays = {}
+        for name, model in self.state.models.items():
+            arrays.update({f"model.{name}.{k}": v for k, v in to_state(model).items()})
+        for name, optimizer in self.state.optimizers.items():
+            arrays.update({f"optimizer.{name}.{k}": v
+                           for k, v in optimizer_state(optimizer).items()})
+        server = f"state/server.{tag}.safetensors"
+        folder.write_bytes(server, to_safetensors(arrays))
+        clients = self.state.clients.checkpoint(folder, "state/server-clients", tag)
+        return {"server": server, "clients": clients}
 
-    def import_state(self, blob: bytes) -> None:
-        self.state = from_blob(blob)
-        for model in self.state.models.values():
-            model.to(self.algo.device)
+    def restore(self, location: str, server: str, clients: dict[int, tuple[str, int]]) -> None:
+        folder = RunFolder(location)
+        self.state.clients.close()
+        self.state = self._fresh_state()
+        arrays = from_safetensors(folder.read_bytes(server), folder.path(server))
+        for name, model in self.state.models.items():
+            prefix = f"model.{name}."
+            load_state(model, {k[len(prefix):]: v for k, v in arrays.items()
+                               if k.startswith(prefix)})
+        for name, optimizer in self.state.optimizers.items():
+            prefix = f"optimizer.{name}."
+            load_optimizer_state(optimizer, {k[len(prefix):]: v for k, v in arrays.items()
+                                             if k.startswith(prefix)})
+        self.state.clients.restore(folder, clients)
+
+    def close(self) -> None:
+        self.state.clients.close()

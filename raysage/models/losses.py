@@ -13,8 +13,12 @@ sample as the unit. (Per-token losses are what evaluation reports.)
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
+
+from raysage.lazy import F
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100
 

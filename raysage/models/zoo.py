@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from raysage.errors import ModelError
+from raysage.models.state import num_parameters, state_bytes
 from raysage.models.cnn import cnn_aux, cnn_client, cnn_server
 from raysage.models.resnet import resnet18_aux, resnet18_client, resnet18_server
 
@@ -140,6 +141,23 @@ MODELS: dict[str, Callable[..., SplitArchitecture]] = {
 }
 
 
+def lora_rank(cfg) -> int:
+    """LoRA rank of a config: as given, else the paper's 4 with pretrained weights and 0
+    (train every weight) from a random initialisation."""
+    if cfg.lora_rank is not None:
+        return cfg.lora_rank
+    return 4 if cfg.weights_dir else 0
+
+
+def architecture(cfg, num_classes: int) -> SplitArchitecture:
+    """The split model a config asks for (the language-model fields matter only for gpt2)."""
+    return get_architecture(cfg.model, num_classes, gpt2_size=cfg.gpt2_size,
+                            seq_len=cfg.seq_len, cut_layer=cfg.cut_layer,
+                            aux_depth=cfg.aux_depth, lora_rank=lora_rank(cfg),
+                            lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                            weights_dir=cfg.weights_dir, seed=cfg.seed)
+
+
 def get_architecture(name: str, num_classes: int, **options) -> SplitArchitecture:
     if name not in MODELS:
         raise ModelError(
@@ -150,45 +168,6 @@ def get_architecture(name: str, num_classes: int, **options) -> SplitArchitectur
             f"num_classes for model {name!r} is {num_classes!r}; it must be an integer >= 2"
         )
     return MODELS[name](num_classes, **options)
-
-
-def state_bytes(module_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> int:
-    """Bytes to ship a model: every state-dict tensor, buffers included."""
-    if isinstance(module_or_state_dict, nn.Module):
-        state = module_or_state_dict.state_dict()
-    else:
-        state = module_or_state_dict
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def frozen_names(module: nn.Module) -> set[str]:
-    """State-dict names of parameters that do not train (every alias of a tied one)."""
-    return {name for name, p in module.named_parameters(remove_duplicate=False)
-            if not p.requires_grad}
-
-
-def transfer_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The state that must travel when a model is sent: all but frozen parameters."""
-    frozen = frozen_names(module)
-    return {k: v for k, v in module.state_dict().items() if k not in frozen}
-
-
-def transfer_bytes(module: nn.Module) -> int:
-    return state_bytes(transfer_state(module))
-
-
-def frozen_bytes(module: nn.Module) -> int:
-    """Bytes of frozen parameters (counted once per tensor, however many names it has)."""
-    seen, total = set(), 0
-    for _, p in module.named_parameters(remove_duplicate=False):
-        if not p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
-    return total
-
-
-def num_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def summarize(arch: SplitArchitecture) -> dict:

@@ -11,9 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
+from ..lazy import torch
 from ..models.losses import split_loss
 
 
@@ -34,6 +32,8 @@ class ModelCosts:
 
 
 def _count(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:
         fn()
     return float(counter.get_total_flops())

@@ -53,11 +53,25 @@ class RunFolder:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write to a temporary name and move it into place."""
-        self.fs.create_dir(self.root, recursive=True)
-        tmp = self.path(f".{name}.tmp")
+        parent, _, base = name.rpartition("/")
+        self.fs.create_dir(self.path(parent) if parent else self.root, recursive=True)
+        tmp = self.path(f"{parent}/.{base}.tmp" if parent else f".{name}.tmp")
         with self.fs.open_output_stream(tmp) as out:
             out.write(data)
         self.fs.move(tmp, self.path(name))
+
+    def delete(self, name: str) -> None:
+        try:
+            self.fs.delete_file(self.path(name))
+        except FileNotFoundError:
+            pass
+
+    def list_files(self, folder: str) -> list[str]:
+        """Names (relative to the run folder) of every file under ``folder``."""
+        selector = pafs.FileSelector(self.path(folder), recursive=True, allow_not_found=True)
+        root = self.root.rstrip("/") + "/"
+        return sorted(info.path[len(root):] for info in self.fs.get_file_info(selector)
+                      if info.type == pafs.FileType.File)
 
     def read_bytes(self, name: str) -> bytes:
         with self.fs.open_input_stream(self.path(name)) as f:

@@ -30,11 +30,11 @@ from ..errors import ConfigError, RaysageError
 # identical across them), so a finished point still counts when they change.
 EXECUTION_FIELDS = frozenset({"out", "backend", "address", "workers", "cpus_per_worker",
                               "gpus_per_worker", "server_cpus", "server_gpus", "threads",
-                              "checkpoint_every"})
+                              "checkpoint_every", "state_memory_mib", "dashboard"})
 # What a run writes into its folder; only these are removed when an
 # interrupted point without a checkpoint starts over.
 RUN_FILES = ("config.yaml", "run.parquet", "rounds.parquet", "clients.parquet",
-             "checkpoint.pt", "summary.json")
+             "checkpoint.json", "state", "summary.json")
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def point_status(point: SweepPoint) -> str:
                               "give the sweep another --out")
     if folder.exists("summary.json"):
         return "done"
-    if folder.exists("checkpoint.pt"):
+    if folder.exists("checkpoint.json"):
         return "resume"
     return "restart"
 
@@ -196,7 +196,10 @@ def clear_point(point: SweepPoint) -> None:
         raise ConfigError(f"{folder} is not a finished run and holds files raysage did not "
                           f"write ({', '.join(sorted(foreign))}); move them away or remove it")
     for entry in entries:
-        folder.fs.delete_file(entry.path)
+        if entry.type == pafs.FileType.Directory:
+            folder.fs.delete_dir(entry.path)
+        else:
+            folder.fs.delete_file(entry.path)
 
 
 # --- running ------------------------------------------------------------------------------

@@ -1,0 +1,234 @@
+"""The simulated world: everything about a run that exists before anything runs.
+
+Data and its partition over clients, the clients' device profiles, the
+algorithm, and the facts of the split model it needs for planning (bytes of
+each part, FLOPs of each piece of training, the initial global state).
+
+The driver builds the world without importing torch: counting a model's
+bytes and FLOPs needs the model, so when torch is not loaded yet that is
+done once in a short-lived child process (see :mod:`raysage.lazy`).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..algorithms.base import Algorithm, ClientState, ModelSizes, Setup, State
+from ..config import LANGUAGE_DATASETS, Config
+from ..data import ArrayDataset, batch_sizes, load_dataset, partition
+from ..netsim.cost import ModelCosts
+from ..netsim.planner import RoundSchedule
+from ..netsim.policy import available_clients, plan_with_policy, selection_size
+from ..netsim.profiles import DeviceProfile, client_profiles
+from ..streams import stream_seed
+
+SYNTHETIC_SAMPLES_PER_CLIENT = 100
+SYNTHETIC_TEST_SAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What planning and the memory estimate need to know about the split model."""
+
+    sizes: ModelSizes
+    costs: ModelCosts
+    initial_global: dict[str, State]
+    client_state_bytes: int     # one client's kept state (see Keeps), optimizer moments included
+    working_set_bytes: int      # one working set: models, their gradients, optimizer state
+
+
+def count_model_facts(config: dict, num_classes: int) -> ModelFacts:
+    """Build the models once and count (needs torch)."""
+    from ..algorithms.base import state_nbytes
+    from ..models import architecture, state_bytes, transfer_state
+    from ..netsim.cost import measure_costs
+
+    cfg = Config(**config)
+    arch = architecture(cfg, num_classes)
+    sizes, costs = ModelSizes.of(arch), measure_costs(arch)
+    algo = Setup(config, num_classes, (0.0,) * 3, (1.0,) * 3, sizes, costs).algorithm()
+    probe = ClientState(0, 0)
+    algo.build_client(probe)
+
+    def moments(optimizer) -> int:
+        kind = type(optimizer).__name__.lower()
+        params = sum(p.numel() * p.element_size() for g in optimizer.param_groups
+                     for p in g["params"])
+        return params * algo.optimizer_copies(kind)
+
+    keeps = algo.client_keeps
+    kept = (sum(state_bytes(transfer_state(probe.models[m])) for m in keeps.models)
+            + sum(moments(probe.optimizers[o]) for o in keeps.optimizers))
+    gradients = sum(p.numel() * p.element_size() for m in probe.models.values()
+                    for p in m.parameters() if p.requires_grad)
+    working = (state_nbytes(probe.models) + gradients
+               + sum(moments(o) for o in probe.optimizers.values()))
+    return ModelFacts(sizes, costs, algo.init_global(), kept, working)
+
+
+def model_facts(cfg: Config, num_classes: int) -> ModelFacts:
+    """Count here when torch is loaded anyway; otherwise in a child process.
+
+    The child is a fresh interpreter (``python -m raysage.engine.world``), not
+    a multiprocessing worker, so it never re-runs the caller's script. It
+    answers with the facts as JSON and the initial global state as a
+    safetensors blob.
+    """
+    if "torch" in sys.modules or cfg.backend == "serial":
+        return count_model_facts(cfg.to_dict(), num_classes)
+    import json
+    import subprocess
+
+    from ..errors import RaysageError
+    from ..store import from_safetensors
+
+    request = json.dumps({"config": cfg.to_dict(), "num_classes": num_classes}).encode()
+    done = subprocess.run([sys.executable, "-m", "raysage.engine.world"], input=request,
+                          capture_output=True)
+    if done.returncode != 0:
+        lines = done.stderr.decode(errors="replace").strip().splitlines() or ["(no output)"]
+        if done.returncode == 2:       # a RaysageError: its one line is for the user
+            raise RaysageError(lines[-1])
+        raise RuntimeError("counting the model's bytes and FLOPs failed:\n" + "\n".join(lines[-20:]))
+    header, _, blob = done.stdout.partition(b"\n")
+    facts = json.loads(header)
+    arrays = from_safetensors(blob, "the initial global state")
+    initial = {part: {} for part in facts["parts"]}
+    for name, array in arrays.items():
+        part, _, key = name.partition("/")
+        initial[part][key] = array
+    return ModelFacts(ModelSizes(**facts["sizes"]), ModelCosts(**facts["costs"]), initial,
+                      facts["client_state_bytes"], facts["working_set_bytes"])
+
+
+def _answer_facts() -> None:
+    """The child's side of :func:`model_facts`."""
+    import dataclasses
+    import json
+
+    from ..errors import RaysageError
+    from ..store import to_safetensors
+
+    request = json.loads(sys.stdin.buffer.read())
+    try:
+        facts = count_model_facts(request["config"], request["num_classes"])
+    except RaysageError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+    header = {"sizes": dataclasses.asdict(facts.sizes), "costs": dataclasses.asdict(facts.costs),
+              "parts": sorted(facts.initial_global),
+              "client_state_bytes": facts.client_state_bytes,
+              "working_set_bytes": facts.working_set_bytes}
+    flat = {f"{part}/{key}": array for part, state in facts.initial_global.items()
+            for key, array in state.items()}
+    sys.stdout.buffer.write(json.dumps(header).encode() + b"\n" + to_safetensors(flat))
+
+
+@dataclass
+class World:
+    cfg: Config
+    data: ArrayDataset
+    client_indices: list[np.ndarray]
+    algorithm: Algorithm
+    setup: Setup
+    profiles: list[DeviceProfile]
+    facts: ModelFacts
+
+    def num_samples(self, cid: int) -> int:
+        return len(self.client_indices[cid])
+
+    def eval_clients(self, rnd: int) -> list[int]:
+        """Clients whose own models are evaluated: all, or a seeded sample when many."""
+        m, sample = self.cfg.clients, self.cfg.eval_clients
+        if m <= sample:
+            return list(range(m))
+        rng = np.random.default_rng(stream_seed(self.cfg.seed, "eval-clients", rnd))
+        return sorted(int(c) for c in rng.choice(m, size=sample, replace=False))
+
+    def target_participants(self) -> int:
+        return max(1, round(self.cfg.participation * self.cfg.clients))
+
+    def selected_per_round(self) -> int:
+        """Clients sampled per round, over-selection included."""
+        cfg = self.cfg
+        return selection_size(self.target_participants(), cfg.round_policy, cfg.over_selection,
+                              cfg.clients)
+
+    def participants(self, rnd: int) -> list[int]:
+        """Selected clients: a seeded sample of the reachable ones (more under over-selection)."""
+        cfg = self.cfg
+        available = available_clients(
+            self.profiles, np.random.default_rng(stream_seed(cfg.seed, "available", rnd)))
+        count = self.selected_per_round()
+        if count >= len(available):
+            return available
+        rng = np.random.default_rng(stream_seed(cfg.seed, "participants", rnd))
+        return sorted(available[i] for i in rng.choice(len(available), size=count, replace=False))
+
+    def plan(self, rnd: int, start: float) -> RoundSchedule:
+        cfg, algo = self.cfg, self.algorithm
+
+        def make_plans(cids: list[int]):
+            return algo.plan_round(rnd, {c: batch_sizes(self.num_samples(c), cfg) for c in cids})
+
+        selected = self.participants(rnd)
+        schedule = plan_with_policy(
+            make_plans, selected, {c: self.profiles[c] for c in selected}, cfg.server_flops,
+            start, policy=cfg.round_policy, deadline=cfg.deadline,
+            keep=self.target_participants(), dropout=cfg.dropout,
+            rng=np.random.default_rng(stream_seed(cfg.seed, "drops", rnd)))
+        algo.commit_round(rnd, sorted(schedule.clients))
+        return schedule
+
+
+def load_language_data(cfg: Config) -> tuple[ArrayDataset, int | None]:
+    from ..data.e2e import (SYNTHETIC_TEST, SYNTHETIC_TRAIN_PER_CLIENT, load_language_dataset,
+                            make_tokenizer)
+
+    synthetic = cfg.dataset == "e2e_synthetic"
+    per_client = cfg.samples_per_client or (SYNTHETIC_TRAIN_PER_CLIENT if synthetic else None)
+    tokenizer = make_tokenizer(cfg.tokenizer, cfg.tokenizer_dir or cfg.weights_dir)
+    data = load_language_dataset(
+        cfg.dataset, cfg.data_dir, tokenizer, cfg.seq_len,
+        num_train=per_client * cfg.clients if per_client else None,
+        num_test=cfg.test_samples or (SYNTHETIC_TEST if synthetic else None), seed=cfg.seed,
+        max_slots=cfg.e2e_max_slots)
+    return data, per_client
+
+
+def load_data(cfg: Config) -> tuple[ArrayDataset, int | None]:
+    """The dataset and the samples each client gets (None: the train split over clients)."""
+    if cfg.dataset in LANGUAGE_DATASETS:
+        return load_language_data(cfg)
+    synthetic = cfg.dataset == "synthetic"
+    per_client = cfg.samples_per_client or (SYNTHETIC_SAMPLES_PER_CLIENT if synthetic else None)
+    data = load_dataset(
+        cfg.dataset, cfg.data_dir,
+        num_train=per_client * cfg.clients if synthetic else None,
+        num_test=cfg.test_samples or (SYNTHETIC_TEST_SAMPLES if synthetic else None),
+        seed=cfg.seed)
+    return data, per_client
+
+
+def build_world(cfg: Config) -> World:
+    """Load data, partition it and build the algorithm; every input error surfaces here."""
+    data, per_client = load_data(cfg)
+    # Sequences have no class label; they are split iid, which only needs their count.
+    labels = data.y_train if data.y_train.ndim == 1 else np.zeros(len(data.y_train), np.int64)
+    indices = partition(labels, cfg.clients, cfg.partition, alpha=cfg.alpha,
+                        shards_per_client=cfg.shards_per_client, samples_per_client=per_client,
+                        seed=cfg.seed)
+    facts = model_facts(cfg, data.num_classes)
+    setup = Setup(cfg.to_dict(), data.num_classes, tuple(data.mean), tuple(data.std),
+                  facts.sizes, facts.costs)
+    profiles = client_profiles(cfg.profile, cfg.clients, cfg.seed, trace=cfg.profile_trace,
+                               stragglers=cfg.stragglers, straggler_param=cfg.straggler_param,
+                               availability=cfg.availability)
+    return World(cfg, data, indices, setup.algorithm(), setup, profiles, facts)
+
+
+if __name__ == "__main__":
+    _answer_facts()
