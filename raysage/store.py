@@ -37,7 +37,8 @@ def to_safetensors(state: State) -> bytes:
     from safetensors.numpy import save
 
     # (np.ascontiguousarray would turn a 0-d array, Adam's step, into shape (1,).)
-    return save({k: v if v.flags.c_contiguous else v.copy(order="C") for k, v in state.items()})
+    arrays = {k: np.asarray(v) for k, v in state.items()}
+    return save({k: v if v.flags.c_contiguous else v.copy(order="C") for k, v in arrays.items()})
 
 
 def from_safetensors(data: bytes, where: str) -> State:

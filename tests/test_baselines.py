@@ -141,7 +141,7 @@ def test_sglr_broadcasts_the_mean_of_the_chosen_gradients_with_split_learning_ra
     algo = make("sglr", clients=4, client_lr=0.01, sglr_alpha=0.5, sglr_phi=0.5,
                 server_optimizer="sgd", server_weight_decay=0.0)
     server = algo.init_server()
-    assert server.optimizers["server"].param_groups[0]["lr"] == pytest.approx(0.01 * 4 ** 0.5)
+    assert server.optimizers["server"].lr == pytest.approx(0.01 * 4 ** 0.5)
     torch.manual_seed(4)
     uploads = [(cid, 3, {"smashed": torch.randn(5, 32, 8, 8).numpy(),
                          "y": torch.randint(0, 10, (5,)).numpy()}) for cid in range(4)]

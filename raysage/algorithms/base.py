@@ -49,6 +49,7 @@ from ..netsim.cost import ModelCosts
 from ..netsim.planner import ClientRoundPlan
 from ..store import StateStore
 from ..streams import stream_seed
+from .optim import Optimizer
 
 if TYPE_CHECKING:
     from ..models import SplitArchitecture
@@ -132,7 +133,7 @@ class ClientState:
     cid: int
     num_samples: int
     models: dict[str, nn.Module] = field(default_factory=dict)
-    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    optimizers: dict[str, Optimizer] = field(default_factory=dict)
     carry: dict[str, Any] = field(default_factory=dict)   # forward -> backward of one iteration
     metrics: dict[str, float] = field(default_factory=dict)  # this round's sums
 
@@ -143,7 +144,7 @@ class ClientState:
 @dataclass
 class ServerState:
     models: dict[str, nn.Module] = field(default_factory=dict)
-    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    optimizers: dict[str, Optimizer] = field(default_factory=dict)
     # What the server keeps per client between rounds, as arrays (RAM budget, spill).
     clients: StateStore = field(default_factory=lambda: StateStore(budget=0))
     # Per-client objects alive during a round only (SplitFed v1's copies of x_s),
@@ -195,44 +196,6 @@ def load_state(module: nn.Module, state: State) -> None:
                             f"unexpected {sorted(unexpected)[:3]}")
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer) -> State:
-    """An optimizer's per-parameter state as arrays named '<parameter index>.<key>'."""
-    out = {}
-    for index, values in optimizer.state_dict()["state"].items():
-        for key, value in values.items():
-            if value is None:        # e.g. SGD's momentum buffer before its first step
-                continue
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"optimizer state {key!r} is a {type(value).__name__}, "
-                                "not a tensor; raysage keeps tensors only")
-            out[f"{index}.{key}"] = value.detach().cpu().numpy().copy()
-    return out
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: State | None) -> None:
-    """Give an optimizer a client's state (or none: a client that never stepped).
-
-    ``load_state_dict`` moves each value to its parameter's device and dtype
-    the way torch itself restores a checkpoint, so state written on one
-    device continues on another.
-    """
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    groups = optimizer.state_dict()["param_groups"]
-    known = {i for g in groups for i in g["params"]}
-    for name, array in (state or {}).items():
-        index, _, key = name.partition(".")
-        if not index.isdigit() or int(index) not in known or not key:
-            raise StateMismatch(f"optimizer state {name!r} does not fit the optimizer")
-        per_param.setdefault(int(index), {})[key] = torch.from_numpy(np.array(array))
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for index, values in per_param.items():
-        for key, value in values.items():
-            if value.dim() and value.shape != params[index].shape:
-                raise StateMismatch(f"optimizer state {index}.{key} has shape "
-                                    f"{tuple(value.shape)}, its parameter {tuple(params[index].shape)}")
-    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
-
-
 def state_nbytes(obj: Any, _seen: set[int] | None = None) -> int:
     """Bytes held by models (parameters, buffers, gradients), optimizer state and arrays."""
     seen = set() if _seen is None else _seen
@@ -253,8 +216,8 @@ def state_nbytes(obj: Any, _seen: set[int] | None = None) -> int:
         total = sum(state_nbytes(t, seen) for t in obj.state_dict(keep_vars=True).values())
         return total + sum(state_nbytes(p.grad, seen) for p in obj.parameters()
                            if p.grad is not None)
-    if isinstance(obj, torch.optim.Optimizer):
-        return sum(state_nbytes(v, seen) for st in obj.state.values() for v in st.values())
+    if isinstance(obj, Optimizer):
+        return obj.nbytes()
     return 0
 
 
@@ -272,12 +235,9 @@ def release_gradients(obj: Any) -> None:
 
 
 def make_optimizer(kind: str, params, lr: float, weight_decay: float,
-                   momentum: float) -> torch.optim.Optimizer:
-    if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if kind == "adamw":  # decoupled weight decay, as the paper's GPT-2 fine-tuning
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+                   momentum: float) -> Optimizer:
+    """SGD, Adam, or AdamW (decoupled weight decay, as the paper's GPT-2 fine-tuning)."""
+    return Optimizer(kind, params, lr=lr, weight_decay=weight_decay, momentum=momentum)
 
 
 def cross_entropy_grad(model: nn.Module, h: torch.Tensor, y: torch.Tensor,
@@ -314,7 +274,9 @@ class WeightedAverage:
         out = {}
         for name, acc in self.sums.items():
             dtype = self.dtypes[name]
-            out[name] = (np.rint(acc) if np.issubdtype(dtype, np.integer) else acc).astype(dtype)
+            # (np.rint of a 0-d array is a scalar; asarray keeps every entry an array.)
+            out[name] = np.asarray(np.rint(acc) if np.issubdtype(dtype, np.integer)
+                                   else acc).astype(dtype)
         return out
 
 
@@ -373,17 +335,17 @@ class Algorithm:
         return as_tensor(array).to(self.device)
 
     # -- optimizers, one place so every algorithm builds them alike
-    def client_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+    def client_optimizer(self, module: nn.Module) -> Optimizer:
         c = self.cfg
         return make_optimizer(c.client_optimizer, module.parameters(), c.client_lr,
                               c.client_weight_decay, c.momentum)
 
-    def server_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+    def server_optimizer(self, module: nn.Module) -> Optimizer:
         c = self.cfg
         return make_optimizer(c.server_optimizer, module.parameters(), c.server_lr,
                               c.server_weight_decay, c.momentum)
 
-    def aux_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+    def aux_optimizer(self, module: nn.Module) -> Optimizer:
         c = self.cfg
         return make_optimizer(c.aux_optimizer, module.parameters(), c.aux_lr,
                               c.aux_weight_decay, c.momentum)
@@ -395,7 +357,7 @@ class Algorithm:
         return {"smashed": smashed.detach().cpu().numpy(), "y": y.cpu().numpy()}
 
     @staticmethod
-    def server_step(server: "ServerState", x_s: nn.Module, optimizer: torch.optim.Optimizer,
+    def server_step(server: "ServerState", x_s: nn.Module, optimizer: Optimizer,
                     smashed: torch.Tensor, y: torch.Tensor) -> None:
         """Step x_s on CE(x_s(h), y); dL/dh lands in smashed.grad if h requires it."""
         loss = split_loss(x_s(smashed), y)
@@ -556,7 +518,7 @@ def save_kept(algo: Algorithm, client: ClientState) -> State:
         out.update({f"model.{name}.{k}": v for k, v in to_state(client.models[name]).items()})
     for name in keeps.optimizers:
         out.update({f"optimizer.{name}.{k}": v
-                    for k, v in optimizer_state(client.optimizers[name]).items()})
+                    for k, v in client.optimizers[name].state_arrays().items()})
     return out
 
 
@@ -568,7 +530,7 @@ def load_kept(algo: Algorithm, client: ClientState, state: State | None) -> None
         for name in keeps.models:
             client.models[name].load_state_dict(fresh[name].state_dict())
         for name in keeps.optimizers:
-            load_optimizer_state(client.optimizers[name], None)
+            client.optimizers[name].load_state_arrays(None)
         return
     for name in keeps.models:
         prefix = f"model.{name}."
@@ -576,6 +538,5 @@ def load_kept(algo: Algorithm, client: ClientState, state: State | None) -> None
                                          if k.startswith(prefix)})
     for name in keeps.optimizers:
         prefix = f"optimizer.{name}."
-        load_optimizer_state(client.optimizers[name],
-                             {k[len(prefix):]: v for k, v in state.items()
-                              if k.startswith(prefix)})
+        client.optimizers[name].load_state_arrays(
+            {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

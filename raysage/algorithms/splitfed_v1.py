@@ -9,8 +9,8 @@ average. Server memory grows linearly with the number of clients.
 
 from __future__ import annotations
 
-from .base import (ServerState, load_optimizer_state, load_state, optimizer_state, state_nbytes,
-                   to_state, weighted_average)
+from ..lazy import torch
+from .base import ServerState, load_state, state_nbytes, to_state, weighted_average
 from .splitfed_v2 import SplitFedV2
 
 
@@ -27,10 +27,13 @@ def server_copy(algo, server: ServerState, rnd: int, cid: int):
         if server.spare:
             copy = server.spare.pop()
         else:
-            model = algo.place(algo.arch.make_server())
+            # (Initial weights are replaced below; drawing them must not move the
+            # seeded stream this upload is served on.)
+            with torch.random.fork_rng(devices=[]):
+                model = algo.place(algo.arch.make_server())
             copy = {"model": model, "optimizer": algo.server_optimizer(model)}
         copy["model"].load_state_dict(server.models["server"].state_dict())
-        load_optimizer_state(copy["optimizer"], server.clients.get(cid))
+        copy["optimizer"].load_state_arrays(server.clients.get(cid))
         server.live[cid] = copy
     return copy["model"], copy["optimizer"]
 
@@ -45,7 +48,7 @@ def average_server_copies(server: ServerState, rnd: int, weights: dict[int, floa
         load_state(server.models["server"], weighted_average([(w / total, s) for w, s in copies]))
     for cid in sorted(server.live):
         copy = server.live.pop(cid)
-        server.clients.put(cid, optimizer_state(copy["optimizer"]))
+        server.clients.put(cid, copy["optimizer"].state_arrays())
         copy["model"].zero_grad(set_to_none=True)
         server.spare.append(copy)
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import pyarrow.fs as pafs
 
 from ..algorithms.base import State
 from ..config import Config, build_config
@@ -105,7 +104,7 @@ class Orchestrator:
 
     def _spill_root(self) -> Path:
         """Where stores spill: the run folder when it is local, else a local temporary one."""
-        if isinstance(self.run_dir.fs, pafs.LocalFileSystem):
+        if self.run_dir.is_local:
             return Path(self.run_dir.root) / ".spill"
         return Path(tempfile.mkdtemp(prefix="raysage-spill-"))
 
@@ -178,25 +177,40 @@ class Orchestrator:
 
     # ------------------------------------------------------------ a round
     def execute(self, rnd: int, schedule: RoundSchedule, global_ref) -> dict[int, Any]:
-        """Submit the round's actions in causal order; returns end-of-round refs by client."""
+        """Submit the round's actions in causal order; returns end-of-round refs by client.
+
+        The driver lets go of each upload and reply once the last action that
+        reads it is submitted, so the object store holds what is in flight,
+        not a whole round's activations.
+        """
         backend = self.backend
         uploads, replies, ends = {}, {}, {}
+        readers: dict[tuple[int, int], int] = {}
+        for action in schedule.actions:
+            if not isinstance(action, Segment):
+                for seg in action.segments:
+                    readers[seg] = readers.get(seg, 0) + 1
         for action in schedule.actions:
             if isinstance(action, Segment):
                 worker = self.workers[self.owner[action.cid]]
-                reply = replies[action.reply_of] if action.reply_of is not None else None
+                reply = replies.pop(action.reply_of) if action.reply_of is not None else None
                 start = None
                 if action.is_first:
                     start = ends[action.after] if action.after is not None else global_ref
                 sent, end = backend.call(worker, "run_segment", rnd, action, start, reply,
                                          num_returns=2)
-                uploads[action.key] = sent
+                if action.key in readers:
+                    uploads[action.key] = sent
                 if action.is_last:
                     ends[action.cid] = end
             else:
                 n = len(action.uploads)
                 out = backend.call(self.server, "serve", rnd, action.uploads,
                                    *[uploads[seg] for seg in action.segments], num_returns=n)
+                for seg in action.segments:
+                    readers[seg] -= 1
+                    if not readers[seg]:
+                        del uploads[seg]
                 for upload, reply in zip(action.uploads, out if n > 1 else [out]):
                     replies[upload] = reply
         return ends
@@ -362,8 +376,7 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
                                "aux": world.setup.sizes.aux_frozen},
     }
     writer.finish(summary)
-    local = isinstance(run_dir.fs, pafs.LocalFileSystem)
-    return SimulationResult(Path(run_dir.root) if local else str(run_dir), writer.rounds,
+    return SimulationResult(Path(run_dir.root) if run_dir.is_local else str(run_dir), writer.rounds,
                             writer.clients, summary, progress.global_state)
 
 

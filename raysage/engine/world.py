@@ -54,10 +54,7 @@ def count_model_facts(config: dict, num_classes: int) -> ModelFacts:
     algo.build_client(probe)
 
     def moments(optimizer) -> int:
-        kind = type(optimizer).__name__.lower()
-        params = sum(p.numel() * p.element_size() for g in optimizer.param_groups
-                     for p in g["params"])
-        return params * algo.optimizer_copies(kind)
+        return optimizer.moments * sum(p.numel() * p.element_size() for p in optimizer.params)
 
     keeps = algo.client_keeps
     kept = (sum(state_bytes(transfer_state(probe.models[m])) for m in keeps.models)

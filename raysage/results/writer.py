@@ -13,76 +13,138 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from typing import Any
-
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from ..config import Config
 from ..errors import ConfigError
 
 
 class RunFolder:
-    """One run's folder on a pyarrow filesystem."""
+    """One run's folder: a local directory, or a folder on a pyarrow filesystem.
+
+    Local folders use plain file operations, so a worker that writes its
+    clients' state does not import pyarrow (about 30 MB per process) unless
+    the run folder is remote.
+    """
 
     def __init__(self, location: str | os.PathLike):
         location = str(location)
+        self.location = location
+        self.is_local = "://" not in location
+        if self.is_local:
+            self.root, self._fs = os.path.abspath(location), None
+            return
+        import pyarrow as pa
+        import pyarrow.fs as pafs
+
         try:
-            if "://" in location:
-                self.fs, self.root = pafs.FileSystem.from_uri(location)
-            else:
-                self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(location)
+            self._fs, self.root = pafs.FileSystem.from_uri(location)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
             raise ConfigError(f"cannot use {location!r} as a run folder: "
                               f"{str(exc).splitlines()[0]}; give a local path or a URI such as "
                               "s3://bucket/runs/name") from None
-        self.location = location
+
+    @property
+    def fs(self):
+        """The folder's pyarrow filesystem (a local one for a local folder)."""
+        if self._fs is None:
+            import pyarrow.fs as pafs
+
+            self._fs = pafs.LocalFileSystem()
+        return self._fs
 
     def path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
 
     def is_nonempty(self) -> bool:
+        if self.is_local:
+            return os.path.isdir(self.root) and bool(os.listdir(self.root))
+        import pyarrow.fs as pafs
+
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.NotFound:
             return False
         return bool(self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True)))
 
     def exists(self, name: str) -> bool:
+        if self.is_local:
+            return os.path.isfile(self.path(name))
+        import pyarrow.fs as pafs
+
         return self.fs.get_file_info(self.path(name)).type == pafs.FileType.File
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write to a temporary name and move it into place."""
         parent, _, base = name.rpartition("/")
-        self.fs.create_dir(self.path(parent) if parent else self.root, recursive=True)
         tmp = self.path(f"{parent}/.{base}.tmp" if parent else f".{name}.tmp")
+        if self.is_local:
+            os.makedirs(os.path.dirname(tmp), exist_ok=True)
+            with open(tmp, "wb") as out:
+                out.write(data)
+            os.replace(tmp, self.path(name))
+            return
+        self.fs.create_dir(self.path(parent) if parent else self.root, recursive=True)
         with self.fs.open_output_stream(tmp) as out:
             out.write(data)
         self.fs.move(tmp, self.path(name))
 
-    def delete(self, name: str) -> None:
-        try:
-            self.fs.delete_file(self.path(name))
-        except FileNotFoundError:
-            pass
-
-    def list_files(self, folder: str) -> list[str]:
-        """Names (relative to the run folder) of every file under ``folder``."""
-        selector = pafs.FileSelector(self.path(folder), recursive=True, allow_not_found=True)
-        root = self.root.rstrip("/") + "/"
-        return sorted(info.path[len(root):] for info in self.fs.get_file_info(selector)
-                      if info.type == pafs.FileType.File)
-
     def read_bytes(self, name: str) -> bytes:
+        if self.is_local:
+            with open(self.path(name), "rb") as f:
+                return f.read()
         with self.fs.open_input_stream(self.path(name)) as f:
             return f.read()
 
+    def delete(self, name: str) -> None:
+        try:
+            if self.is_local:
+                os.remove(self.path(name))
+            else:
+                self.fs.delete_file(self.path(name))
+        except FileNotFoundError:
+            pass
+
+    def delete_all(self) -> None:
+        """Remove everything in the folder (the folder stays)."""
+        if self.is_local:
+            for entry in os.scandir(self.root):
+                shutil.rmtree(entry.path) if entry.is_dir() else os.remove(entry.path)
+        else:
+            self.fs.delete_dir_contents(self.root, missing_dir_ok=True)
+
+    def names(self) -> list[str]:
+        """Names of the files and folders directly in the folder."""
+        if self.is_local:
+            return sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []
+        import pyarrow.fs as pafs
+
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        return sorted(i.path.rstrip("/").rsplit("/", 1)[-1] for i in infos)
+
+    def list_files(self, folder: str) -> list[str]:
+        """Names (relative to the run folder) of every file under ``folder``."""
+        root = self.root.rstrip("/") + "/"
+        if self.is_local:
+            return sorted(os.path.join(top, f)[len(root):]
+                          for top, _, files in os.walk(self.path(folder)) for f in files)
+        import pyarrow.fs as pafs
+
+        selector = pafs.FileSelector(self.path(folder), recursive=True, allow_not_found=True)
+        return sorted(info.path[len(root):] for info in self.fs.get_file_info(selector)
+                      if info.type == pafs.FileType.File)
+
     def write_table(self, name: str, rows: list[dict[str, Any]]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         buffer = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows), buffer)
         self.write_bytes(name, buffer.getvalue())
 
     def read_table(self, name: str) -> list[dict[str, Any]]:
+        import pyarrow.parquet as pq
+
         return pq.read_table(io.BytesIO(self.read_bytes(name))).to_pylist()
 
     def __str__(self) -> str:

@@ -184,22 +184,15 @@ def point_status(point: SweepPoint) -> str:
 def clear_point(point: SweepPoint) -> None:
     """Remove an interrupted point's files so that it can start over; refuse
     if the folder holds anything raysage did not write."""
-    import pyarrow.fs as pafs
-
     from ..results import RunFolder
 
     folder = RunFolder(point.config.out)
-    entries = folder.fs.get_file_info(pafs.FileSelector(folder.root))
-    names = [e.path.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+    names = folder.names()
     foreign = [n for n in names if n not in RUN_FILES and not n.startswith(".")]
     if foreign:
         raise ConfigError(f"{folder} is not a finished run and holds files raysage did not "
                           f"write ({', '.join(sorted(foreign))}); move them away or remove it")
-    for entry in entries:
-        if entry.type == pafs.FileType.Directory:
-            folder.fs.delete_dir(entry.path)
-        else:
-            folder.fs.delete_file(entry.path)
+    folder.delete_all()
 
 
 # --- running ------------------------------------------------------------------------------
