@@ -24,7 +24,7 @@ from .errors import ConfigError
 # each name really maps to an implementation.
 ALGORITHM_NAMES = ("fsl_sage", "fedavg", "sl", "splitfed_v1", "splitfed_v2", "fsl_an",
                    "cse_fsl", "sglr")
-MODEL_NAMES = ("cnn", "resnet18", "gpt2")
+MODEL_NAMES = ("cnn", "resnet18", "simple_conv", "gpt2")
 DATASET_NAMES = ("synthetic", "cifar10", "cifar100", "e2e_synthetic", "e2e")
 LANGUAGE_DATASETS = ("e2e_synthetic", "e2e")
 GPT2_SIZES = ("tiny", "small", "medium")
@@ -54,7 +54,10 @@ class Config:
     # What to simulate.
     algorithm: str = field(default="fsl_sage", metadata=_meta(
         "algorithm to simulate", choices=ALGORITHM_NAMES))
-    model: str = field(default="cnn", metadata=_meta("split model", choices=MODEL_NAMES))
+    model: str = field(default="cnn", metadata=_meta(
+        "split model: cnn (small, fast), resnet18 (the paper's split after layer2), "
+        "simple_conv (the FSL-SAGE reference code's CIFAR split) or gpt2 (language model)",
+        choices=MODEL_NAMES))
     dataset: str = field(default="synthetic", metadata=_meta(
         "dataset: synthetic (embedded, no files), cifar10 or cifar100 (need --data-dir); for "
         "--model gpt2: e2e_synthetic (embedded) or e2e (E2E NLG CSVs in --data-dir)",
@@ -302,8 +305,8 @@ def _check_together(cfg: Config) -> None:
     language = cfg.dataset in LANGUAGE_DATASETS
     if language != (cfg.model == "gpt2"):
         raise ConfigError(f"model '{cfg.model}' does not fit dataset '{cfg.dataset}': use "
-                          "--model gpt2 with e2e or e2e_synthetic, and cnn or resnet18 with "
-                          "synthetic, cifar10 or cifar100")
+                          "--model gpt2 with e2e or e2e_synthetic, and cnn, resnet18 or "
+                          "simple_conv with synthetic, cifar10 or cifar100")
     if language and cfg.algorithm not in LANGUAGE_ALGORITHMS:
         raise ConfigError(f"algorithm '{cfg.algorithm}' does not run the language-model task; "
                           "choose one of: " + ", ".join(LANGUAGE_ALGORITHMS))

@@ -50,7 +50,7 @@ def test_resnet18_num_classes_changes_only_linear_heads(resnet18_10):
     assert s100["server"]["params"] - resnet18_10["server"]["params"] == (512 + 1) * 90
 
 
-@pytest.mark.parametrize("name,batch", [("cnn", 4), ("resnet18", 2)])
+@pytest.mark.parametrize("name,batch", [("cnn", 4), ("resnet18", 2), ("simple_conv", 3)])
 def test_split_shapes_and_full_model_composition(name, batch):
     torch.manual_seed(0)
     arch = get_architecture(name, 7)
@@ -116,7 +116,7 @@ def test_num_parameters():
 
 
 def test_models_dict():
-    assert set(MODELS) == {"cnn", "resnet18", "gpt2"}
+    assert set(MODELS) == {"cnn", "resnet18", "simple_conv", "gpt2"}
     assert MODELS["cnn"](10) == get_architecture("cnn", 10)
 
 
@@ -124,7 +124,7 @@ def test_unknown_model_name():
     with pytest.raises(ModelError) as e:
         get_architecture("nope", 10)
     msg = str(e.value)
-    assert "nope" in msg and "cnn" in msg and "resnet18" in msg
+    assert "nope" in msg and "cnn" in msg and "resnet18" in msg and "simple_conv" in msg
     assert "\n" not in msg
 
 

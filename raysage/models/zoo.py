@@ -16,6 +16,12 @@ from raysage.errors import ModelError
 from raysage.models.state import num_parameters, state_bytes
 from raysage.models.cnn import cnn_aux, cnn_client, cnn_server
 from raysage.models.resnet import resnet18_aux, resnet18_client, resnet18_server
+from raysage.models.simple_conv import (
+    CUT_FEATURES,
+    simple_conv_aux,
+    simple_conv_client,
+    simple_conv_server,
+)
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,18 @@ def resnet18(num_classes: int, **_: object) -> SplitArchitecture:
     )
 
 
+def simple_conv(num_classes: int, **_: object) -> SplitArchitecture:
+    return SplitArchitecture(
+        name="simple_conv",
+        num_classes=num_classes,
+        input_shape=(3, 32, 32),
+        cut_shape=(CUT_FEATURES,),
+        build_client=simple_conv_client,
+        build_server=simple_conv_server,
+        build_aux=simple_conv_aux,
+    )
+
+
 def gpt2(vocab_size: int, *, gpt2_size: str = "tiny", seq_len: int = 256, cut_layer: int = 1,
          aux_depth: int = 3, lora_rank: int = 4, lora_alpha: float = 32.0,
          lora_dropout: float = 0.1, weights_dir: str | None = None, seed: int = 0,
@@ -137,6 +155,7 @@ def gpt2(vocab_size: int, *, gpt2_size: str = "tiny", seq_len: int = 256, cut_la
 MODELS: dict[str, Callable[..., SplitArchitecture]] = {
     "cnn": cnn,
     "resnet18": resnet18,
+    "simple_conv": simple_conv,
     "gpt2": gpt2,
 }
 
