@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +21,8 @@ import yaml
 from typer.testing import CliRunner
 
 from raysage.cli import app
+from raysage.config import build_config
+from raysage.errors import RaysageError
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_BIN = Path(sys.executable).parent / "ray"
@@ -65,6 +69,170 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def invoke_within(seconds: float, args: list[str]):
+    """The CLI in-process, failing (rather than hanging the suite) past ``seconds``."""
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(result=CliRunner().invoke(app, args)),
+                              daemon=True)
+    start = time.monotonic()
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"raysage {' '.join(args)} still runs after {seconds} s"
+    return box["result"], time.monotonic() - start
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.strip()]
+
+
+TINY = ["--clients", "3", "--rounds", "1", "--samples-per-client", "10", "--test-samples", "20"]
+
+
+@pytest.mark.parametrize("flags,what,todo", [
+    (["--cpus-per-worker", "100"], "--cpus-per-worker 100 fits on no node", "lower --cpus-per-worker"),
+    (["--cpus-per-worker", "3"], "--cpus-per-worker 3 fits on no node", "lower --cpus-per-worker"),
+    (["--server-cpus", "100"], "--server-cpus 100 fits on no node", "lower --server-cpus"),
+    (["--server-cpus", "2"], "do not fit together", "lower --server-cpus or --cpus-per-worker"),
+    (["--workers", "3"], "--workers 3 of 1 CPU, 0 GPU each", "at most 2 such workers"),
+])
+def test_reservations_that_can_never_be_met_are_refused_within_seconds(ray_session, tmp_path,
+                                                                        flags, what, todo):
+    out = tmp_path / "run"
+    result, elapsed = invoke_within(60, ["simulate", *TINY, *flags, "--out", str(out)])
+    lines = error_lines(result.output)
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and what in lines[0] and todo in lines[0], lines[0]
+    assert "2 CPUs" in lines[0]                       # what the session's cluster has
+    assert elapsed < 10 and not out.exists()
+
+
+def test_every_reservation_must_fit_on_one_node():
+    from raysage.engine.backend import placeable_workers
+
+    # cluster/ray-cluster.yaml: a 0-CPU head and two g5.2xlarge (8 CPUs, 1 GPU).
+    nodes = [(0.0, 0.0), (8.0, 1.0), (8.0, 1.0)]
+    kuberay = build_config({"cpus_per_worker": 1, "gpus_per_worker": 0.25, "server_cpus": 4,
+                            "server_gpus": 0.5})
+    assert placeable_workers(nodes, kuberay, "test cluster") == 6   # 4, and 2 beside the server
+    with pytest.raises(RaysageError, match=r"^--cpus-per-worker 10 fits on no node of the test "
+                       r"cluster \(its largest node has 8 CPUs and 1 GPUs\)"):
+        placeable_workers(nodes, build_config({"cpus_per_worker": 10}), "test cluster")
+    with pytest.raises(RaysageError, match="^--server-gpus 1.5 fits on no node"):
+        placeable_workers(nodes, build_config({"server_gpus": 1.5}), "test cluster")
+    with pytest.raises(RaysageError, match="^--server-cpus 8 with --server-gpus 1 fits on no"):
+        placeable_workers([(8.0, 0.0), (2.0, 1.0)],
+                          build_config({"server_cpus": 8, "server_gpus": 1}), "test cluster")
+
+
+def test_a_run_waits_boundedly_for_resources_that_other_jobs_hold(ray_session, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.setenv("RAYSAGE_RESOURCE_WAIT_S", "2")
+
+    @ray_session.remote(num_cpus=2)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    try:
+        ray_session.get(holder.ready.remote(), timeout=120)
+        out = tmp_path / "run"
+        result, elapsed = invoke_within(60, ["simulate", *TINY, "--workers", "1",
+                                             "--out", str(out)])
+    finally:
+        ray_session.kill(holder)
+    lines = error_lines(result.output)
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "has room for 0 of the 1 workers" in lines[0] and "after 2 s" in lines[0]
+    assert "other jobs hold the rest (0 CPUs, 0 GPUs free)" in lines[0]
+    assert elapsed < 15 and not out.exists()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize("scheme,kind", [("", "cluster (GCS)"), ("ray://", "client server")])
+def test_an_address_where_something_else_listens_fails_within_seconds(tmp_path, scheme, kind):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"{scheme}127.0.0.1:{server.server_address[1]}"
+        out = tmp_path / "run"
+        result, elapsed = invoke_within(60, ["simulate", *TINY, "--address", address,
+                                             "--out", str(out)])
+    finally:
+        server.shutdown()
+    assert result.exit_code == 2 and error_lines(result.output) == [
+        f"error: {address} answers but not as a Ray {kind} (it does not speak gRPC; an HTTP "
+        "server?); give the head's GCS address (HOST:6379) or ray://HOST:10001 in --address"]
+    assert elapsed < 10 and not out.exists()
+
+
+def _cli_env(home: Path, **changes: str) -> dict[str, str]:
+    """This environment without Ray addresses or tokens, and a home without ~/.ray."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH"))}
+    env["HOME"] = str(home)
+    env.update(changes)
+    return env
+
+
+def _session_token() -> str:
+    from ray._raylet import AuthenticationTokenLoader
+
+    return AuthenticationTokenLoader.instance().get_raw_token(ignore_auth_mode=True)
+
+
+@pytest.mark.parametrize("setting,advice", [
+    ({}, "requires token authentication (InvalidAuthToken); export RAY_AUTH_MODE=token and the "
+         "cluster's token as RAY_AUTH_TOKEN (`ray get-auth-token` on the cluster's head "
+         "prints it"),
+    ({"RAY_AUTH_TOKEN": "session"}, "RAY_AUTH_TOKEN is set, but Ray sends a token only in "
+                                    "token mode; export RAY_AUTH_MODE=token"),
+    ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"},
+     "refuses this machine's token (InvalidAuthToken); export the cluster's own token as "
+     "RAY_AUTH_TOKEN"),
+])
+def test_joining_a_cluster_with_token_authentication_says_what_to_set(ray_session, tmp_path,
+                                                                      setting, advice):
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        pytest.skip("the test session's Ray runs without token authentication")
+    setting = {k: _session_token() if v == "session" else v for k, v in setting.items()}
+    gcs = ray_session.get_runtime_context().gcs_address
+    out = tmp_path / "run"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "raysage.cli", "simulate", *TINY, "--address",
+                           gcs, "--out", str(out)], env=_cli_env(tmp_path, **setting),
+                          capture_output=True, text=True, timeout=180)
+    elapsed = time.monotonic() - start
+    lines = error_lines(proc.stdout + proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: the Ray cluster at {gcs} ") and advice in lines[0], lines
+    assert elapsed < 15 and not out.exists()
+
+
+def test_a_dashboard_address_in_ray_address_is_explained_in_one_whole_line(tmp_path):
+    out = tmp_path / "run"
+    env = _cli_env(tmp_path, RAY_ADDRESS="http://127.0.0.1:8265")
+    proc = subprocess.run([sys.executable, "-m", "raysage.cli", "simulate", *TINY,
+                           "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 2 and error_lines(proc.stdout + proc.stderr) == [
+        "error: RAY_ADDRESS http://127.0.0.1:8265 is a dashboard (job API) address, which "
+        "`ray job submit` and cluster/submit.sh take; raysage simulate joins a cluster's GCS: "
+        "set it to HOST:6379 (or ray://HOST:10001), or unset RAY_ADDRESS to start a local Ray"]
+    assert not out.exists()
+
+
+def test_one_line_keeps_the_whole_message():
+    from raysage.errors import one_line
+
+    assert one_line(ValueError("Invalid: x. To fix this, either:\n  1. unset it, or\n  2. set "
+                               "it\n")) == "Invalid: x. To fix this, either: 1. unset it, or 2. set it"
 
 
 def _local_env() -> dict[str, str]:
