@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,9 +13,11 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -235,88 +238,113 @@ def test_one_line_keeps_the_whole_message():
                                "it\n")) == "Invalid: x. To fix this, either: 1. unset it, or 2. set it"
 
 
-def _local_env() -> dict[str, str]:
-    # A loopback-only test cluster: no token authentication (Ray 2.60 turns it on by
-    # default); real clusters keep it, see README "Running on a cluster".
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_AUTH_MODE"] = "disabled"
-    return env
+def _readme_block(title: str) -> str:
+    section = (REPO / "README.md").read_text().split(title, 1)[1]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
 
 
-@pytest.fixture
-def local_cluster(monkeypatch):
-    """A Ray head on 127.0.0.1 in its own process group, ended by group when done."""
-    gcs, dashboard = _free_port(), _free_port()
-    # Every port of our own: another Ray on this machine (a user's, or a
-    # running experiment) holds the default ones, and a job agent that cannot
-    # bind its default port never comes up ("No available agent").
-    agent_http, agent_grpc, runtime_env, client_server = (_free_port() for _ in range(4))
-    temp_dir = tempfile.mkdtemp(prefix="rsg", dir="/tmp")  # short: Ray's socket paths
-    env = _local_env()
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")   # for the job client in this process
-    head = subprocess.Popen(
-        [str(RAY_BIN), "start", "--head", "--block", f"--port={gcs}",
-         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-         f"--ray-client-server-port={client_server}", "--num-cpus=2", "--include-dashboard=true",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
-    url = f"http://127.0.0.1:{dashboard}"
+def _listening(pids: list[int]) -> list[str]:
+    hosts = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            conns = (proc.net_connections if hasattr(proc, "net_connections")
+                     else proc.connections)("tcp")
+        except psutil.Error:
+            continue
+        hosts += [c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN]
+    return hosts
+
+
+def _alive(pid: int) -> bool:
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/version", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or head.poll() is not None:
-                    pytest.fail("the local Ray head did not come up within 120 s")
-                time.sleep(1)
-        yield url
-    finally:
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(head.pid, sig)
-                head.wait(timeout=wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
-def test_ray_job_submit_runs_a_simulation(local_cluster, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+def _end_head(pid: int) -> None:
+    """Only the head this test started: its `ray start` process, then its process group."""
+    for kill, wait in ((lambda: os.kill(pid, signal.SIGTERM), 30),
+                       (lambda: os.killpg(pid, signal.SIGKILL), 10)):
+        try:
+            kill()
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.5)
+        if not _alive(pid):
+            return
 
+
+def test_the_readme_local_cluster_flow_works_as_written_and_safe(tmp_path):
+    """README "Locally, as on a cluster", run as written (a smaller job, free ports, its own
+    folders): token authentication on, every port on 127.0.0.1, and `stop` ends it all."""
+    from raysage.engine.backend import probe_ray
+
+    block = _readme_block("**Locally, as on a cluster.**")
+    size = "--clients 200 --rounds 5 --out /tmp/runs/a"
+    assert size in block and "ls /tmp/runs/a" in block
     out = tmp_path / "job-run"
-    env = _local_env()
-    command = [str(RAY_BIN), "job", "submit", "--address", local_cluster,
-               "--working-dir", str(REPO), "--submission-id", "raysage-e2e", "--no-wait", "--",
-               sys.executable, "-m", "raysage.cli", "simulate", "--clients", "3", "--rounds", "2",
-               "--samples-per-client", "20", "--test-samples", "50", "--align-epochs", "2",
-               "--out", str(out)]
-    # The dashboard answers before its job agent is ready; Ray says to try again
-    # later. On a loaded machine the agent has taken over two minutes.
-    patience = time.time() + 300
-    while True:
-        submitted = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
-        if ("No available agent" not in submitted.stderr + submitted.stdout
-                or time.time() > patience):
-            break
-        time.sleep(2)
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    client = JobSubmissionClient(local_cluster)
-    deadline = time.time() + 300
-    while (status := client.get_job_status("raysage-e2e")) not in (
-            JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.time() < deadline, "the job did not finish within 300 s"
-        time.sleep(2)
-    logs = client.get_job_logs("raysage-e2e")
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    assert "Ray cluster of 1 node(s), 2 CPUs" in logs and "workers placed: 2 on" in logs
-    assert pq.read_table(out / "rounds.parquet").num_rows == 2
-    assert (out / "summary.json").exists()
+    block = block.replace(size, "--clients 3 --rounds 2 --samples-per-client 20 "
+                                f"--test-samples 50 --align-epochs 2 --out {out}")
+    block = block.replace("/tmp/runs/a", str(out))
+    lines = block.strip().splitlines()
+    stop = next(i for i, line in enumerate(lines) if line.startswith("cluster/local-head.sh stop"))
+    head_dir = Path(tempfile.mkdtemp(prefix="rsg", dir="/tmp"))  # short: Ray's socket paths
+    home = tmp_path / "home"
+    home.mkdir()
+    gcs, dashboard = _free_port(), _free_port()
+    env = _cli_env(home, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                   RAYSAGE_HEAD_DIR=str(head_dir), RAYSAGE_GCS_PORT=str(gcs),
+                   RAYSAGE_DASHBOARD_PORT=str(dashboard))
+
+    def bash(script: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=900)
+
+    head = None
+    try:
+        ran = bash("\n".join(lines[:stop]))
+        if (head_dir / "head.pid").exists():
+            head = int((head_dir / "head.pid").read_text())
+        assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+        assert "Ray cluster of 1 node(s), 2 CPUs" in ran.stdout, ran.stdout[-3000:]
+        assert "workers placed: 2 on" in ran.stdout and "raysubmit_" in ran.stdout
+        assert pq.read_table(out / "rounds.parquet").num_rows == 2
+        assert "rounds.parquet" in ran.stdout and (out / "summary.json").exists()
+
+        assert (home / ".ray" / "auth_token").exists()
+        processes = [head] + [p.pid for p in psutil.Process(head).children(recursive=True)]
+        hosts = _listening(processes)
+        assert hosts and set(hosts) <= {"127.0.0.1", "::ffff:127.0.0.1"}, hosts
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=10)
+        assert denied.value.code == 401
+        assert probe_ray(f"127.0.0.1:{gcs}", client=False, timeout=5)[0] == "auth"
+        # From elsewhere: the head's token in RAY_AUTH_TOKEN and nothing else.
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        token = (home / ".ray" / "auth_token").read_text().strip()
+        remote = _cli_env(elsewhere, PATH=env["PATH"], RAY_AUTH_TOKEN=token,
+                          RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}")
+        helped = subprocess.run(["cluster/submit.sh", "--help"], cwd=REPO, env=remote,
+                                capture_output=True, text=True, timeout=300)
+        assert helped.returncode == 0 and "--cpus-per-worker" in helped.stdout, \
+            helped.stdout[-2000:] + helped.stderr[-2000:]
+
+        stopped = bash("\n".join(lines[stop:]))
+        assert stopped.returncode == 0, stopped.stderr
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_alive(p) for p in processes):
+            time.sleep(0.5)
+        assert not [p for p in processes if _alive(p)]
+        head = None
+    finally:
+        if head is not None:
+            _end_head(head)
+        shutil.rmtree(head_dir, ignore_errors=True)
 
 
 def test_results_go_to_a_filesystem_uri_and_resume_from_it(tmp_path):
