@@ -13,6 +13,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -20,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..config import Config
-from ..errors import ConfigError
+from ..errors import ConfigError, RaysageError, one_line
 
 
 class RunFolder:
@@ -35,7 +37,7 @@ class RunFolder:
                 self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(location)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
             raise ConfigError(f"cannot use {location!r} as a run folder: "
-                              f"{str(exc).splitlines()[0]}; give a local path or a URI such as "
+                              f"{one_line(exc)}; give a local path or a URI such as "
                               "s3://bucket/runs/name") from None
         self.location = location
 
@@ -43,21 +45,50 @@ class RunFolder:
         return f"{self.root.rstrip('/')}/{name}"
 
     def is_nonempty(self) -> bool:
+        """Whether the folder holds anything; fails in one line, before a run starts, where
+        no run folder can be (a file, an unwritable place)."""
         info = self.fs.get_file_info(self.root)
+        if info.type == pafs.FileType.File:
+            raise ConfigError(f"run folder {self} is a file, not a folder; choose another --out")
         if info.type == pafs.FileType.NotFound:
+            self.check_writable()
             return False
-        return bool(self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True)))
+        if self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True)):
+            return True
+        self.check_writable()
+        return False
+
+    def check_writable(self) -> None:
+        """Create and remove a folder where the run folder goes (or inside it), so that a
+        place we cannot write fails now, not after minutes of start-up."""
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            return  # object stores: the first write says what is wrong
+        place = Path(self.root)
+        while not place.exists() and place != place.parent:
+            place = place.parent
+        if not place.is_dir():
+            raise ConfigError(f"cannot create run folder {self}: {place} is a file, not a "
+                              "folder; choose another --out")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".raysage-", dir=place))
+        except OSError as exc:
+            raise ConfigError(f"cannot write run folder {self}: {exc.strerror or exc} in "
+                              f"{place}; choose another --out") from None
 
     def exists(self, name: str) -> bool:
         return self.fs.get_file_info(self.path(name)).type == pafs.FileType.File
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write to a temporary name and move it into place."""
-        self.fs.create_dir(self.root, recursive=True)
-        tmp = self.path(f".{name}.tmp")
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(data)
-        self.fs.move(tmp, self.path(name))
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            tmp = self.path(f".{name}.tmp")
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(data)
+            self.fs.move(tmp, self.path(name))
+        except OSError as exc:  # a full disk, a folder made read-only mid-run
+            raise RaysageError(f"cannot write {self.path(name)}: {one_line(exc)}; free space "
+                               "or fix the folder's permissions") from None
 
     def read_bytes(self, name: str) -> bytes:
         with self.fs.open_input_stream(self.path(name)) as f:
