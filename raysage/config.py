@@ -144,7 +144,7 @@ class Config:
         minimum=0.0, exclusive_min=True))
     availability: float | None = field(default=None, metadata=_meta(
         "probability a client is reachable in a round (default: from the profile)",
-        minimum=0.0, maximum=1.0))
+        minimum=0.0, maximum=1.0, exclusive_min=True))
     dropout: float = field(default=0.0, metadata=_meta(
         "probability a participant drops mid-round and loses that round's work",
         minimum=0.0, maximum=1.0))
