@@ -129,7 +129,12 @@ class RayBackend:
         now may not, and Ray would then queue our actors without a word.
         """
         cfg = self.cfg
-        patience = float(os.environ.get("RAYSAGE_RESOURCE_WAIT_S", RESOURCE_WAIT_S))
+        raw = os.environ.get("RAYSAGE_RESOURCE_WAIT_S", str(RESOURCE_WAIT_S))
+        try:
+            patience = float(raw)
+        except ValueError:
+            raise RaysageError(f"RAYSAGE_RESOURCE_WAIT_S = {raw!r} is not a number of seconds; "
+                               "fix or unset it") from None
         deadline = time.monotonic() + patience
         while True:
             free = self.free_node_resources()
