@@ -51,16 +51,30 @@ def _fmt(value: float, digits: int = 3) -> str:
         else f"{value:.{digits}f}"
 
 
+def _resumable(location: Optional[str]) -> bool:
+    """Whether ``--resume`` has something to continue there: a run folder with a saved config."""
+    if location is None:
+        return False
+    from .results import RunFolder
+
+    try:
+        folder = RunFolder(location)
+        return folder.exists("config.yaml")
+    except Exception:  # an unusable location holds nothing to resume
+        return False
+
+
 def _run_simulate(config_file: Optional[Path], resume: Optional[str] = None,
                   **overrides: Any) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from .engine.orchestrator import GIB, simulate
-
     console = Console(stderr=True)
+    cfg = None
     try:
+        from .engine.orchestrator import GIB, simulate
+
         if resume is not None:
             from .engine.orchestrator import resume_config
 
@@ -86,14 +100,25 @@ def _run_simulate(config_file: Optional[Path], resume: Optional[str] = None,
                           f"sim {row['sim_time']:.1f} s")
                 progress.update(task, completed=row["round"] + 1, status=status)
 
-            result = simulate(cfg, on_round=on_round, resume=resume,
-                              announce=lambda line: progress.console.print(
-                                  line, soft_wrap=True, markup=False, highlight=False))
+            try:
+                result = simulate(cfg, on_round=on_round, resume=resume,
+                                  announce=lambda line: progress.console.print(
+                                      line, soft_wrap=True, markup=False, highlight=False))
+            except BaseException:
+                # The error line says what happened; a bar stuck at "starting" adds nothing.
+                progress.live.transient = True
+                raise
     except RaysageError as exc:
         _fail(str(exc))
+    except MemoryError as exc:
+        _fail(f"out of memory ({exc or 'MemoryError'}); lower --clients, --samples-per-client or "
+              "--test-samples, or use a smaller --model")
     except KeyboardInterrupt:
-        _fail("interrupted; the run folder is consistent: continue it with "
-              f"raysage simulate --resume {cfg.out}")
+        location = cfg.out if cfg is not None else resume
+        if _resumable(location):
+            _fail("interrupted; the run folder is consistent: continue it with "
+                  f"raysage simulate --resume {location}")
+        _fail("interrupted before the run folder was written; nothing to resume")
 
     s = result.summary
     table = Table(title=f"raysage {s['algorithm']} - {s['clients']} clients, {s['rounds']} rounds")

@@ -147,7 +147,7 @@ class Config:
         minimum=0.0, exclusive_min=True))
     availability: float | None = field(default=None, metadata=_meta(
         "probability a client is reachable in a round (default: from the profile)",
-        minimum=0.0, maximum=1.0))
+        minimum=0.0, maximum=1.0, exclusive_min=True))
     dropout: float = field(default=0.0, metadata=_meta(
         "probability a participant drops mid-round and loses that round's work",
         minimum=0.0, maximum=1.0))
@@ -363,9 +363,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} is "
+                          f"{exc.object[exc.start:exc.start + 1]!r}); give a YAML file of "
+                          "field: value lines") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -21,3 +21,9 @@ class DataError(RaysageError):
 
 class ModelError(RaysageError):
     """An unknown model name or an impossible model configuration."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's whole message on one line (Ray's and pyarrow's span several)."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) \
+        or type(exc).__name__

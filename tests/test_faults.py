@@ -168,3 +168,42 @@ def test_sigint_leaves_a_folder_that_resume_completes(tmp_path):
     assert resumed.exit_code == 0, resumed.output
     assert [r["round"] for r in pq.read_table(out / "rounds.parquet").to_pylist()] == \
         list(range(40))
+
+
+def test_ctrl_c_during_start_up_suggests_no_resume(tmp_path):
+    """SIGINT while the data loads, before the run folder exists: no --resume hint."""
+    import subprocess
+    import sys
+    import time
+
+    batches = tmp_path / "data" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    fifo = batches / "data_batch_1"
+    os.mkfifo(fifo)   # raysage blocks reading it: start-up lasts until we say
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "raysage.cli", "simulate", "--dataset",
+                             "cifar10", "--data-dir", str(tmp_path / "data"), "--backend",
+                             "serial", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    writer = None
+    try:
+        deadline = time.time() + 120
+        while writer is None:
+            try:
+                # Succeeds once raysage opens the batch to read it (ENXIO before).
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
+                time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)   # it now waits for the batch's bytes
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if writer is not None:
+            os.close(writer)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, output
+    assert [line for line in output.splitlines() if line.strip()] == [
+        "error: interrupted before the run folder was written; nothing to resume"]
+    assert not out.exists()

@@ -15,7 +15,7 @@ from torch import nn
 import raysage
 from raysage.config import MODEL_NAMES, build_config
 from raysage.engine.orchestrator import build_world
-from raysage.engine.runtime import batch_sizes
+from raysage.data import batch_sizes
 from raysage.models import get_architecture, num_parameters, state_bytes, summarize
 from raysage.models.simple_conv import simple_conv_aux, simple_conv_client, simple_conv_server
 

@@ -146,3 +146,29 @@ def test_dropout_loses_the_work_but_counts_the_bytes(tmp_path):
         "dropout": 1.0, "test_samples": 50, "backend": "serial", "out": str(tmp_path / "y")}),
         **QUIET)
     assert everyone.rounds[0]["participants"] == 0 and everyone.rounds[0]["dropped"] == 3
+
+
+def test_a_world_where_no_client_could_ever_take_part_is_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from raysage.cli import app
+
+    # Clients 0 and 1 take rows 1 and 2, both never reachable; row 3 is not used.
+    trace = write_trace(tmp_path / "off.csv", [(1e9, 8, 16, 40, 0), (2e9, 8, 16, 40, 0),
+                                               (1e9, 8, 16, 40, 1)])
+    expected = (f"no client could ever take part: profile trace {trace} gives every one of the "
+                "2 clients availability 0 (column 'availability'); raise it above 0 in some rows")
+    with pytest.raises(ConfigError) as refused:
+        plan(build_config({"clients": 2, "profile_trace": str(trace), "rounds": 1}))
+    assert str(refused.value) == expected
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["simulate", "--clients", "2", "--profile-trace", str(trace),
+                                      "--backend", "serial", "--rounds", "1", "--out", str(out)])
+    assert result.exit_code == 2
+    assert [line for line in result.output.splitlines() if line] == [f"error: {expected}"]
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="'availability' = 0.0 must be greater than 0"):
+        build_config({"availability": 0})
+    # One client that can take part is enough.
+    rows = plan(build_config({"clients": 3, "profile_trace": str(trace), "rounds": 1}))
+    assert rows[0]["participants"] == 1

@@ -403,8 +403,9 @@ class Algorithm:
         per client during a round (``live_clients`` take part at once)."""
         return self.sizes.server * (2 + self.optimizer_copies(self.cfg.server_optimizer))
 
-    def server_client_bytes(self) -> int:
-        """What the server keeps per client between rounds (at most)."""
+    def server_client_bytes(self, batch_sizes: list[int], rounds: int) -> int:
+        """What the server keeps, at most, per client between rounds, for a client with
+        these local batches that takes part in up to ``rounds`` rounds."""
         return 0
 
     def plan_state(self) -> dict[str, Any]:

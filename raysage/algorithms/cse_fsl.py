@@ -30,7 +30,7 @@ class CSEFSL(FSLAN):
     def server_model_bytes(self, live_clients):
         return Algorithm.server_model_bytes(self, live_clients)
 
-    def server_client_bytes(self):
+    def server_client_bytes(self, batch_sizes, rounds):
         return 0
 
     def server_state_bytes(self, server):

@@ -110,10 +110,11 @@ class FSLSage(Algorithm):
             self._buffered[cid] = self._uploads_this_round[cid]
         self._uploads_this_round = {}
 
-    def server_client_bytes(self):
-        """Client i's alignment buffer: up to align_buffer smashed samples and labels."""
-        return self.cfg.align_buffer * (self.sizes.smashed_per_sample
-                                        + self.sizes.labels_per_sample)
+    def server_client_bytes(self, batch_sizes, rounds):
+        """Client i's alignment buffer: its uploaded samples, up to align_buffer."""
+        uploaded = rounds * sum(b for k, b in enumerate(batch_sizes) if self.uploads_at(k))
+        return min(self.cfg.align_buffer, uploaded) * (self.sizes.smashed_per_sample
+                                                       + self.sizes.labels_per_sample)
 
     def plan_state(self):
         return {"buffered": dict(self._buffered)}

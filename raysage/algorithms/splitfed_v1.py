@@ -74,7 +74,7 @@ class SplitFedV1(SplitFedV2):
     def server_model_bytes(self, live_clients):
         return self.sizes.server + live_clients * super().server_model_bytes(live_clients)
 
-    def server_client_bytes(self):
+    def server_client_bytes(self, batch_sizes, rounds):
         return self.sizes.server * self.optimizer_copies(self.cfg.server_optimizer)
 
     def server_state_bytes(self, server):

@@ -12,14 +12,16 @@ restricted unpickler that only lets numpy rebuild arrays.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import pickle
 import sys
 import zipfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -526,7 +528,36 @@ def load_dataset(
     for what, value in (("num_train", num_train), ("num_test", num_test)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
             raise DataError(f"{what} must be a positive integer, got {value!r}")
-    return loader(data_dir, num_train, num_test, seed)
+    with out_of_memory_is_an_error(name, num_train, num_test):
+        data = loader(data_dir, num_train, num_test, seed)
+    check_splits(data, data_dir)
+    return data
+
+
+def check_splits(data: ArrayDataset, source: str | None) -> None:
+    """Refuse a dataset that cannot train or be evaluated before anything runs: every
+    round ends with an evaluation, which divides by the test samples."""
+    where = f" in {source}" if source else ""
+    for split, x in (("training", data.x_train), ("test", data.x_test)):
+        if len(x) == 0:
+            raise DataError(f"dataset {data.name}{where} has an empty {split} split (0 samples); "
+                            f"give data with at least one {split} sample")
+
+
+@contextmanager
+def out_of_memory_is_an_error(name: str, num_train: int | None, num_test: int | None) -> Iterator[None]:
+    """A dataset too large for this machine: one line naming what to lower, not a traceback."""
+    sizes = ", ".join(f"{n:,} {what}" for n, what in ((num_train, "training"), (num_test, "test")) if n)
+    asked = f" ({sizes} samples)" if sizes else ""
+    hint = "lower --clients, --samples-per-client or --test-samples"
+    try:
+        yield
+    except MemoryError as exc:
+        raise DataError(f"not enough memory for dataset {name}{asked}: {exc or 'MemoryError'}; {hint}") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG):
+            raise
+        raise DataError(f"cannot hold dataset {name}{asked}: {exc.strerror or exc}; {hint}") from None
 
 
 def download_cifar(name: str, root: str) -> Path:

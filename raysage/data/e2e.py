@@ -479,22 +479,26 @@ def load_language_dataset(name: str, data_dir: str | None, tokenizer: Tokenizer,
     targets (N, seq_len) with -100 where no loss is taken; ``num_classes`` is
     the vocabulary size.
     """
-    from raysage.data.datasets import ArrayDataset
+    from raysage.data.datasets import ArrayDataset, check_splits, out_of_memory_is_an_error
 
-    if name == "e2e_synthetic":
-        n_train = num_train or 2000
-        n_test = num_test or SYNTHETIC_TEST
-        data = E2EData(synthetic_e2e(n_train, 2 * seed, 3, max_slots),
-                       synthetic_e2e(n_test, 2 * seed + 1, 3, max_slots))
-    else:
-        data = load_e2e(data_dir, n_train=num_train, n_test=num_test, seed=seed)
-    splits = {}
-    for split, records in (("train", data.train), ("test", data.test)):
-        arrays = encode_records(records, tokenizer, seq_len)
-        if len(arrays["kept"]) < len(records) / 2:
-            raise DataError(f"seq_len = {seq_len} cuts {len(records) - len(arrays['kept'])} of "
-                            f"the {len(records)} {split} records to nothing; raise --seq-len")
-        splits[split] = arrays
-    return ArrayDataset(name, splits["train"]["input_ids"], splits["train"]["targets"],
-                        splits["test"]["input_ids"], splits["test"]["targets"],
-                        tokenizer.vocab_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    with out_of_memory_is_an_error(name, num_train, num_test):
+        if name == "e2e_synthetic":
+            n_train = num_train or 2000
+            n_test = num_test or SYNTHETIC_TEST
+            data = E2EData(synthetic_e2e(n_train, 2 * seed, 3, max_slots),
+                           synthetic_e2e(n_test, 2 * seed + 1, 3, max_slots))
+        else:
+            data = load_e2e(data_dir, n_train=num_train, n_test=num_test, seed=seed)
+        splits = {}
+        for split, records in (("train", data.train), ("test", data.test)):
+            arrays = encode_records(records, tokenizer, seq_len)
+            if len(arrays["kept"]) < len(records) / 2:
+                raise DataError(f"seq_len = {seq_len} cuts {len(records) - len(arrays['kept'])} "
+                                f"of the {len(records)} {split} records to nothing; raise "
+                                "--seq-len")
+            splits[split] = arrays
+    dataset = ArrayDataset(name, splits["train"]["input_ids"], splits["train"]["targets"],
+                           splits["test"]["input_ids"], splits["test"]["targets"],
+                           tokenizer.vocab_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    check_splits(dataset, data_dir)
+    return dataset

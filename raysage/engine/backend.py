@@ -9,10 +9,17 @@ never through the driver.
 
 from __future__ import annotations
 
+import math
 import os
+import time
 
 from ..config import Config
-from ..errors import RaysageError
+from ..errors import RaysageError, one_line
+
+# How long a run waits for reservations that other jobs hold before it gives up.
+RESOURCE_WAIT_S = 60.0
+# A Ray GCS or client server answers a probe in milliseconds; this bounds a silent one.
+PROBE_TIMEOUT_S = 5.0
 
 
 class ActorFailure(RaysageError):
@@ -72,18 +79,18 @@ class RayBackend:
         if cfg.address:
             # Even in a process already connected to Ray (a notebook, tests), a
             # named cluster that does not answer is an error, not ignored.
-            check_reachable(cfg.address)
+            check_cluster(cfg.address, "--address")
         if not ray.is_initialized():
             os.environ.setdefault("RAY_DEDUP_LOGS", "1")
             if address:
                 if not cfg.address:  # from RAY_ADDRESS, not yet checked above
-                    check_reachable(address)
+                    check_cluster(address, "RAY_ADDRESS")
                 try:
                     ray.init(address=address, logging_level="WARNING")
                 except (ConnectionError, RuntimeError, ValueError) as exc:
                     raise RaysageError(f"cannot join the Ray cluster at {address}: "
-                                       f"{str(exc).splitlines()[0]}; check --address / "
-                                       "RAY_ADDRESS") from None
+                                       f"{one_line(exc)}; check --address / RAY_ADDRESS"
+                                       ) from None
             else:
                 # Keep Ray quiet and light on a laptop: warnings only, and the
                 # dashboard's web UI (and its memory) only when asked for.
@@ -93,7 +100,10 @@ class RayBackend:
         resources = ray.cluster_resources()
         self.cpus = float(resources.get("CPU", 0))
         self.gpus = float(resources.get("GPU", 0))
-        self.nodes = len([n for n in ray.nodes() if n.get("Alive")])
+        self.node_resources = [(float(n["Resources"].get("CPU", 0)),
+                                float(n["Resources"].get("GPU", 0)))
+                               for n in ray.nodes() if n.get("Alive")]
+        self.nodes = len(self.node_resources)
         for name in ("gpus_per_worker", "server_gpus"):
             if getattr(cfg, name) > 0 and self.gpus == 0:
                 flag = "--" + name.replace("_", "-")
@@ -102,22 +112,56 @@ class RayBackend:
 
     def worker_count(self, num_clients: int) -> int:
         cfg = self.cfg
-        if cfg.workers:
-            count = cfg.workers
-        else:
-            # As many workers as the reservations fit beside the server's.
-            fits = []
-            if cfg.cpus_per_worker > 0:
-                fits.append((self.cpus - cfg.server_cpus) // cfg.cpus_per_worker)
-            if cfg.gpus_per_worker > 0:
-                fits.append((self.gpus - cfg.server_gpus) // cfg.gpus_per_worker)
-            count = int(min(fits)) if fits else 1
-        needed_cpus = count * cfg.cpus_per_worker + cfg.server_cpus
-        if needed_cpus > self.cpus + 1e-9:
-            raise RaysageError(f"{count} workers x {cfg.cpus_per_worker} CPUs + server "
-                               f"{cfg.server_cpus} CPUs need {needed_cpus:g} CPUs but the Ray "
-                               f"cluster has {self.cpus:g}; lower --workers or --cpus-per-worker")
-        return max(1, min(count, num_clients))
+        fit = placeable_workers(self.node_resources, cfg, self.describe())
+        count = cfg.workers or fit
+        if count > fit:
+            raise RaysageError(
+                f"--workers {count} of {cfg.cpus_per_worker:g} CPU, {cfg.gpus_per_worker:g} GPU "
+                f"each beside a server of {cfg.server_cpus:g} CPU, {cfg.server_gpus:g} GPU do "
+                f"not fit on the {self.describe()} (at most {fit} such workers); lower "
+                "--workers, --cpus-per-worker or --gpus-per-worker")
+        count = max(1, min(count, num_clients))
+        self.wait_for_room(count)
+        return count
+
+    def wait_for_room(self, count: int) -> None:
+        """Wait, boundedly, until the cluster has the run's reservations free.
+
+        The totals fit (``worker_count`` checked them); what other jobs hold
+        now may not, and Ray would then queue our actors without a word.
+        """
+        cfg = self.cfg
+        raw = os.environ.get("RAYSAGE_RESOURCE_WAIT_S", str(RESOURCE_WAIT_S))
+        try:
+            patience = float(raw)
+        except ValueError:
+            raise RaysageError(f"RAYSAGE_RESOURCE_WAIT_S = {raw!r} is not a number of seconds; "
+                               "fix or unset it") from None
+        deadline = time.monotonic() + patience
+        while True:
+            free = self.free_node_resources()
+            room = most_workers(free, cfg)
+            if room >= count:
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        free_cpus, free_gpus = (sum(n[i] for n in free) for i in (0, 1))
+        raise RaysageError(
+            f"the {self.describe()} has room for {max(room, 0)} of the {count} workers of "
+            f"{cfg.cpus_per_worker:g} CPU, {cfg.gpus_per_worker:g} GPU (and the server of "
+            f"{cfg.server_cpus:g} CPU, {cfg.server_gpus:g} GPU) after {patience:g} s: other jobs "
+            f"hold the rest ({free_cpus:g} CPUs, {free_gpus:g} GPUs free); wait for them to "
+            "finish or lower --workers, --cpus-per-worker or --gpus-per-worker")
+
+    def free_node_resources(self) -> list[tuple[float, float]]:
+        try:
+            from ray._private.state import available_resources_per_node
+
+            per_node = available_resources_per_node().values()
+        except Exception:  # a Ray without the per-node view: the cluster as one node
+            per_node = [self.ray.available_resources()]
+        return [(float(r.get("CPU", 0)), float(r.get("GPU", 0))) for r in per_node]
 
     def describe(self) -> str:
         return (f"Ray cluster of {self.nodes} node(s), {self.cpus:g} CPUs, {self.gpus:g} GPUs")
@@ -170,24 +214,205 @@ class RayBackend:
             self.ray.shutdown()
 
 
-def check_reachable(address: str, timeout: float = 3.0) -> None:
-    """Fail in seconds, not minutes, when nothing listens at a cluster address."""
-    import socket
+def _fits(node: tuple[float, float], cpus: float, gpus: float) -> bool:
+    return node[0] + 1e-9 >= cpus and node[1] + 1e-9 >= gpus
 
-    if address == "auto":
-        return
+
+def _per_node(node: tuple[float, float], cpus: float, gpus: float) -> int:
+    counts = [math.floor(have / need + 1e-9) for have, need in zip(node, (cpus, gpus))
+              if need > 0]
+    return max(0, min(counts)) if counts else 0
+
+
+def most_workers(nodes: list[tuple[float, float]], cfg: Config) -> int:
+    """Most client workers the nodes (CPUs, GPUs each) hold beside the server; -1 when
+    the server fits on no node. Every reservation must fit whole on one node."""
+    best = -1
+    for i, node in enumerate(nodes):
+        if not _fits(node, cfg.server_cpus, cfg.server_gpus):
+            continue
+        rest = list(nodes)
+        rest[i] = (node[0] - cfg.server_cpus, node[1] - cfg.server_gpus)
+        best = max(best, sum(_per_node(n, cfg.cpus_per_worker, cfg.gpus_per_worker)
+                             for n in rest))
+    return best
+
+
+def placeable_workers(nodes: list[tuple[float, float]], cfg: Config, cluster: str) -> int:
+    """``most_workers``, or a one-line error naming the reservation that can never be met
+    (Ray would otherwise wait for it forever)."""
+    largest = (max((n[0] for n in nodes), default=0.0), max((n[1] for n in nodes), default=0.0))
+    biggest = f"its largest node has {largest[0]:g} CPUs and {largest[1]:g} GPUs"
+    for cpus, gpus, flags in (
+            (cfg.server_cpus, cfg.server_gpus, ("--server-cpus", "--server-gpus")),
+            (cfg.cpus_per_worker, cfg.gpus_per_worker, ("--cpus-per-worker", "--gpus-per-worker"))):
+        if any(_fits(n, cpus, gpus) for n in nodes):
+            continue
+        too_big = [(flag, value) for flag, value, have in zip(flags, (cpus, gpus), largest)
+                   if value > have + 1e-9] or list(zip(flags, (cpus, gpus)))
+        given = " with ".join(f"{flag} {value:g}" for flag, value in too_big)
+        lower = " or ".join(flag for flag, _ in too_big)
+        raise RaysageError(f"{given} fits on no node of the {cluster} ({biggest}); one "
+                           f"reservation must fit on one node: lower {lower}")
+    fit = most_workers(nodes, cfg)
+    if fit < 1:
+        raise RaysageError(
+            f"the server ({cfg.server_cpus:g} CPU, {cfg.server_gpus:g} GPU) and one client worker "
+            f"({cfg.cpus_per_worker:g} CPU, {cfg.gpus_per_worker:g} GPU) do not fit together on "
+            f"the {cluster} ({biggest}); lower --server-cpus or --cpus-per-worker (or their "
+            "GPU counterparts)")
+    return fit
+
+
+def _host_port(address: str) -> tuple[str, int]:
     target = address.split("://", 1)[-1]
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
         raise RaysageError(f"Ray address {address!r} is not host:port, ray://host:port or auto; "
                            "fix --address / RAY_ADDRESS")
+    return host.strip("[]"), int(port)
+
+
+def check_cluster(address: str, source: str = "--address", timeout: float = PROBE_TIMEOUT_S
+                  ) -> None:
+    """Fail in seconds, with one line, unless a Ray cluster that lets us in answers at
+    ``address``. ``ray.init`` would otherwise retry for minutes against a closed port,
+    something that is not Ray, or a cluster that wants a token we do not send."""
+    if address == "auto":
+        return
+    if address.startswith(("http://", "https://")):
+        raise RaysageError(
+            f"{source} {address} is a dashboard (job API) address, which `ray job submit` and "
+            "cluster/submit.sh take; raysage simulate joins a cluster's GCS: set it to "
+            "HOST:6379 (or ray://HOST:10001), or unset RAY_ADDRESS to start a local Ray")
+    host, port = _host_port(address)
+    check_reachable(address, host, port, timeout=min(timeout, 3.0))
+    client = address.startswith("ray://")
+    if not client and "://" in address:
+        return  # another scheme: Ray's to interpret
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return  # a TLS cluster: the TCP check above is as far as a plain probe goes
+    dialled = address
+    if not client:
+        # Ray dials 127.0.0.1 as this machine's own address (so that other
+        # nodes could reach it); probe what it will dial.
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            dialled = canonicalize_bootstrap_address(address) or address
+        except Exception:
+            pass
+    problem = probe_ray(dialled, client=client, timeout=timeout)
+    if problem is None:
+        return
+    if dialled != address and problem[0] == "unreachable":
+        given = probe_ray(address, client=client, timeout=timeout)
+        if given is None or given[0] == "auth":
+            raise RaysageError(
+                f"the Ray head at {address} listens on 127.0.0.1 only, but Ray dials it as "
+                f"{dialled}; export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (Ray's single-machine "
+                "mode, as cluster/local-head.sh runs it) or submit the run with "
+                "cluster/submit.sh")
+        problem = given  # what listens where the user pointed
+    kind, detail = problem
+    if kind == "auth":
+        raise RaysageError(auth_advice(address, detail))
+    if kind == "unreachable":
+        raise RaysageError(f"no Ray cluster answers at {address} (Ray dials {dialled}: {detail}); "
+                           f"start one with `ray start --head` or fix {source}")
+    raise RaysageError(
+        f"{address} answers but not as a Ray {'client server' if client else 'cluster (GCS)'} "
+        f"({detail}); give the head's GCS address (HOST:6379) or ray://HOST:10001 in "
+        f"{source}")
+
+
+def check_reachable(address: str, host: str, port: int, timeout: float = 3.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at a cluster address."""
+    import socket
+
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             pass
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise RaysageError(f"no Ray cluster answers at {address} ({reason}); start one with "
                            "`ray start --head` or fix --address / RAY_ADDRESS") from None
+
+
+def auth_metadata() -> list[tuple[str, str]]:
+    """The token header Ray itself would send: only in token mode, and only if it finds one."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return []
+    token = _find_token()
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+def _find_token() -> str | None:
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+
+        loader = AuthenticationTokenLoader.instance()
+        if loader.has_token(ignore_auth_mode=True):
+            return loader.get_raw_token(ignore_auth_mode=True)
+    except Exception:  # a Ray without token authentication
+        pass
+    return None
+
+
+def auth_advice(address: str, detail: str) -> str:
+    """What to set when a cluster refuses us for want of the right token."""
+    where = ("(`ray get-auth-token` on the cluster's head prints it; on the head itself Ray "
+             "reads ~/.ray/auth_token)")
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    if mode.lower() != "token":
+        found = (" RAY_AUTH_TOKEN is set, but Ray sends a token only in token mode;"
+                 if os.environ.get("RAY_AUTH_TOKEN") else "")
+        return (f"the Ray cluster at {address} requires token authentication ({detail});"
+                f"{found} export RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN "
+                f"{where}")
+    if _find_token() is None:
+        return (f"the Ray cluster at {address} requires token authentication and "
+                "RAY_AUTH_MODE=token, but no token was found (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+                f"or ~/.ray/auth_token); export the cluster's token as RAY_AUTH_TOKEN {where}")
+    return (f"the Ray cluster at {address} refuses this machine's token ({detail}); export "
+            f"the cluster's own token as RAY_AUTH_TOKEN {where}")
+
+
+def probe_ray(address: str, *, client: bool, timeout: float) -> tuple[str, str] | None:
+    """Ask a Ray GCS (or Ray client server) for its cluster id over gRPC. None when it
+    answers; otherwise ('auth' | 'unreachable' | 'foreign', detail)."""
+    try:
+        import grpc
+
+        if client:
+            from ray.core.generated import ray_client_pb2 as pb, ray_client_pb2_grpc as rpc
+        else:
+            from ray.core.generated import gcs_service_pb2 as pb, gcs_service_pb2_grpc as rpc
+    except ImportError:  # a Ray without these stubs: leave the check to ray.init
+        return None
+    host, port = _host_port(address)
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    with grpc.insecure_channel(target) as channel:
+        try:
+            if client:
+                rpc.RayletDriverStub(channel).ClusterInfo(
+                    pb.ClusterInfoRequest(type=pb.ClusterInfoType.PING), timeout=timeout,
+                    metadata=auth_metadata())
+            else:
+                rpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                    pb.GetClusterIdRequest(), timeout=timeout, metadata=auth_metadata())
+        except grpc.RpcError as exc:
+            code, detail = exc.code(), (exc.details() or "").strip()
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                return "auth", detail.split(":")[0] or code.name
+            if code == grpc.StatusCode.UNAVAILABLE and "HTTP/2" in detail:
+                return "foreign", "it does not speak gRPC; an HTTP server?"
+            if code == grpc.StatusCode.UNAVAILABLE:
+                return "unreachable", detail
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return "foreign", f"no gRPC answer within {timeout:g} s"
+            return "foreign", f"gRPC {code.name}"
+    return None
 
 
 def make_backend(cfg: Config):

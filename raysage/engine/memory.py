@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import RaysageError
+from ..data import batch_sizes
 from .world import World
 
 MIB, GIB = 2**20, 2**30
@@ -62,7 +63,8 @@ def estimate(world: World, n_workers: int) -> Estimate:
     worker = PROCESS_BYTES + working_sets * facts.working_set_bytes + min(budget, client_state)
     spill = n_workers * max(0, client_state - budget)
     server = 0
-    server_state = touched * algo.server_client_bytes()
+    largest = max(len(ix) for ix in world.client_indices)
+    server_state = touched * algo.server_client_bytes(batch_sizes(largest, cfg), cfg.rounds)
     if algo.has_server:
         server = PROCESS_BYTES + algo.server_model_bytes(selected) + min(budget, server_state)
         spill += max(0, server_state - budget)
@@ -87,6 +89,26 @@ def check_memory(need: Estimate, available: float) -> None:
             f"{need.dataset / GIB:.2f} GiB) but {available / GIB:.1f} GiB is available; "
             "lower --state-memory-mib, --workers or --participation, or use a smaller "
             "--model or --align-buffer")
+
+
+def check_disk(need: Estimate, run_dir) -> None:
+    """Refuse a run whose spilled state and checkpoints cannot fit where they go."""
+    import shutil
+    from pathlib import Path
+
+    if not run_dir.is_local or not need.disk:
+        return
+    place = Path(run_dir.root)
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    if need.disk > free:
+        raise RaysageError(
+            f"this run may write up to {need.disk / GIB:.1f} GiB to {place} (client state "
+            f"beyond the RAM budget {need.spill / GIB:.1f} GiB, checkpoints "
+            f"{need.checkpoints / GIB:.1f} GiB) but only {free / GIB:.1f} GiB is free; lower "
+            "--clients or --participation, raise --state-memory-mib, or set "
+            "--checkpoint-every 0")
 
 
 def describe(need: Estimate) -> str:

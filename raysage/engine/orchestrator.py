@@ -32,7 +32,7 @@ from ..results import RunFolder, RunWriter
 from .backend import ActorFailure, make_backend
 from .checkpoint import (Manifest, Progress, read_manifest, read_progress,
                          remove_unlisted_state, write_checkpoint)
-from .memory import GIB, check_memory, describe, estimate
+from .memory import GIB, check_disk, check_memory, describe, estimate
 from .rows import BYTE_KINDS, plan_rows, round_rows
 from .runtime import ClientResult, ClientRuntime, ServerRuntime, process_memory
 from .world import World, build_world
@@ -85,6 +85,7 @@ class Orchestrator:
         n_workers = backend.worker_count(cfg.clients)
         need = estimate(world, n_workers)
         check_memory(need, backend.available_memory())
+        check_disk(need, self.run_dir)
         self.owner = place_clients([len(ix) for ix in world.client_indices], n_workers)
         data = world.data
         self.train = backend.put({"x_train": data.x_train, "y_train": data.y_train})

@@ -100,6 +100,14 @@ def client_profiles(preset: str, num_clients: int, seed: int, *, trace: str | No
                 for p, f in zip(profiles, factors)]
     if availability is not None:
         profiles = [replace(p, availability=availability) for p in profiles]
+    if not any(p.availability > 0 for p in profiles):
+        # Every round would have no participant: a run that "succeeds" with nothing.
+        source = (f"profile trace {trace} gives every one of the {num_clients} clients "
+                  "availability 0 (column 'availability'); raise it above 0 in some rows"
+                  if availability is None and trace is not None else
+                  f"availability = {availability if availability is not None else 0:g} for every "
+                  "client; give --availability above 0")
+        raise ConfigError(f"no client could ever take part: {source}")
     return profiles
 
 

@@ -14,10 +14,12 @@ import io
 import json
 import os
 import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..errors import ConfigError
+from ..errors import ConfigError, RaysageError, one_line
 
 
 class RunFolder:
@@ -42,7 +44,7 @@ class RunFolder:
             self._fs, self.root = pafs.FileSystem.from_uri(location)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
             raise ConfigError(f"cannot use {location!r} as a run folder: "
-                              f"{str(exc).splitlines()[0]}; give a local path or a URI such as "
+                              f"{one_line(exc)}; give a local path or a URI such as "
                               "s3://bucket/runs/name") from None
 
     @property
@@ -58,14 +60,40 @@ class RunFolder:
         return f"{self.root.rstrip('/')}/{name}"
 
     def is_nonempty(self) -> bool:
+        """Whether the folder holds anything; fails in one line, before a run starts, where
+        no run folder can be (a file, an unwritable place)."""
         if self.is_local:
-            return os.path.isdir(self.root) and bool(os.listdir(self.root))
+            if os.path.isfile(self.root):
+                raise ConfigError(f"run folder {self} is a file, not a folder; choose another "
+                                  "--out")
+            if os.path.isdir(self.root) and os.listdir(self.root):
+                return True
+            self.check_writable()
+            return False
         import pyarrow.fs as pafs
 
         info = self.fs.get_file_info(self.root)
-        if info.type == pafs.FileType.NotFound:
-            return False
-        return bool(self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True)))
+        if info.type == pafs.FileType.File:
+            raise ConfigError(f"run folder {self} is a file, not a folder; choose another --out")
+        return (info.type != pafs.FileType.NotFound
+                and bool(self.fs.get_file_info(pafs.FileSelector(self.root,
+                                                                 allow_not_found=True))))
+
+    def check_writable(self) -> None:
+        """Create and remove a folder where the run folder goes (or inside it), so that a
+        place we cannot write fails now, not after minutes of start-up. (Object stores:
+        the first write says what is wrong.)"""
+        place = Path(self.root)
+        while not place.exists() and place != place.parent:
+            place = place.parent
+        if not place.is_dir():
+            raise ConfigError(f"cannot create run folder {self}: {place} is a file, not a "
+                              "folder; choose another --out")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".raysage-", dir=place))
+        except OSError as exc:
+            raise ConfigError(f"cannot write run folder {self}: {exc.strerror or exc} in "
+                              f"{place}; choose another --out") from None
 
     def exists(self, name: str) -> bool:
         if self.is_local:
@@ -78,16 +106,20 @@ class RunFolder:
         """Write to a temporary name and move it into place."""
         parent, _, base = name.rpartition("/")
         tmp = self.path(f"{parent}/.{base}.tmp" if parent else f".{name}.tmp")
-        if self.is_local:
-            os.makedirs(os.path.dirname(tmp), exist_ok=True)
-            with open(tmp, "wb") as out:
+        try:
+            if self.is_local:
+                os.makedirs(os.path.dirname(tmp), exist_ok=True)
+                with open(tmp, "wb") as out:
+                    out.write(data)
+                os.replace(tmp, self.path(name))
+                return
+            self.fs.create_dir(self.path(parent) if parent else self.root, recursive=True)
+            with self.fs.open_output_stream(tmp) as out:
                 out.write(data)
-            os.replace(tmp, self.path(name))
-            return
-        self.fs.create_dir(self.path(parent) if parent else self.root, recursive=True)
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(data)
-        self.fs.move(tmp, self.path(name))
+            self.fs.move(tmp, self.path(name))
+        except OSError as exc:  # a full disk, a folder made read-only mid-run
+            raise RaysageError(f"cannot write {self.path(name)}: {one_line(exc)}; free space "
+                               "or fix the folder's permissions") from None
 
     def read_bytes(self, name: str) -> bytes:
         if self.is_local:
