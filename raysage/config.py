@@ -37,8 +37,10 @@ STRAGGLER_NAMES = ("none", "lognormal", "pareto")
 ROUND_POLICY_NAMES = ("wait_all", "deadline", "over_selection")
 # For --model gpt2, unless given: the embedded data, and the paper's GPT-2
 # batch size and alignment (40 epochs, batch 8, a buffer of 64 sequences).
+# Its LoRA dropout draws from torch's global generator, which a worker process has
+# one of, so a worker trains one client at a time: one CPU per worker, unless given.
 LANGUAGE_DEFAULTS = {"dataset": "e2e_synthetic", "batch_size": 8, "align_epochs": 40,
-                     "align_batch_size": 8, "align_buffer": 64}
+                     "align_batch_size": 8, "align_buffer": 64, "cpus_per_worker": 1.0}
 # Those the language-model task runs (the paper's comparison on E2E).
 LANGUAGE_ALGORITHMS = ("fsl_sage", "cse_fsl", "splitfed_v2", "fedavg")
 
@@ -169,8 +171,12 @@ class Config:
         "else start a local one)"))
     workers: int = field(default=0, metadata=_meta(
         "client worker actors (0: as many as the CPUs allow)", minimum=0))
-    cpus_per_worker: float = field(default=1.0, metadata=_meta(
-        "CPUs reserved per client worker (fractions allowed)", minimum=0.0))
+    cpus_per_worker: float = field(default=2.0, metadata=_meta(
+        "CPUs reserved per client worker; it trains one client per whole CPU at once, on "
+        "threads of one process (fractions allowed)", minimum=0.0))
+    client_threads: int = field(default=0, metadata=_meta(
+        "clients a worker trains at once, each on its own thread (0: one per whole CPU the "
+        "worker reserves; 1 for a GPU worker)", minimum=0))
     gpus_per_worker: float = field(default=0.0, metadata=_meta(
         "GPUs reserved per client worker (fractions such as 0.25 allowed)", minimum=0.0))
     server_cpus: float = field(default=0.0, metadata=_meta(
@@ -178,7 +184,8 @@ class Config:
     server_gpus: float = field(default=0.0, metadata=_meta(
         "GPUs reserved for the server actor", minimum=0.0))
     threads: int = field(default=0, metadata=_meta(
-        "torch threads per worker and server (0: CPUs per worker, at least 1)", minimum=0))
+        "torch threads per client thread and for the server (0: the worker's whole CPUs over "
+        "its client threads, at least 1)", minimum=0))
     state_memory_mib: int = field(default=1024, metadata=_meta(
         "RAM for per-client state (kept models, optimizer moments, server buffers) in each "
         "worker and in the server, in MiB; the rest spills to disk under the run folder",
@@ -227,8 +234,18 @@ class Config:
 
     # ------------------------------------------------------------------ derived
     @property
+    def worker_threads(self) -> int:
+        """Clients a worker trains at once. Two threads of one process train about as
+        fast as two processes (torch releases the GIL in its kernels) and share one
+        copy of torch's 200 MB."""
+        if self.client_threads:
+            return self.client_threads
+        return 1 if self.gpus_per_worker > 0 else max(1, int(self.cpus_per_worker))
+
+    @property
     def torch_threads(self) -> int:
-        return self.threads or max(1, int(self.cpus_per_worker))
+        """torch's threads per client thread (and the server's)."""
+        return self.threads or max(1, int(self.cpus_per_worker) // self.worker_threads)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -97,8 +97,8 @@ TINY = ["--clients", "3", "--rounds", "1", "--samples-per-client", "10", "--test
     (["--cpus-per-worker", "100"], "--cpus-per-worker 100 fits on no node", "lower --cpus-per-worker"),
     (["--cpus-per-worker", "3"], "--cpus-per-worker 3 fits on no node", "lower --cpus-per-worker"),
     (["--server-cpus", "100"], "--server-cpus 100 fits on no node", "lower --server-cpus"),
-    (["--server-cpus", "2"], "do not fit together", "lower --server-cpus or --cpus-per-worker"),
-    (["--workers", "3"], "--workers 3 of 1 CPU, 0 GPU each", "at most 2 such workers"),
+    (["--server-cpus", "1"], "do not fit together", "lower --server-cpus or --cpus-per-worker"),
+    (["--workers", "3"], "--workers 3 of 2 CPU, 0 GPU each", "at most 1 such workers"),
 ])
 def test_reservations_that_can_never_be_met_are_refused_within_seconds(ray_session, tmp_path,
                                                                         flags, what, todo):
@@ -311,7 +311,7 @@ def test_the_readme_local_cluster_flow_works_as_written_and_safe(tmp_path):
             head = int((head_dir / "head.pid").read_text())
         assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
         assert "Ray cluster of 1 node(s), 2 CPUs" in ran.stdout, ran.stdout[-3000:]
-        assert "workers placed: 2 on" in ran.stdout and "raysubmit_" in ran.stdout
+        assert "workers placed: 1 on" in ran.stdout and "raysubmit_" in ran.stdout
         assert pq.read_table(out / "rounds.parquet").num_rows == 2
         assert "rounds.parquet" in ran.stdout and (out / "summary.json").exists()
 

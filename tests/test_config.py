@@ -75,7 +75,14 @@ def test_cross_field_rules():
         build_config({"cpus_per_worker": 0, "gpus_per_worker": 0})
 
 
-def test_torch_threads_follow_cpus_per_worker():
-    assert build_config({"cpus_per_worker": 0.5}).torch_threads == 1
-    assert build_config({"cpus_per_worker": 2}).torch_threads == 2
-    assert build_config({"cpus_per_worker": 2, "threads": 1}).torch_threads == 1
+def test_a_worker_trains_a_client_per_cpu_each_with_one_torch_thread():
+    default = build_config({})
+    assert (default.cpus_per_worker, default.worker_threads, default.torch_threads) == (2, 2, 1)
+    assert (build_config({"cpus_per_worker": 0.5}).worker_threads,
+            build_config({"cpus_per_worker": 0.5}).torch_threads) == (1, 1)
+    four = build_config({"cpus_per_worker": 4, "client_threads": 2})
+    assert (four.worker_threads, four.torch_threads) == (2, 2)
+    assert build_config({"cpus_per_worker": 2, "threads": 3}).torch_threads == 3
+    # A GPU worker trains one client at a time, with all its CPUs behind it.
+    gpu = build_config({"gpus_per_worker": 0.25, "cpus_per_worker": 2})
+    assert (gpu.worker_threads, gpu.torch_threads) == (1, 2)

@@ -120,8 +120,9 @@ def test_same_results_serial_one_worker_two_workers(tmp_path, ray_session, algor
                   rounds=2, align_interval=1, align_epochs=3, server_update_interval=2,
                   participation=0.8, profile="heterogeneous", test_samples=200, seed=11)
     results = [run(tmp_path, "serial", backend="serial", **fields),
-               run(tmp_path, "one", backend="ray", workers=1, **fields),
-               run(tmp_path, "two", backend="ray", workers=2, **fields)]
+               # One worker training two clients at once on threads; two of one thread.
+               run(tmp_path, "one", backend="ray", workers=1, cpus_per_worker=2, **fields),
+               run(tmp_path, "two", backend="ray", workers=2, cpus_per_worker=1, **fields)]
     reference = results[0]
     assert reference.rounds[0]["participants"] == 4
     for other in results[1:]:
@@ -135,7 +136,7 @@ def test_same_results_serial_one_worker_two_workers(tmp_path, ray_session, algor
 
 def test_fsl_sage_learns_real_cifar10_on_ray(tmp_path, ray_session, cifar10_subset):
     result = run(tmp_path, clients=10, rounds=5, dataset="cifar10",
-                 data_dir=str(cifar10_subset), backend="ray", workers=2)
+                 data_dir=str(cifar10_subset), backend="ray", workers=2, cpus_per_worker=1)
     accuracy = [r["accuracy"] for r in result.rounds]
     assert accuracy[-1] > 0.25, accuracy   # chance is 0.10; observed 0.31 at round 5
     assert result.rounds[0]["nmse_after"] < result.rounds[0]["nmse_before"]

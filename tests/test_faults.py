@@ -72,7 +72,8 @@ def test_resume_cli_refuses_other_flags_and_foreign_folders(tmp_path):
 def test_a_killed_actor_is_replaced_and_the_results_do_not_change(tmp_path, ray_session,
                                                                   monkeypatch, victim):
     fields = dict(algorithm="fsl_sage", clients=6, samples_per_client=40, rounds=3,
-                  workers=2, checkpoint_every=1, test_samples=100, backend="ray",
+                  workers=2, cpus_per_worker=1, checkpoint_every=1, test_samples=100,
+                  backend="ray",
                   align_interval=2, align_epochs=3, profile="heterogeneous",
                   round_policy="deadline", deadline=0.15)
     simulate(build_config(fields | {"out": str(tmp_path / "calm")}), announce=lambda _: None)

@@ -101,7 +101,7 @@ def test_lora_dropout_is_the_same_on_any_backend(tmp_path, ray_session):
                         "batch_size": 8, "rounds": 2, "lora_rank": RANK, "lora_dropout": 0.1,
                         "align_epochs": 2, "align_buffer": 8, "align_batch_size": 8}
     serial = simulate(build_config(fields, {"out": str(tmp_path / "serial")}), **QUIET)
-    on_ray = simulate(build_config(fields, {"backend": "ray", "workers": 2,
+    on_ray = simulate(build_config(fields, {"backend": "ray", "workers": 2, "cpus_per_worker": 1,
                                             "out": str(tmp_path / "ray")}), **QUIET)
     assert [r["test_loss"] for r in serial.rounds] == [r["test_loss"] for r in on_ray.rounds]
     assert [r["nmse_after"] for r in serial.rounds] == [r["nmse_after"] for r in on_ray.rounds]

@@ -33,7 +33,6 @@ tensor is needed (see :mod:`raysage.lazy`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -48,7 +47,7 @@ from ..models import frozen_bytes, frozen_names, split_loss, transfer_bytes, tra
 from ..netsim.cost import ModelCosts
 from ..netsim.planner import ClientRoundPlan
 from ..store import StateStore
-from ..streams import stream_seed
+from ..streams import global_rng, seeded, stream_seed, unseeded
 from .optim import Optimizer
 
 if TYPE_CHECKING:
@@ -78,8 +77,7 @@ class ModelSizes:
 
     @classmethod
     def of(cls, arch: SplitArchitecture) -> "ModelSizes":
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
+        with global_rng(0):
             client, server, aux = arch.make_client(), arch.make_server(), arch.make_aux()
         return cls(transfer_bytes(client), transfer_bytes(server), transfer_bytes(aux),
                    arch.smashed_bytes_per_sample, arch.label_bytes,
@@ -158,14 +156,6 @@ class ServerState:
 
 
 # ----------------------------------------------------------------- helpers
-
-@contextlib.contextmanager
-def seeded(seed: int, *path: int | str):
-    """Run a block (e.g. model construction) on torch's RNG seeded by a named stream."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stream_seed(seed, *path))
-        yield
-
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
     """A tensor on the array's memory; read-only arrays (read zero-copy from

@@ -9,8 +9,7 @@ average. Server memory grows linearly with the number of clients.
 
 from __future__ import annotations
 
-from ..lazy import torch
-from .base import ServerState, load_state, state_nbytes, to_state, weighted_average
+from .base import ServerState, load_state, state_nbytes, to_state, unseeded, weighted_average
 from .splitfed_v2 import SplitFedV2
 
 
@@ -29,7 +28,7 @@ def server_copy(algo, server: ServerState, rnd: int, cid: int):
         else:
             # (Initial weights are replaced below; drawing them must not move the
             # seeded stream this upload is served on.)
-            with torch.random.fork_rng(devices=[]):
+            with unseeded():
                 model = algo.place(algo.arch.make_server())
             copy = {"model": model, "optimizer": algo.server_optimizer(model)}
         copy["model"].load_state_dict(server.models["server"].state_dict())

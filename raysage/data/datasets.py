@@ -16,6 +16,7 @@ import errno
 import importlib
 import pickle
 import sys
+import threading
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -192,11 +193,13 @@ class SyntheticImages:
     def _noise(self, j: int) -> np.ndarray:
         """Image j's noise bytes, read off the stream without drawing what precedes them."""
         if self._bits is None:
-            # One generator, repositioned per image: making a fresh one per image
-            # would cost more than the jump (it gathers OS entropy first).
-            self._bits = np.random.PCG64(0)
+            self._bits = threading.local()
             self._start = {**self.noise_start, "has_uint32": 0, "uinteger": 0}
-        bits, words = self._bits, self.NOISE_WORDS
+        if not hasattr(self._bits, "pcg"):
+            # One generator per thread, repositioned per image: making a fresh one per
+            # image would cost more than the jump (it gathers OS entropy first).
+            self._bits.pcg = np.random.PCG64(0)
+        bits, words = self._bits.pcg, self.NOISE_WORDS
         bits.state = self._start
         # Bytes are drawn as 32-bit words, two per 64-bit output, low half first.
         if not self.noise_start["has_uint32"]:

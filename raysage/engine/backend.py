@@ -180,6 +180,7 @@ class RayBackend:
             # Workers spread over the cluster's nodes rather than packing the first.
             actor = self.ray.remote(cls).options(num_cpus=cfg.cpus_per_worker,
                                                  num_gpus=cfg.gpus_per_worker,
+                                                 max_concurrency=cfg.worker_threads,
                                                  scheduling_strategy="SPREAD")
         return actor.remote(*args)
 

@@ -51,10 +51,10 @@ def estimate(world: World, n_workers: int) -> Estimate:
     selected = world.selected_per_round()
     per_worker = math.ceil(selected / n_workers)
     # Clients wait for the server mid-round only if some exchange has a reply;
-    # otherwise a worker runs one client's round after another.
+    # otherwise a worker runs one client's round after another on each thread.
     plan = algo.plan_client_round(0, 0, [cfg.batch_size])
     waits = any(ex.has_reply for ex in plan.exchanges.values()) and plan.after is None
-    working_sets = per_worker if waits else 1
+    working_sets = max(per_worker, 1) if waits else cfg.worker_threads
     # Clients that can have state by the end: never more than take part.
     touched = min(cfg.clients, selected * cfg.rounds)
     touched_per_worker = min(math.ceil(cfg.clients / n_workers), per_worker * cfg.rounds)

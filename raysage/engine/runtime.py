@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +23,11 @@ import numpy as np
 
 from ..algorithms.base import (Algorithm, ClientState, ServerState, Setup, State, as_tensor,
                                load_kept, load_state, release_gradients, save_kept, seeded,
-                               state_nbytes, to_state)
+                               state_nbytes, to_state, unseeded)
 from ..config import build_config
 from ..data import client_batch, make_batch
 from ..errors import RaysageError
-from ..lazy import torch
+from ..lazy import nn, torch
 from ..models import correct_predictions, count_targets, split_loss
 from ..netsim.planner import Segment
 from ..results import RunFolder
@@ -163,7 +164,15 @@ class _Process:
 
 
 class ClientRuntime(_Process):
-    """A client worker: hosts a shard of virtual clients and their persistent state."""
+    """A client worker: hosts a shard of virtual clients and their persistent state.
+
+    On Ray it trains up to ``worker_threads`` clients at once, one per thread
+    (torch releases the GIL in its kernels). Each client runs in a working set
+    of its own; the lock guards what the threads share: the spare working
+    sets, the state store and who is mid-round. The order in which a worker
+    runs its segments never matters: a segment that must follow another
+    depends on it through the object store.
+    """
 
     def __init__(self, setup: Setup, train: dict[str, np.ndarray],
                  client_indices: dict[int, np.ndarray], spill_dir: str | None = None):
@@ -171,30 +180,41 @@ class ClientRuntime(_Process):
         self.train = train
         self.indices = client_indices
         self.states = self.store(spill_dir)
-        self.free: list[ClientState] = []           # working sets not in use
+        self.lock = threading.Lock()
         self.active: dict[int, ClientState] = {}    # clients mid-round, by id
+        self.free: list[ClientState] = [self._build()]   # working sets not in use
+        # Dropout (LoRA's) draws from torch's global generator, which a process has
+        # one of: such models are seeded per segment and train one client at a time.
+        self.draws_global_rng = any(isinstance(m, nn.Dropout) and m.p > 0
+                                    for model in self.free[0].models.values()
+                                    for m in model.modules())
 
     # -------------------------------------------------------- working sets
+    def _build(self) -> ClientState:
+        client = ClientState(-1, 0)
+        # The initial weights drawn here are replaced by each client's state.
+        with unseeded():
+            self.algo.build_client(client)
+        return client
+
     def _take(self, cid: int) -> ClientState:
         """A working set holding client cid's state (its first, if it never took part)."""
-        if self.free:
-            client = self.free.pop()
-        else:
-            client = ClientState(cid, 0)
-            # Building draws initial weights that the client's state then replaces; it
-            # must not move the seeded stream the segment is running on.
-            with torch.random.fork_rng(devices=[]):
-                self.algo.build_client(client)
+        with self.lock:
+            client = self.free.pop() if self.free else None
+            state = self.states.get(cid)
+        client = client or self._build()
         client.cid, client.num_samples = cid, len(self.indices[cid])
         client.carry, client.metrics = {}, {}
-        load_kept(self.algo, client, self.states.get(cid))
+        load_kept(self.algo, client, state)
         return client
 
     def _put_back(self, client: ClientState, keep: bool) -> None:
-        if keep:
-            self.states.put(client.cid, save_kept(self.algo, client))
+        state = save_kept(self.algo, client) if keep else None
         release_gradients(client.models)
-        self.free.append(client)
+        with self.lock:
+            if keep:
+                self.states.put(client.cid, state)
+            self.free.append(client)
 
     # -------------------------------------------------------- training
     def run_segment(self, rnd: int, segment: Segment,
@@ -205,10 +225,11 @@ class ClientRuntime(_Process):
         A first segment starts from ``start``: the round's broadcast, or, for a
         sequential protocol, the previous client's result (its hand-over).
         """
-        # Dropout (LoRA's) draws from torch's global generator: seed it per
-        # segment so that results do not depend on which worker runs what.
-        with seeded(self.cfg.seed, "segment", segment.cid, rnd, segment.index):
-            return self._run_segment(rnd, segment, start, reply)
+        if self.draws_global_rng:
+            # Seeded per segment, so results do not depend on which worker runs what.
+            with seeded(self.cfg.seed, "segment", segment.cid, rnd, segment.index):
+                return self._run_segment(rnd, segment, start, reply)
+        return self._run_segment(rnd, segment, start, reply)
 
     def _run_segment(self, rnd, segment, start, reply):
         algo = self.algo
@@ -258,10 +279,12 @@ class ClientRuntime(_Process):
     # -------------------------------------------------------- checkpoints
     def checkpoint(self, location: str, tag: str) -> dict[int, tuple[str, int]]:
         """Write the state of clients that changed since the last checkpoint."""
-        return self.states.checkpoint(RunFolder(location), "state/clients", tag)
+        with self.lock:
+            return self.states.checkpoint(RunFolder(location), "state/clients", tag)
 
     def restore(self, location: str, files: dict[int, tuple[str, int]]) -> None:
-        self.states.restore(RunFolder(location), files)
+        with self.lock:
+            self.states.restore(RunFolder(location), files)
 
     def close(self) -> None:
         self.states.close()

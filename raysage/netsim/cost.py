@@ -13,6 +13,7 @@ from functools import lru_cache
 
 from ..lazy import torch
 from ..models.losses import split_loss
+from ..streams import global_rng
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,7 @@ def _count(fn) -> float:
 def measure_costs(arch) -> ModelCosts:
     """Count FLOPs of one architecture's pieces (cached per architecture)."""
     n = 2
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
+    with global_rng(0):
         client, server, aux = arch.make_client(), arch.make_server(), arch.make_aux()
         x, y = arch.example_batch(n)
 
