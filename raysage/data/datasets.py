@@ -190,29 +190,38 @@ class SyntheticImages:
         state["_shifted"] = state["_bits"] = None     # rebuilt where they are used
         return state
 
-    def _noise(self, j: int) -> np.ndarray:
-        """Image j's noise bytes, read off the stream without drawing what precedes them."""
-        if self._bits is None:
-            self._bits = threading.local()
-            self._start = {**self.noise_start, "has_uint32": 0, "uinteger": 0}
-        if not hasattr(self._bits, "pcg"):
-            # One generator per thread, repositioned per image: making a fresh one per
-            # image would cost more than the jump (it gathers OS entropy first).
-            self._bits.pcg = np.random.PCG64(0)
-        bits, words = self._bits.pcg, self.NOISE_WORDS
-        bits.state = self._start
-        # Bytes are drawn as 32-bit words, two per 64-bit output, low half first.
-        if not self.noise_start["has_uint32"]:
-            bits.advance(words * j)
-            return bits.random_raw(words).view(np.int8)
-        # The first word of the stream is a half left over from the parameters;
-        # image j then starts at the high half of output words * j - 1.
-        if j == 0:
-            first = np.array([self.noise_start["uinteger"]], np.uint32)
-            rest = bits.random_raw(words).view(np.uint32)[:2 * words - 1]
-            return np.concatenate([first, rest]).view(np.int8)
-        bits.advance(words * j - 1)
-        return bits.random_raw(words + 1).view(np.uint32)[1:2 * words + 1].view(np.int8)
+    def _noise_into(self, out: np.ndarray, idx: np.ndarray) -> None:
+        """Write images idx's noise words into out (len(idx), words * 2 uint32), read off
+        the stream without drawing what precedes each image."""
+        local = self._bits
+        if local is None:
+            local = self._bits = threading.local()
+        if not hasattr(local, "pcg"):
+            # One generator per thread, moved from image to image by jumps (which
+            # wrap around the 2^128 period, so they go back as well as forward).
+            local.pcg = np.random.PCG64(0)
+            local.pcg.state = {**self.noise_start, "has_uint32": 0, "uinteger": 0}
+            local.at = 0                       # 64-bit outputs drawn since the start
+        pcg, words, at = local.pcg, self.NOISE_WORDS, local.at
+        # Bytes are drawn as 32-bit words, two per 64-bit output, low half first. If
+        # the parameters left half an output over, the stream's first word is that
+        # half, and image j then starts at the high half of output words * j - 1.
+        leftover = self.noise_start["has_uint32"]
+        for row, j in zip(out, idx.tolist()):
+            if not leftover:
+                pcg.advance((words * j - at) % 2**128)
+                row[:] = pcg.random_raw(words).view(np.uint32)
+                at = words * j + words
+            elif j == 0:
+                pcg.advance(-at % 2**128)
+                row[0] = self.noise_start["uinteger"]
+                row[1:] = pcg.random_raw(words).view(np.uint32)[:2 * words - 1]
+                at = words
+            else:
+                pcg.advance((words * j - 1 - at) % 2**128)
+                row[:] = pcg.random_raw(words + 1).view(np.uint32)[1:2 * words + 1]
+                at = words * j + words
+        local.at = at
 
     def __getitem__(self, index) -> np.ndarray:
         if isinstance(index, slice):
@@ -223,12 +232,13 @@ class SyntheticImages:
         if self._shifted is None:
             self._shifted = _all_shifts(self.templates)
         shifted = self._shifted
-        img = shifted[self.own[idx], self.dy[idx], self.dx[idx]] * self.a[idx, None, None, None]
-        img += shifted[self.other[idx], self.dy[idx], self.dx[idx]] * self.b[idx, None, None, None]
+        dy, dx = self.dy[idx], self.dx[idx]
+        img = shifted[self.own[idx], dy, dx] * self.a[idx, None, None, None]
+        img += shifted[self.other[idx], dy, dx] * self.b[idx, None, None, None]
         img += self.c[idx, None, None, None]
-        noise = np.stack([self._noise(int(j)) for j in idx]) if len(idx) else \
-            np.zeros((0, _PIXELS), np.int8)
-        img += noise.reshape(img.shape) * self.noise_scale
+        noise = np.empty((len(idx), _PIXELS // 4), np.uint32)
+        self._noise_into(noise, idx)
+        img += noise.view(np.int8).reshape(img.shape) * self.noise_scale
         np.clip(img, 0, 255, out=img)
         return img.astype(np.uint8)  # truncating cast; c already holds the +0.5
 

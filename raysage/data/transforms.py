@@ -61,9 +61,11 @@ def augment(x: torch.Tensor, generator: torch.Generator | None, *, padding: int 
         mirrored = torch.rand(b, generator=generator, device=dev) < 0.5
         cols = torch.where(mirrored[:, None], cols.flip(1), cols)
     # One gather for the whole batch: out[i, ch, r, q] = padded[i, ch, rows[i, r], cols[i, q]].
-    bi = torch.arange(b, device=dev)[:, None, None, None]
-    ci = torch.arange(c, device=dev)[None, :, None, None]
-    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+    # (torch.gather rather than advanced indexing: it releases the GIL, which a
+    # worker training clients on several threads needs.)
+    wp = padded.shape[-1]
+    where = (rows[:, :, None] * wp + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
+    return padded.reshape(b, c, -1).gather(2, where).reshape(b, c, h, w)
 
 
 def make_batch(

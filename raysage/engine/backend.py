@@ -57,6 +57,9 @@ class SerialBackend:
     def get(self, value):
         return value
 
+    def settle(self, refs: list, timeout: float) -> None:
+        """Wait, at most ``timeout`` seconds, for calls whose results do not matter."""
+
     def kill(self, actor) -> None:
         pass
 
@@ -203,6 +206,11 @@ class RayBackend:
             if isinstance(cause, RaysageError):
                 raise type(cause)(str(cause)) from None
             raise
+
+    def settle(self, refs: list, timeout: float) -> None:
+        """Wait, at most ``timeout`` seconds, for calls whose results do not matter."""
+        if refs:
+            self.ray.wait(refs, num_returns=len(refs), timeout=timeout)
 
     def kill(self, actor) -> None:
         try:

@@ -165,12 +165,12 @@ class Orchestrator:
             self.world.algorithm.load_plan_state(manifest["plan"])
 
     def close(self) -> None:
-        # End our actors explicitly: a shared Ray instance outlives this run.
+        # Actors remove their spill folders (on their own nodes), then end: a shared
+        # Ray instance outlives this run. An actor that is dead, or was never placed,
+        # has nothing to clean, and is not waited for.
+        self.backend.settle([self.backend.call(actor, "close") for actor in self.actors],
+                            timeout=30)
         for actor in self.actors:
-            try:
-                self.backend.get(self.backend.call(actor, "close"))
-            except Exception:  # a dead actor has nothing left to clean
-                pass
             self.backend.kill(actor)
         if getattr(self, "spill", None) is not None:
             shutil.rmtree(self.spill, ignore_errors=True)
@@ -186,6 +186,15 @@ class Orchestrator:
         """
         backend = self.backend
         uploads, replies, ends = {}, {}, {}
+        # A worker runs several segments at once (on threads) and would start any
+        # whose inputs are ready, so every client could be mid-round at once, each
+        # holding a working set and its activations. Instead a client's first
+        # segment waits until the client opened ``worker_threads`` clients earlier on
+        # that worker has finished its round, when that was submitted earlier (an
+        # added dependency that points back in the causal order cannot deadlock).
+        window = self.cfg.worker_threads if backend.name == "ray" else 0
+        opened: dict[int, list[int]] = {w: [] for w in range(len(self.workers))}
+        finished: dict[int, Any] = {}    # client -> its last segment's (small) output
         readers: dict[tuple[int, int], int] = {}
         for action in schedule.actions:
             if not isinstance(action, Segment):
@@ -193,17 +202,24 @@ class Orchestrator:
                     readers[seg] = readers.get(seg, 0) + 1
         for action in schedule.actions:
             if isinstance(action, Segment):
-                worker = self.workers[self.owner[action.cid]]
+                w = self.owner[action.cid]
                 reply = replies.pop(action.reply_of) if action.reply_of is not None else None
                 start = None
                 if action.is_first:
                     start = ends[action.after] if action.after is not None else global_ref
-                sent, end = backend.call(worker, "run_segment", rnd, action, start, reply,
-                                         num_returns=2)
+                turn = None
+                if action.is_first and window:
+                    if len(opened[w]) == window:
+                        turn = finished.pop(opened[w].pop(0), None)
+                    opened[w].append(action.cid)
+                sent, end = backend.call(self.workers[w], "run_segment", rnd, action, start,
+                                         reply, turn, num_returns=2)
                 if action.key in readers:
                     uploads[action.key] = sent
                 if action.is_last:
                     ends[action.cid] = end
+                    if window and action.cid in opened[w]:
+                        finished[action.cid] = sent
             else:
                 n = len(action.uploads)
                 out = backend.call(self.server, "serve", rnd, action.uploads,

@@ -219,11 +219,12 @@ class ClientRuntime(_Process):
     # -------------------------------------------------------- training
     def run_segment(self, rnd: int, segment: Segment,
                     start: dict[str, State] | ClientResult | None,
-                    reply: Any) -> tuple[dict[int, Any], ClientResult | None]:
+                    reply: Any, turn: Any = None) -> tuple[dict[int, Any], ClientResult | None]:
         """Run one segment of a client's round; returns (uploads by k, end-of-round result).
 
         A first segment starts from ``start``: the round's broadcast, or, for a
         sequential protocol, the previous client's result (its hand-over).
+        ``turn`` is only waited for (see Orchestrator.execute).
         """
         if self.draws_global_rng:
             # Seeded per segment, so results do not depend on which worker runs what.
