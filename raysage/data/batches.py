@@ -41,9 +41,27 @@ def batch_indices(cfg, indices: np.ndarray, cid: int, rnd: int, k: int) -> np.nd
     return indices[order[j * cfg.batch_size:(j + 1) * cfg.batch_size]]
 
 
-def client_batch(cfg, data: dict, mean, std, indices: np.ndarray, cid: int, rnd: int, k: int):
-    """The augmented, normalised k-th batch of a client, as (x, y) tensors."""
+def client_batch(cfg, data: dict, mean, std, indices: np.ndarray, cid: int, rnd: int, k: int,
+                 images: np.ndarray | None = None):
+    """The augmented, normalised k-th batch of a client, as (x, y) tensors.
+
+    ``images``: the batch's raw images when the caller has them already (fetched
+    with other batches in one go), else they are read from ``data``.
+    """
     idx = batch_indices(cfg, indices, cid, rnd, k)
     augment = torch.Generator().manual_seed(stream_seed(cfg.seed, "augment", cid, rnd, k))
-    x = make_batch(data["x_train"][idx], mean, std, train=True, generator=augment)
+    raw = data["x_train"][idx] if images is None else images
+    x = make_batch(raw, mean, std, train=True, generator=augment)
     return x, torch.from_numpy(np.asarray(data["y_train"][idx], dtype=np.int64))
+
+
+def client_images(cfg, data: dict, indices: np.ndarray, cid: int, rnd: int,
+                  ks: range) -> dict[int, np.ndarray]:
+    """Raw images of several local batches, read in one go (synthetic images are made
+    on demand, and one call for a whole segment costs less than one per batch)."""
+    per_batch = [batch_indices(cfg, indices, cid, rnd, k) for k in ks]
+    if not per_batch:
+        return {}
+    everything = data["x_train"][np.concatenate(per_batch)]
+    bounds = np.cumsum([0] + [len(ix) for ix in per_batch])
+    return {k: everything[a:b] for k, a, b in zip(ks, bounds[:-1], bounds[1:])}

@@ -239,7 +239,8 @@ class SyntheticImages:
         noise = np.empty((len(idx), _PIXELS // 4), np.uint32)
         self._noise_into(noise, idx)
         img += noise.view(np.int8).reshape(img.shape) * self.noise_scale
-        np.clip(img, 0, 255, out=img)
+        # Clip to [0, 255] (np.clip, but without its per-call error-state bookkeeping).
+        np.minimum(np.maximum(img, 0, out=img), 255, out=img)
         return img.astype(np.uint8)  # truncating cast; c already holds the +0.5
 
 

@@ -8,6 +8,7 @@ the *raw* uint8 image with 0 (black) before normalising.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -28,9 +29,15 @@ def _to_chw_uint8(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2)
 
 
+@lru_cache(maxsize=8)
+def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...]):
+    # Made once, not per batch: small tensors cost more to build than to use.
+    return (torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1),
+            torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+
 def _normalise(chw: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    m, s = _channel_constants(tuple(mean), tuple(std))
     return ((chw.to(torch.float32) / 255.0 - m) / s).contiguous()
 
 

@@ -189,10 +189,11 @@ class Orchestrator:
         # A worker runs several segments at once (on threads) and would start any
         # whose inputs are ready, so every client could be mid-round at once, each
         # holding a working set and its activations. Instead a client's first
-        # segment waits until the client opened ``worker_threads`` clients earlier on
-        # that worker has finished its round, when that was submitted earlier (an
-        # added dependency that points back in the causal order cannot deadlock).
-        window = self.cfg.worker_threads if backend.name == "ray" else 0
+        # segment waits until the client opened ``window`` clients earlier on that
+        # worker has finished its round, when that was submitted earlier (an added
+        # dependency that points back in the causal order cannot deadlock). One more
+        # than the worker's threads keeps a task queued for the next free thread.
+        window = self.cfg.worker_threads + 1 if backend.name == "ray" else 0
         opened: dict[int, list[int]] = {w: [] for w in range(len(self.workers))}
         finished: dict[int, Any] = {}    # client -> its last segment's (small) output
         readers: dict[tuple[int, int], int] = {}

@@ -26,6 +26,7 @@ from ..algorithms.base import (Algorithm, ClientState, ServerState, Setup, State
                                state_nbytes, to_state, unseeded)
 from ..config import build_config
 from ..data import client_batch, make_batch
+from ..data.batches import client_images
 from ..errors import RaysageError
 from ..lazy import nn, torch
 from ..models import correct_predictions, count_targets, split_loss
@@ -246,9 +247,13 @@ class ClientRuntime(_Process):
         if segment.resume is not None:
             algo.backward(client, rnd, segment.resume)
         uploads = {}
+        indices = self.indices[segment.cid]
+        stop = segment.stop if segment.blocked_at is None else segment.blocked_at + 1
+        images = client_images(self.cfg, self.train, indices, segment.cid, rnd,
+                               range(segment.first, stop))
         for k in range(segment.first, segment.stop):
             x, y = client_batch(self.cfg, self.train, self.setup.mean, self.setup.std,
-                                self.indices[segment.cid], segment.cid, rnd, k)
+                                indices, segment.cid, rnd, k, images=images[k])
             upload = algo.forward(client, rnd, k, x.to(algo.device), y.to(algo.device))
             if upload is not None:
                 uploads[k] = upload
