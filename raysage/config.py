@@ -35,12 +35,18 @@ BACKEND_NAMES = ("ray", "serial")
 PROFILE_NAMES = ("uniform", "datacenter", "wifi", "4g-mobile", "heterogeneous")
 STRAGGLER_NAMES = ("none", "lognormal", "pareto")
 ROUND_POLICY_NAMES = ("wait_all", "deadline", "over_selection")
+AUX_INIT_NAMES = ("shared", "per_client")
 # For --model gpt2, unless given: the embedded data, and the paper's GPT-2
 # batch size and alignment (40 epochs, batch 8, a buffer of 64 sequences).
 # Its LoRA dropout draws from torch's global generator, which a worker process has
 # one of, so a worker trains one client at a time: one CPU per worker, unless given.
 LANGUAGE_DEFAULTS = {"dataset": "e2e_synthetic", "batch_size": 8, "align_epochs": 40,
                      "align_batch_size": 8, "align_buffer": 64, "cpus_per_worker": 1.0}
+# For --model simple_conv, unless given: the FSL-SAGE reference code's CIFAR
+# training (batch 128, Adam 1e-3 without weight decay).
+SIMPLE_CONV_DEFAULTS = {"batch_size": 128, "client_weight_decay": 0.0,
+                        "server_weight_decay": 0.0}
+MODEL_DEFAULTS = {"gpt2": LANGUAGE_DEFAULTS, "simple_conv": SIMPLE_CONV_DEFAULTS}
 # Those the language-model task runs (the paper's comparison on E2E).
 LANGUAGE_ALGORITHMS = ("fsl_sage", "cse_fsl", "splitfed_v2", "fedavg")
 
@@ -127,6 +133,14 @@ class Config:
     align_blocking: bool = field(default=True, metadata=_meta(
         "the client waits for its aligned auxiliary model (true, as the reference) "
         "or goes on with the old one until it arrives"))
+    aux_init: str = field(default="shared", metadata=_meta(
+        "FSL-SAGE's initial auxiliary models: shared (every client starts from the same "
+        "one, as the reference code) or per_client (each from its own seeded stream)",
+        choices=AUX_INIT_NAMES))
+    estimate_quality: bool = field(default=True, metadata=_meta(
+        "measure, at every upload of FSL-SAGE, CSE-FSL and FSL_AN, the cosine and NMSE "
+        "between the gradient the client used and the true cut-layer gradient (an "
+        "observer: no simulated bytes or time, no change to training; costs host time)"))
 
     # SGLR parameters.
     sglr_alpha: float = field(default=0.5, metadata=_meta(
@@ -366,10 +380,10 @@ def build_config(*sources: dict[str, Any] | None) -> Config:
     values = {name: _coerce(name, value) for name, value in merged.items()}
     for name, value in values.items():
         _check(name, value)
-    if values.get("model") == "gpt2":
-        # The paper's language-model settings where the CIFAR ones would not fit.
-        for name, value in LANGUAGE_DEFAULTS.items():
-            values.setdefault(name, value)
+    # A model's reference settings where the defaults (the ResNet-18 reference's)
+    # would not reproduce its paper or code.
+    for name, value in MODEL_DEFAULTS.get(values.get("model"), {}).items():
+        values.setdefault(name, value)
     cfg = Config(**values)
     _check_together(cfg)
     return cfg

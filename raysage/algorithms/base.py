@@ -150,9 +150,15 @@ class ServerState:
     live: dict[int, dict[str, Any]] = field(default_factory=dict)
     spare: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)     # this round's sums
+    # This round's sums per client (measurements made where the server is).
+    client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def log(self, name: str, value: float) -> None:
         self.metrics[name] = self.metrics.get(name, 0.0) + float(value)
+
+    def log_client(self, cid: int, name: str, value: float) -> None:
+        sums = self.client_metrics.setdefault(cid, {})
+        sums[name] = sums.get(name, 0.0) + float(value)
 
 
 # ----------------------------------------------------------------- helpers
@@ -237,6 +243,36 @@ def cross_entropy_grad(model: nn.Module, h: torch.Tensor, y: torch.Tensor,
     loss = split_loss(model(leaf), y)
     (grad,) = torch.autograd.grad(loss, leaf, create_graph=create_graph)
     return loss, grad
+
+
+# ------------------------------------------------------- estimate quality
+#
+# FSL-SAGE, CSE-FSL and FSL_AN train the client on a stand-in for the server's
+# gradient at the cut: x_a's gradient estimate, or a local loss. How close that
+# stand-in is, at each upload, is measured as an observer: with the cut-layer
+# gradient the server's x_s would return for the same batch right then. The
+# measurement draws nothing from the training's random streams and moves no
+# model, so results are the same with it on or off.
+
+def gradient_of(model: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """d/dh of model's batch-mean cross-entropy on (h, y), leaving model untouched:
+    no parameter gradients, BatchNorm statistics restored, torch's generator too."""
+    with global_rng():
+        saved = {name: buf.clone() for name, buf in model.named_buffers()}
+        _, grad = cross_entropy_grad(model, h.detach(), y)
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(saved[name])
+    return grad
+
+
+def log_agreement(log, used: torch.Tensor, true: torch.Tensor) -> None:
+    """Log the cosine and NMSE of the gradient a client used against the true one
+    (over the whole batch), and that one upload was measured."""
+    u, t = used.detach().flatten().double(), true.detach().flatten().double()
+    log("estimate_cosine_sum", float(u @ t / (u.norm() * t.norm()).clamp_min(1e-300)))
+    log("estimate_nmse_sum", float((u - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-300)))
+    log("estimate_measured", 1)
 
 
 class WeightedAverage:

@@ -9,10 +9,12 @@ round: FedAvg of x_c, of x_a (2 |x_a| per client) and of the server copies.
 
 from __future__ import annotations
 
+from functools import partial
 
 from ..models import split_loss
 from ..netsim.planner import ClientRoundPlan, Exchange
-from .base import Algorithm, Keeps, ServerState, load_state, to_state
+from .base import (Algorithm, Keeps, ServerState, gradient_of, load_state, log_agreement,
+                   to_state)
 from .splitfed_v1 import average_server_copies, copies_state_bytes, server_copy
 
 GLOBAL_AUX = "shared"  # names the random stream of the shared initial x_a
@@ -61,9 +63,14 @@ class FSLAN(Algorithm):
     def forward(self, client, rnd, k, x, y):
         smashed = client.models["client"](x)
         client.carry.update(smashed=smashed, y=y)
-        if self.uploads_at(k):
-            return self.smashed_upload(smashed, y)
-        return None
+        if not self.uploads_at(k):
+            return None
+        upload = self.smashed_upload(smashed, y)
+        if self.cfg.estimate_quality:
+            # The local loss's gradient at the cut, which x_c trains on instead of the
+            # server's (x_a steps only in backward), for the server to compare.
+            upload["estimate"] = gradient_of(client.models["aux"], smashed, y).cpu().numpy()
+        return upload
 
     def backward(self, client, rnd, k):
         smashed, y = client.carry.pop("smashed"), client.carry.pop("y")
@@ -98,8 +105,11 @@ class FSLAN(Algorithm):
 
     def serve(self, server, rnd, cid, k, upload):
         x_s, optimizer = self.server_model(server, rnd, cid)
-        self.server_step(server, x_s, optimizer, self.tensor(upload["smashed"]),
-                         self.tensor(upload["y"]))
+        h, y = self.tensor(upload["smashed"]), self.tensor(upload["y"])
+        if "estimate" in upload:   # against x_s as it stands when the upload is served
+            log_agreement(partial(server.log_client, cid), self.tensor(upload["estimate"]),
+                          gradient_of(x_s, h, y))
+        self.server_step(server, x_s, optimizer, h, y)
         return None
 
     def end_server_round(self, server, rnd, global_state, weights):

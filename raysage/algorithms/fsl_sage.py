@@ -42,13 +42,15 @@ instead of one after another in the server process.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from ..lazy import nn, torch
 from ..models import split_loss
 from ..netsim.planner import ClientRoundPlan, Exchange
-from .base import (Algorithm, ClientState, Keeps, ServerState, cross_entropy_grad, load_state,
-                   stream_seed, to_state)
+from .base import (Algorithm, ClientState, Keeps, ServerState, cross_entropy_grad, gradient_of,
+                   load_state, log_agreement, stream_seed, to_state)
 
 
 class FSLSage(Algorithm):
@@ -134,17 +136,28 @@ class FSLSage(Algorithm):
         client.optimizers["client"] = self.client_optimizer(x_c)
 
     def fresh_client_models(self, cid):
-        return {"aux": self.initial_aux_model(cid)}
+        # The reference starts every client from one x_a; per_client draws each its own.
+        return {"aux": self.initial_aux_model("shared" if self.cfg.aux_init == "shared"
+                                              else cid)}
 
     def start_round(self, client, rnd, global_state):
         load_state(client.models["client"], global_state["client"])
 
+    def waits_for_alignment(self, rnd: int, k: int) -> bool:
+        return self.aligns_at(rnd, k) and self.cfg.align_blocking
+
     def forward(self, client, rnd, k, x, y):
         smashed = client.models["client"](x)
         client.carry.update(smashed=smashed, y=y)
-        if self.uploads_at(k):
-            return self.smashed_upload(smashed, y)
-        return None
+        if not self.uploads_at(k):
+            return None
+        upload = self.smashed_upload(smashed, y)
+        if self.cfg.estimate_quality and not self.waits_for_alignment(rnd, k):
+            # The estimate this batch will train on (x_a does not change before its
+            # backward), for the server to compare with its own (an observer's copy:
+            # no bytes are counted for it).
+            upload["estimate"] = gradient_of(client.models["aux"], smashed, y).cpu().numpy()
+        return upload
 
     def receive(self, client, rnd, reply):
         """The aligned x_a,i arrives (computed here, see "Where alignment runs")."""
@@ -152,10 +165,14 @@ class FSLSage(Algorithm):
         client.log("alignments", 1)
         client.log("nmse_before_sum", before)
         client.log("nmse_after_sum", after)
+        if "z_batch" in reply:   # this batch's true gradient, to measure after alignment
+            client.carry["z_batch"] = self.tensor(reply["z_batch"])
 
     def backward(self, client, rnd, k):
         smashed, y = client.carry.pop("smashed"), client.carry.pop("y")
         loss, g_hat = cross_entropy_grad(client.models["aux"], smashed.detach(), y)
+        if "z_batch" in client.carry:
+            log_agreement(client.log, g_hat, client.carry.pop("z_batch"))
         optimizer = client.optimizers["client"]
         optimizer.zero_grad()
         smashed.backward(g_hat)
@@ -173,8 +190,17 @@ class FSLSage(Algorithm):
 
     def serve(self, server, rnd, cid, k, upload):
         x_s = server.models["server"]
-        self.server_step(server, x_s, server.optimizers["server"], self.tensor(upload["smashed"]),
-                         self.tensor(upload["y"]))
+        h, y = self.tensor(upload["smashed"]), self.tensor(upload["y"])
+        # Estimate quality: the true gradient for this batch, with x_s as it stands
+        # when the upload is served (the client's estimate came with it, or is
+        # measured by the client after the alignment it waits for).
+        measure = self.cfg.estimate_quality and ("estimate" in upload
+                                                 or self.waits_for_alignment(rnd, k))
+        z_batch = gradient_of(x_s, h, y) if measure else None
+        if "estimate" in upload:
+            log_agreement(partial(server.log_client, cid), self.tensor(upload["estimate"]),
+                          z_batch)
+        self.server_step(server, x_s, server.optimizers["server"], h, y)
 
         # Client i's buffer: its last align_buffer uploaded samples. Targets are
         # (N,) labels or (N, T) tokens.
@@ -189,7 +215,10 @@ class FSLSage(Algorithm):
         # The targets must see x_s as it stands now; the aux training that
         # follows does not touch x_s (see "Where alignment runs").
         z = self.true_gradients(x_s, self.tensor(buffer["smashed"]), self.tensor(buffer["y"]))
-        return {"smashed": buffer["smashed"], "y": buffer["y"], "z": z.cpu().numpy()}
+        reply = {"smashed": buffer["smashed"], "y": buffer["y"], "z": z.cpu().numpy()}
+        if z_batch is not None and "estimate" not in upload:
+            reply["z_batch"] = z_batch.cpu().numpy()
+        return reply
 
     # ----------------------------------------------------------- alignment
     def true_gradients(self, x_s: nn.Module, smashed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ each client keeps its own x_c, the server one x_s. At every iteration all
 participants send (h_i, y_i) and the server waits for all of them (a
 barrier, so each iteration lasts as long as its slowest client). It
 concatenates them, computes one loss, steps x_s with the server learning
-rate eta_s = eta_c * m^alpha, and computes each client's cut-layer gradient
+rate eta_s = eta_c * m^alpha (m: the clients taking part in that iteration),
+and computes each client's cut-layer gradient
 g_i. A seeded random fraction phi of the clients receives the average of
 their g_i; the others receive their own.
 
@@ -42,9 +43,9 @@ class SGLR(SplitFedV2):
     def participants_per_round(self) -> int:
         return max(1, round(self.cfg.participation * self.cfg.clients))
 
-    @property
-    def server_lr(self) -> float:
-        return self.cfg.client_lr * self.participants_per_round ** self.cfg.sglr_alpha
+    def server_lr(self, clients: int) -> float:
+        """eta_s = eta_c * m^alpha, m the clients that take part in the iteration."""
+        return self.cfg.client_lr * clients ** self.cfg.sglr_alpha
 
     # ------------------------------------------------------------ schedule
     def plan_client_round(self, rnd, cid, batch_sizes):
@@ -75,7 +76,9 @@ class SGLR(SplitFedV2):
     def init_server(self) -> ServerState:
         x_s = self.place(self.initial_server_model())
         c = self.cfg
-        optimizer = make_optimizer(c.server_optimizer, x_s.parameters(), self.server_lr,
+        # The rate is set again at every iteration for the clients it actually has.
+        optimizer = make_optimizer(c.server_optimizer, x_s.parameters(),
+                                   self.server_lr(self.participants_per_round),
                                    c.server_weight_decay, c.momentum)
         return ServerState(models={"server": x_s}, optimizers={"server": optimizer})
 
@@ -91,6 +94,8 @@ class SGLR(SplitFedV2):
     def serve_group(self, server, rnd, uploads):
         uploads = sorted(uploads, key=lambda u: u[0])
         x_s, optimizer = server.models["server"], server.optimizers["server"]
+        # Clients that dropped, or whose data ran out, do not count in m.
+        optimizer.lr = self.server_lr(len(uploads))
         smashed = [self.tensor(u["smashed"]).requires_grad_() for _, _, u in uploads]
         y = torch.cat([self.tensor(u["y"]) for _, _, u in uploads])
         loss = split_loss(x_s(torch.cat(smashed)), y)

@@ -253,7 +253,7 @@ class Orchestrator:
         new_global = algo.aggregate(rnd, uploads(), total, global_state)
         for cid in cids[len(results):]:      # an aggregate that stopped early
             results[cid] = backend.get(ends.pop(cid))
-        server_out = {"metrics": {}, "state_bytes": 0}
+        server_out = {"metrics": {}, "client_metrics": {}, "state_bytes": 0}
         if self.server is not None:
             weights = {cid: world.num_samples(cid) / total for cid in cids}
             server_out = backend.get(backend.call(self.server, "end_round", rnd, new_global,

@@ -29,6 +29,17 @@ def bytes_by_kind(kinds: dict[str, int]) -> dict[str, int]:
     return row
 
 
+def estimate_quality(*sums: dict[str, float]) -> dict[str, float]:
+    """Mean cosine and NMSE of the gradient stand-in against the true cut-layer
+    gradient over the measured uploads (measured by the client or the server)."""
+    measured = sum(m.get("estimate_measured", 0) for m in sums)
+    if not measured:
+        return {"estimate_cosine": math.nan, "estimate_nmse": math.nan, "estimate_uploads": 0}
+    return {"estimate_cosine": sum(m.get("estimate_cosine_sum", 0.0) for m in sums) / measured,
+            "estimate_nmse": sum(m.get("estimate_nmse_sum", 0.0) for m in sums) / measured,
+            "estimate_uploads": int(measured)}
+
+
 def plan_rows(world: World, rounds: int | None = None) -> list[dict[str, Any]]:
     """The dry run: bytes by kind and simulated time of each round, without training."""
     rows, sim_time = [], 0.0
@@ -60,7 +71,9 @@ def round_rows(rnd: int, schedule: RoundSchedule, results: dict[int, Any],
                        drop_reason=drop.reason, **bytes_by_kind(drop.bytes))
             row.update({name: math.nan for name in
                         ("sim_compute", "sim_upload", "sim_download", "sim_wait", "sim_queue",
-                         "sim_idle", "train_loss", "nmse_before", "nmse_after")})
+                         "sim_idle", "train_loss", "nmse_before", "nmse_after",
+                         "estimate_cosine", "estimate_nmse")})
+            row["estimate_uploads"] = 0
             row["sim_finish"] = drop.time - schedule.start
             client_rows.append(row)
             continue
@@ -76,6 +89,7 @@ def round_rows(rnd: int, schedule: RoundSchedule, results: dict[int, Any],
         aligned = metrics.get("alignments", 0)
         row["nmse_before"] = metrics["nmse_before_sum"] / aligned if aligned else math.nan
         row["nmse_after"] = metrics["nmse_after_sum"] / aligned if aligned else math.nan
+        row.update(estimate_quality(metrics, server_out["client_metrics"].get(cid, {})))
         row["sim_finish"] = timing.finish - schedule.start
         client_rows.append(row)
 
@@ -98,6 +112,8 @@ def round_rows(rnd: int, schedule: RoundSchedule, results: dict[int, Any],
         alignments=len(aligned_rows),
         nmse_before=_mean([r["nmse_before"] for r in aligned_rows]),
         nmse_after=_mean([r["nmse_after"] for r in aligned_rows]),
+        **estimate_quality(*[r.metrics for r in results.values()],
+                           *server_out["client_metrics"].values()),
         sim_round_time=schedule.duration,
         sim_server_busy=schedule.server_busy,
         server_state_bytes=server_out["state_bytes"],

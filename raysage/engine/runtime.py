@@ -323,8 +323,10 @@ class ServerRuntime(_Process):
         self.algo.end_server_round(self.state, rnd, global_state, weights)
         release_gradients(self.state.models)
         metrics, self.state.metrics = self.state.metrics, {}
+        per_client, self.state.client_metrics = self.state.client_metrics, {}
         _check_finite(metrics, rnd, "the server")
-        return {"metrics": metrics, "state_bytes": self.algo.server_state_bytes(self.state)}
+        return {"metrics": metrics, "client_metrics": per_client,
+                "state_bytes": self.algo.server_state_bytes(self.state)}
 
     def evaluate(self, global_state: dict[str, State]) -> dict[str, float]:
         return evaluate(self.algo.eval_model(self.state, global_state), self.test, self.setup,

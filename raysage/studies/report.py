@@ -496,6 +496,36 @@ def _curve_figure(series: list[Series], metric: Metric, x: str,
     return fig
 
 
+def _estimate_figure(series: list[Series]):
+    """How close the gradient a client trains on is to the server's true cut-layer
+    gradient, at the uploads of each round: cosine (1 is exact) and NMSE (0 is)."""
+    measured = [s for s in series
+                if any(not math.isnan(_num(r.get("estimate_cosine"))) for r in s.rounds)]
+    if not measured:
+        return None
+    facets, line_fields = _facets(measured), _line_fields(measured)
+    fig, axes = _grid(2 * len(facets), "Gradient estimate quality vs round"
+                      + _context(measured), ncols=2)
+    for i, facet in enumerate(facets):
+        for column, ax in (("estimate_cosine", axes[2 * i]), ("estimate_nmse", axes[2 * i + 1])):
+            for s in facet.series:
+                points = [(r["round"], _num(r.get(column))) for r in s.rounds]
+                points = [p for p in points if not math.isnan(p[1])]
+                ax.plot([p[0] for p in points], [p[1] for p in points],
+                        marker="o" if len(points) <= 20 else None, markersize=3,
+                        color=algorithm_color(s.algorithm), label=_line_label(s, line_fields))
+            if column == "estimate_nmse" and _positive_decades(ax):
+                ax.set_yscale("log")
+            _finish(ax, facet.label, "round", {"estimate_cosine": "cosine with the true gradient",
+                                               "estimate_nmse": "NMSE to the true gradient"}[column])
+    return fig
+
+
+def _positive_decades(ax) -> bool:
+    values = [v for line in ax.get_lines() for v in line.get_ydata() if v > 0]
+    return bool(values) and max(values) / min(values) > 100
+
+
 def _spans_decades(ax) -> bool:
     ends = [line.get_xdata()[-1] for line in ax.get_lines() if len(line.get_xdata())
             and line.get_xdata()[-1] > 0]
@@ -656,6 +686,9 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
     alphas = {s.config.get("alpha") for s in series if s.config.get("partition") == "dirichlet"}
     if m.name == "accuracy" and len(alphas) >= 2:
         save(_alpha_figure(series, m), "best_accuracy_vs_alpha.png")
+    quality = _estimate_figure(series)
+    if quality is not None:
+        save(quality, "estimate_quality_vs_round.png")
     scaling = {axis: lines for axis in SCALING_AXES if (lines := scaling_lines(runs, axis))}
     for axis, lines in scaling.items():
         save(_scaling_figure(lines, axis), f"scalability_{axis}.png")
