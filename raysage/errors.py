@@ -27,3 +27,8 @@ def one_line(exc: BaseException) -> str:
     """An exception's whole message on one line (Ray's and pyarrow's span several)."""
     return " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) \
         or type(exc).__name__
+
+
+class ContractError(RaysageError):
+    """An algorithm that does not keep to the contract (raysage.algorithms.base): its
+    client_round and its plan disagree, or a hook returned the wrong thing."""

@@ -49,7 +49,9 @@ PINNED = {
         'a1be9720ecac872a968ef422d10d4378'),
     ('base', 'cse_fsl'): ([[0.18, 2.303297271728516, 2.307039260864258, 2.3218376636505127, nan, nan, 1049024, 0.13636297561966904, 4, 0], [0.135, 2.3002520751953126, 2.2992854714393616, 2.292449414730072, nan, nan, 1049024, 0.27272595123933807, 4, 0]],
         'a1be9720ecac872a968ef422d10d4378'),
-    ('base', 'sglr'): ([[0.1, 2.302516143798828, nan, 2.3184025287628174, nan, nan, 1967040, 0.2614561551329874, 4, 0], [0.153, 2.295849945068359, nan, 2.306694825490316, nan, nan, 1967040, 0.522912310265975, 4, 0]],
+    # Re-pinned when SGLR's replies stopped going to the wrong clients whenever a
+    # barrier's uploads arrived out of client-id order (this config's profiles).
+    ('base', 'sglr'): ([[0.1, 2.302821533203125, nan, 2.318854490915934, nan, nan, 1967040, 0.2614561551329874, 4, 0], [0.131, 2.2952276611328126, nan, 2.3048299153645835, nan, nan, 1967040, 0.522912310265975, 4, 0]],
         'e3b0c44298fc1c149afbf4c8996fb924'),
     ('drops', 'fsl_sage'): ([[0.1, 2.3111529541015625, 2.2966379880905152, 2.311282515525818, 5.861948251724243, 4.8219074010849, 794368, 0.16211764428799996, 2, 4], [0.1, 2.3107228088378906, 2.300661055246989, 2.3190296490987143, nan, nan, 1228224, 0.27800270028799995, 3, 3], [0.08, 2.3042124938964843, 2.2862655878067017, 2.3083900809288025, 6.811896324157715, 5.613009214401245, 876368, 0.4401302768640001, 2, 4]],
         'c3c06d94792c29bb7b53f1e501dcbbc3'),
@@ -90,7 +92,8 @@ def test_results_are_bit_identical_to_the_pinned_numbers(tmp_path, config, algor
     result = simulate(build_config(fields), announce=lambda line: None)
     expected_rows, expected_digest = PINNED[(config, algorithm)]
     for rnd, (row, expected) in enumerate(zip(result.rounds, expected_rows, strict=True)):
-        got = [row[c] for c in COLUMNS]
+        # An algorithm has only its own metric columns; the others read as unmeasured.
+        got = [row.get(c, nan) for c in COLUMNS]
         wrong = [(c, g, e) for c, g, e in zip(COLUMNS, got, expected) if not same(g, e)]
         assert not wrong, f"round {rnd}: (column, got, pinned) {wrong}"
     assert state_digest(result.global_state) == expected_digest

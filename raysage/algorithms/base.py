@@ -1,34 +1,79 @@
 """The contract between an algorithm and the engine.
 
-An algorithm says, in plain torch and without Ray:
+An algorithm is one class, in plain torch and without Ray, that reads like
+its paper's pseudocode. The engine gives it clients, a server, the simulated
+world and the bookkeeping (bytes, time, determinism, checkpoints, results);
+the algorithm says what happens in a round through six hooks:
 
-* **what is sent, and when**: :meth:`Algorithm.plan_client_round` returns
-  the bytes by kind and the FLOPs of each local iteration, and which
-  iterations upload to the server and wait for its reply. The simulated
-  clock and the dry run are derived from this alone.
-* **what a client is**: :meth:`build_client` makes a worker's working
-  models and optimizers (once, not per client), and :attr:`client_keeps`
-  names the part of them that persists per client between its rounds
-  (FSL-SAGE's own x_a,i, optimizer moments). The engine stores that part as
-  arrays, loads it into the working models when the client takes part, and
-  writes it back when its round ends; a client's first state comes from
-  :meth:`fresh_client_models`, seeded by its id.
-* **what a client does**: :meth:`start_round` (load the broadcast),
-  :meth:`forward` (iteration k up to the cut layer; returns the upload, if
-  the plan has one at k), :meth:`receive` (a server reply arrives),
-  :meth:`backward` (finish iteration k), :meth:`end_round` (what the client
-  uploads at the end, by name).
-* **what the server does**: :meth:`serve` (one upload, in simulated arrival
-  order; returns the reply, if the plan has one), :meth:`end_server_round`.
-  Per-client server state lives in ``server.clients``, a store of arrays
-  like the clients' own.
-* **what is aggregated**: the names in :attr:`aggregated` are averaged by
-  the engine with weights n_i / sum n_j, in client-id order, into the global
-  state that is broadcast next round.
+``plan_client_round(rnd, p)``
+    What client ``p.cid`` sends in round ``rnd``, and when: the bytes by kind
+    of the broadcast and the end-of-round upload, the FLOPs of each local
+    iteration, and an :class:`Exchange` for every iteration that uploads to
+    the server (its bytes, the server's work, the reply's bytes, whether the
+    client waits for it). This is the schedule, stated once: the simulated
+    clock and the dry run (``raysage plan``) are derived from it without
+    touching a tensor, and the client's code below reads it from its steps
+    instead of stating it again. ``p.uploaded`` is how many samples the
+    client uploaded in earlier rounds, which the engine counts from the
+    plans' ``Exchange.samples`` (FSL-SAGE's alignment cost grows with the
+    client's buffer at the server).
 
-The engine never branches on an algorithm's name. The driver uses an
-algorithm only to plan and average, so nothing here imports torch before a
-tensor is needed (see :mod:`raysage.lazy`).
+``build_client(client)``
+    The working models and optimizers a worker trains its clients in, built
+    once and reused client after client. :attr:`client_keeps` names what of
+    them outlives a client's round (its own x_a, its optimizer's moments):
+    the engine stores that part as arrays and loads it back when the client
+    takes part again, so a client costs only its state. A client's first
+    state comes from :meth:`fresh_client_models`, seeded by its id.
+
+``client_round(client, rnd)``
+    A client's local round, written once as a generator::
+
+        def client_round(self, client, rnd):
+            load_state(x_c, client.start["client"])      # the broadcast
+            for step in client.steps():                  # the plan's iterations
+                h = x_c(step.x)
+                if step.uploads:                         # the plan has an Exchange here
+                    reply = yield step.upload(smashed=h, y=step.y)
+                ...                                      # backward, optimizer step
+            return {"client": to_state(x_c)}             # what the client uploads
+
+    ``yield step.upload(...)`` sends the arrays to the server; it evaluates
+    to the server's reply when the plan's exchange is blocking, else to
+    None. A reply the client does not wait for enters its computation before
+    the first iteration that starts after it arrives on the simulated clock:
+    ``replies = yield from step.arrivals()`` at the top of an iteration (and
+    ``yield from client.arrivals()`` after the last one) hands them over, by
+    the iteration that caused them. The engine cuts the generator at these
+    points to interleave clients and server in simulated order, and checks
+    the generator against the plan: an upload the plan does not have, or one
+    it has that never comes, stops the run with one line that says where.
+
+``serve(server, rnd, upload)``
+    The server handling one upload, in simulated arrival order; returns the
+    reply (None when the plan has none). Uploads whose exchanges share a
+    ``group`` are a barrier, served together by ``serve_group``.
+
+``aggregate(rnd, results, total, global_state)``
+    The new global state. The default is FedAvg, with weights n_i / sum n_j
+    in client-id order, of every part named in :attr:`aggregated`.
+
+``init_global()`` / ``init_server()``
+    The first global state (by default the initial models named in
+    ``aggregated``) and the server's models; optional hooks cover the rest
+    (``end_server_round``, evaluation, memory estimates).
+
+Each algorithm owns its vocabulary: its parameters as a typed config section
+(:attr:`Params`, a pydantic model: ``cfg.params``), the byte kinds its plans
+use (:attr:`byte_kinds`, one column each in the results), the metrics it logs
+(:attr:`metrics`: ``client.log(name, value, weight)`` and ``server.log``
+become per-client and per-round columns), its ``label`` and ``colour`` in
+reports. The engine never branches on an algorithm's name. Algorithms do not
+inherit from one another; steps they share are functions in
+:mod:`raysage.algorithms.steps`.
+
+The driver uses an algorithm only to plan and average, so nothing here
+imports torch before a tensor is needed (see :mod:`raysage.lazy`).
 """
 
 from __future__ import annotations
@@ -36,28 +81,29 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Generator, Iterable, Iterator, Literal
 
 import numpy as np
 
-from ..config import Config, build_config
-from ..errors import RaysageError
+from ..config import Config, Section, build_config
 from ..lazy import nn, torch
-from ..models import frozen_bytes, frozen_names, split_loss, transfer_bytes, transfer_state
+from ..models import frozen_bytes, transfer_bytes
 from ..netsim.cost import ModelCosts
-from ..netsim.planner import ClientRoundPlan
+from ..netsim.planner import ClientRoundPlan, Exchange
 from ..store import StateStore
 from ..streams import global_rng, seeded, stream_seed, unseeded
 from .optim import Optimizer
+from .state import (State, WeightedAverage, as_tensor, load_kept, load_state, state_nbytes,
+                    to_state)
 
 if TYPE_CHECKING:
     from ..models import SplitArchitecture
 
-State = dict[str, np.ndarray]          # a model's state dict as numpy arrays (zero-copy in Ray)
 LABEL_BYTES = 8                        # labels travel as int64
 
-__all__ = ["Algorithm", "ClientState", "Keeps", "ModelSizes", "ServerState", "Setup", "State",
-           "stream_seed"]
+__all__ = ["Algorithm", "ByteKind", "ClientState", "Exchange", "ClientRoundPlan", "Keeps",
+           "Metric", "ModelSizes", "Participant", "Section", "ServerState", "Setup", "State",
+           "Step", "Upload", "stream_seed"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +137,12 @@ class ModelSizes:
 
 @dataclass(frozen=True)
 class Setup:
-    """Everything needed to rebuild an algorithm anywhere: driver, worker or server."""
+    """Everything needed to rebuild an algorithm anywhere: driver, worker or server.
+
+    ``cls`` travels with it, so a worker on another node runs a user's
+    algorithm from a file that only the driver's machine has (see
+    :func:`raysage.algorithms.algorithm_class`).
+    """
 
     config: dict[str, Any]
     num_classes: int
@@ -99,11 +150,59 @@ class Setup:
     std: tuple[float, float, float]
     sizes: ModelSizes
     costs: ModelCosts
+    cls: type | None = None
 
     def algorithm(self) -> "Algorithm":
         from . import algorithm_class
 
-        return algorithm_class(self.config["algorithm"])(self)
+        return (self.cls or algorithm_class(self.config["algorithm"]))(self)
+
+
+# ---------------------------------------------------------------- vocabulary
+
+@dataclass(frozen=True)
+class ByteKind:
+    """A kind of traffic: one column of bytes per client and round."""
+
+    name: str
+    description: str
+    # The FSL-SAGE paper counts every byte but the labels sent with smashed data.
+    in_paper_total: bool = True
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A measurement an algorithm logs: ``log(name, value, weight)``.
+
+    A client's column is the weighted mean of what was logged for it (by the
+    client, or by the server with ``log_client``); NaN if nothing was. The
+    round's column pools every weighted value of the round (``pooled``), or
+    is the mean of the clients' columns (``client_mean``). ``count`` names a
+    column holding the sum of the weights (how many measurements there were).
+    ``per_client=False`` metrics are only logged by the server for the round.
+    """
+
+    name: str
+    description: str
+    per_round: Literal["pooled", "client_mean"] = "pooled"
+    count: str | None = None
+    per_client: bool = True
+
+
+# What most algorithms send; an algorithm lists the kinds it uses in byte_kinds.
+SMASHED_UP = ByteKind("smashed_up", "smashed activations h, client to server")
+LABELS_UP = ByteKind("labels_up", "labels sent with the smashed activations",
+                     in_paper_total=False)
+GRAD_DOWN = ByteKind("grad_down", "cut-layer gradients dL/dh, server to client")
+CLIENT_MODEL_DOWN = ByteKind("client_model_down", "the global client model x_c, broadcast")
+CLIENT_MODEL_UP = ByteKind("client_model_up", "the client's x_c, uploaded for averaging")
+AUX_DOWN = ByteKind("aux_down", "an auxiliary model x_a, server to client")
+AUX_UP = ByteKind("aux_up", "the client's x_a, uploaded for averaging")
+HAND_OVER = ByteKind("server_model", "x_c handed to the next client through the server")
+
+TRAIN_LOSS = Metric("train_loss", "training loss of the client's batches, per sample")
+SERVER_LOSS = Metric("server_loss", "loss of the server model's steps, per sample",
+                     per_client=False)
 
 
 @dataclass(frozen=True)
@@ -120,23 +219,119 @@ class Keeps:
     optimizers: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Participant:
+    """What planning knows of a client in a round."""
+
+    cid: int
+    batch_sizes: list[int]       # of its local iterations, epochs included
+    uploaded: int = 0            # samples it uploaded in earlier rounds (Exchange.samples)
+
+
+# ---------------------------------------------------------- a client's round
+
+@dataclass
+class Upload:
+    """Arrays a client sends to the server at local iteration ``k``."""
+
+    cid: int
+    k: int
+    arrays: dict[str, np.ndarray]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.arrays
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Yielded by ``arrivals()``: the client needs replies that arrive before iteration k."""
+
+    k: int
+
+
+def _array(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    return value.detach().cpu().numpy()
+
+
+class Step:
+    """Local iteration ``k`` of a client's round: its batch and what the plan says of it."""
+
+    def __init__(self, rounds, k: int):
+        self._round, self.k = rounds, k
+        self._batch = None
+
+    @property
+    def uploads(self) -> bool:
+        """The plan has an upload to the server at this iteration."""
+        return self.k in self._round.exchanges
+
+    @property
+    def waits(self) -> bool:
+        """The upload's yield returns the server's reply (a blocking exchange)."""
+        return self._round.exchanges.get(self.k, False)
+
+    @property
+    def x(self):
+        return self._data()[0]
+
+    @property
+    def y(self):
+        return self._data()[1]
+
+    def _data(self):
+        if self._batch is None:
+            self._batch = self._round.batch(self.k)
+        return self._batch
+
+    def upload(self, **arrays: Any) -> Upload:
+        """What to ``yield`` to send these tensors or arrays to the server."""
+        return Upload(self._round.cid, self.k, {name: _array(v) for name, v in arrays.items()})
+
+    def arrivals(self) -> Generator[Wait, Any, dict[int, Any]]:
+        """Replies that arrive before this iteration starts, by the iteration that sent
+        their upload (empty when none does): ``replies = yield from step.arrivals()``."""
+        return (yield from self._round.arrivals(self.k))
+
+
 @dataclass
 class ClientState:
     """The working set a worker runs one client's round in.
 
     Its models and optimizers are built once and reused for client after
     client; ``cid`` and the kept state say whose round it currently is.
+    ``start`` holds what the round begins from: the broadcast global state,
+    or a sequential protocol's hand-over.
     """
 
     cid: int
     num_samples: int
     models: dict[str, nn.Module] = field(default_factory=dict)
     optimizers: dict[str, Optimizer] = field(default_factory=dict)
-    carry: dict[str, Any] = field(default_factory=dict)   # forward -> backward of one iteration
-    metrics: dict[str, float] = field(default_factory=dict)  # this round's sums
+    start: dict[str, State] = field(default_factory=dict)
+    metrics: dict[str, list[float]] = field(default_factory=dict)   # name -> [sum, weight]
+    round: Any = None             # the engine's view of this round (steps, replies)
 
-    def log(self, name: str, value: float) -> None:
-        self.metrics[name] = self.metrics.get(name, 0.0) + float(value)
+    def log(self, name: str, value: float, weight: float = 1.0) -> None:
+        _add(self.metrics, name, value, weight)
+
+    def steps(self) -> Iterator[Step]:
+        """The round's local iterations, in order (epochs included)."""
+        return self.round.steps()
+
+    def arrivals(self) -> Generator[Wait, Any, dict[int, Any]]:
+        """Replies that arrive after the last iteration started (see Step.arrivals)."""
+        return (yield from self.round.arrivals(None))
+
+
+def _add(sums: dict[str, list[float]], name: str, value: float, weight: float) -> None:
+    entry = sums.setdefault(name, [0.0, 0.0])
+    entry[0] += float(value) * weight
+    entry[1] += weight
 
 
 @dataclass
@@ -149,85 +344,15 @@ class ServerState:
     # and those put away after it, to be reused for other clients.
     live: dict[int, dict[str, Any]] = field(default_factory=dict)
     spare: list[dict[str, Any]] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)     # this round's sums
-    # This round's sums per client (measurements made where the server is).
-    client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    metrics: dict[str, list[float]] = field(default_factory=dict)       # this round's
+    # This round's measurements per client, made where the server is.
+    client_metrics: dict[int, dict[str, list[float]]] = field(default_factory=dict)
 
-    def log(self, name: str, value: float) -> None:
-        self.metrics[name] = self.metrics.get(name, 0.0) + float(value)
+    def log(self, name: str, value: float, weight: float = 1.0) -> None:
+        _add(self.metrics, name, value, weight)
 
-    def log_client(self, cid: int, name: str, value: float) -> None:
-        sums = self.client_metrics.setdefault(cid, {})
-        sums[name] = sums.get(name, 0.0) + float(value)
-
-
-# ----------------------------------------------------------------- helpers
-
-def as_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor on the array's memory; read-only arrays (read zero-copy from
-    Ray's object store) are copied first, since torch must not share them."""
-    return torch.from_numpy(array if array.flags.writeable else array.copy())
-
-
-def to_state(module: nn.Module) -> State:
-    """What of a model travels: its state without frozen parameters (a LoRA
-    model's base weights are the same everywhere and never change)."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in transfer_state(module).items()}
-
-
-class StateMismatch(RaysageError):
-    """Arrays (a checkpoint's, a client's) that do not fit the model they are loaded into."""
-
-
-def load_state(module: nn.Module, state: State) -> None:
-    try:
-        missing, unexpected = module.load_state_dict(
-            {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
-    except RuntimeError as exc:  # shapes that differ
-        raise StateMismatch(f"state does not fit the model: {str(exc).splitlines()[-1].strip()}"
-                            ) from None
-    absent = set(missing) - frozen_names(module)
-    if unexpected or absent:
-        raise StateMismatch(f"state does not fit the model: missing {sorted(absent)[:3]}, "
-                            f"unexpected {sorted(unexpected)[:3]}")
-
-
-def state_nbytes(obj: Any, _seen: set[int] | None = None) -> int:
-    """Bytes held by models (parameters, buffers, gradients), optimizer state and arrays."""
-    seen = set() if _seen is None else _seen
-    if id(obj) in seen:
-        return 0
-    seen.add(id(obj))
-    if isinstance(obj, np.ndarray):
-        return obj.nbytes
-    if isinstance(obj, dict):
-        return sum(state_nbytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(state_nbytes(v, seen) for v in obj)
-    if isinstance(obj, StateStore):
-        return obj.total_bytes
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, nn.Module):
-        total = sum(state_nbytes(t, seen) for t in obj.state_dict(keep_vars=True).values())
-        return total + sum(state_nbytes(p.grad, seen) for p in obj.parameters()
-                           if p.grad is not None)
-    if isinstance(obj, Optimizer):
-        return obj.nbytes()
-    return 0
-
-
-def release_gradients(obj: Any) -> None:
-    """Drop the gradients of every model in obj: between rounds they are dead weight,
-    and a checkpoint does not keep them, so state is the same restored or not."""
-    if isinstance(obj, dict):
-        for value in obj.values():
-            release_gradients(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            release_gradients(value)
-    elif isinstance(obj, nn.Module):
-        obj.zero_grad(set_to_none=True)
+    def log_client(self, cid: int, name: str, value: float, weight: float = 1.0) -> None:
+        _add(self.client_metrics.setdefault(cid, {}), name, value, weight)
 
 
 def make_optimizer(kind: str, params, lr: float, weight_decay: float,
@@ -236,88 +361,17 @@ def make_optimizer(kind: str, params, lr: float, weight_decay: float,
     return Optimizer(kind, params, lr=lr, weight_decay=weight_decay, momentum=momentum)
 
 
-def cross_entropy_grad(model: nn.Module, h: torch.Tensor, y: torch.Tensor,
-                       create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, dL/dh) of the batch-mean cross-entropy of model(h)."""
-    leaf = h if h.requires_grad else h.detach().requires_grad_()
-    loss = split_loss(model(leaf), y)
-    (grad,) = torch.autograd.grad(loss, leaf, create_graph=create_graph)
-    return loss, grad
-
-
-# ------------------------------------------------------- estimate quality
-#
-# FSL-SAGE, CSE-FSL and FSL_AN train the client on a stand-in for the server's
-# gradient at the cut: x_a's gradient estimate, or a local loss. How close that
-# stand-in is, at each upload, is measured as an observer: with the cut-layer
-# gradient the server's x_s would return for the same batch right then. The
-# measurement draws nothing from the training's random streams and moves no
-# model, so results are the same with it on or off.
-
-def gradient_of(model: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """d/dh of model's batch-mean cross-entropy on (h, y), leaving model untouched:
-    no parameter gradients, BatchNorm statistics restored, torch's generator too."""
-    with global_rng():
-        saved = {name: buf.clone() for name, buf in model.named_buffers()}
-        _, grad = cross_entropy_grad(model, h.detach(), y)
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                buf.copy_(saved[name])
-    return grad
-
-
-def log_agreement(log, used: torch.Tensor, true: torch.Tensor) -> None:
-    """Log the cosine and NMSE of the gradient a client used against the true one
-    (over the whole batch), and that one upload was measured."""
-    u, t = used.detach().flatten().double(), true.detach().flatten().double()
-    log("estimate_cosine_sum", float(u @ t / (u.norm() * t.norm()).clamp_min(1e-300)))
-    log("estimate_nmse_sum", float((u - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-300)))
-    log("estimate_measured", 1)
-
-
-class WeightedAverage:
-    """FedAvg of whole states (parameters and buffers), added one client at a time.
-
-    Clients are added in id order so that the floating-point sum, and hence
-    the result, is the same whatever worker computed each state; only one
-    state needs to be in memory at a time. Sums run in float64 and are cast
-    back to each entry's dtype (integer buffers such as BatchNorm's
-    num_batches_tracked are rounded).
-    """
-
-    def __init__(self):
-        self.sums: dict[str, np.ndarray] | None = None
-        self.dtypes: dict[str, np.dtype] = {}
-
-    def add(self, weight: float, state: State) -> None:
-        if self.sums is None:
-            self.sums = {name: np.zeros(arr.shape, np.float64) for name, arr in state.items()}
-            self.dtypes = {name: arr.dtype for name, arr in state.items()}
-        for name, acc in self.sums.items():
-            acc += weight * state[name]
-
-    def result(self) -> State:
-        out = {}
-        for name, acc in self.sums.items():
-            dtype = self.dtypes[name]
-            # (np.rint of a 0-d array is a scalar; asarray keeps every entry an array.)
-            out[name] = np.asarray(np.rint(acc) if np.issubdtype(dtype, np.integer)
-                                   else acc).astype(dtype)
-        return out
-
-
-def weighted_average(weighted_states: Iterable[tuple[float, State]]) -> State:
-    average = WeightedAverage()
-    for weight, state in weighted_states:
-        average.add(weight, state)
-    return average.result()
-
-
 # ------------------------------------------------------------- the contract
 
 class Algorithm:
     name: ClassVar[str]
+    label: ClassVar[str]                 # in reports, e.g. "FSL-SAGE"
+    colour: ClassVar[str] = "#17becf"    # in every figure
     description: ClassVar[str]
+    # The algorithm's own parameters: a config section (see Section).
+    Params: ClassVar[type[Section]] = Section
+    byte_kinds: ClassVar[tuple[ByteKind, ...]] = ()
+    metrics: ClassVar[tuple[Metric, ...]] = (TRAIN_LOSS,)
     aggregated: ClassVar[tuple[str, ...]] = ()
     # What of a client outlives its round (see Keeps); the engine stores it.
     client_keeps: ClassVar[Keeps] = Keeps()
@@ -327,10 +381,13 @@ class Algorithm:
     # Unshared client models (SGLR) are evaluated client by client, on a
     # seeded sample of clients, instead of as one global model.
     evaluate_on_clients: ClassVar[bool] = False
+    # Whether it runs GPT-2 on E2E (the paper's language-model comparison).
+    runs_language_task: ClassVar[bool] = False
 
     def __init__(self, setup: Setup):
         self.setup = setup
-        self.cfg = build_config(setup.config)
+        self.cfg = build_config(setup.config, algorithm_cls=type(self))
+        self.params = self.cfg.params
         self.sizes, self.costs = setup.sizes, setup.costs
         # Set by the runtime hosting this instance (a GPU when it reserved one).
         self.device: Any = "cpu"
@@ -376,25 +433,8 @@ class Algorithm:
         return make_optimizer(c.aux_optimizer, module.parameters(), c.aux_lr,
                               c.aux_weight_decay, c.momentum)
 
-    # -- the two moves every split algorithm shares
-    @staticmethod
-    def smashed_upload(smashed: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
-        """What crosses the network for one batch: the smashed activations and labels."""
-        return {"smashed": smashed.detach().cpu().numpy(), "y": y.cpu().numpy()}
-
-    @staticmethod
-    def server_step(server: "ServerState", x_s: nn.Module, optimizer: Optimizer,
-                    smashed: torch.Tensor, y: torch.Tensor) -> None:
-        """Step x_s on CE(x_s(h), y); dL/dh lands in smashed.grad if h requires it."""
-        loss = split_loss(x_s(smashed), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        server.log("server_loss_sum", loss.item() * len(y))
-        server.log("server_samples", len(y))
-
-    # -- initial models; every algorithm seeds x_c and x_s from the same
-    #    streams so that equivalence tests compare like with like.
+    # -- initial models; every algorithm seeds x_c, x_s and a shared x_a from the
+    #    same streams so that equivalence tests compare like with like.
     def initial_client_model(self) -> nn.Module:
         with seeded(self.cfg.seed, "init", "client"):
             return self.arch.make_client()
@@ -403,43 +443,59 @@ class Algorithm:
         with seeded(self.cfg.seed, "init", "server"):
             return self.arch.make_server()
 
-    def initial_aux_model(self, cid: int | str) -> nn.Module:
+    def initial_aux_model(self, cid: int | str = "shared") -> nn.Module:
         with seeded(self.cfg.seed, "init", "aux", cid):
             return self.arch.make_aux()
 
-    # -- schedule (pure)
-    def plan_round(self, rnd: int, batches: dict[int, list[int]]) -> list[ClientRoundPlan]:
-        """Plans of the round's participants (cid -> batch sizes, in id order)."""
-        return [self.plan_client_round(rnd, cid, sizes) for cid, sizes in batches.items()]
+    # ============================================================ the hooks
+    # -- the schedule (pure: no tensors)
+    def plan_client_round(self, rnd: int, p: Participant) -> ClientRoundPlan:
+        raise NotImplementedError(f"{self.name} must define plan_client_round")
 
-    def plan_client_round(self, rnd: int, cid: int, batch_sizes: list[int]) -> ClientRoundPlan:
-        raise NotImplementedError
+    def plan_round(self, rnd: int, participants: list[Participant]) -> list[ClientRoundPlan]:
+        """Plans of the round's participants (in id order); sequential protocols
+        override it to order clients (see ClientRoundPlan.after)."""
+        return [self.plan_client_round(rnd, p) for p in participants]
 
-    def commit_round(self, rnd: int, participants: list[int]) -> None:
-        """The round's final participants (planning may be redone when clients drop)."""
+    # -- a client
+    def build_client(self, client: ClientState) -> None:
+        """Build the working models and optimizers a worker runs its clients in."""
+        raise NotImplementedError(f"{self.name} must define build_client")
 
-    def optimizer_copies(self, kind: str) -> int:
-        """Model-sized tensors an optimizer keeps: Adam's two moments, SGD's momentum."""
-        if kind in ("adam", "adamw"):
-            return 2
-        return 1 if self.cfg.momentum > 0 else 0
-
-    def server_model_bytes(self, live_clients: int) -> int:
-        """The server's models with gradients and optimizer state, and whatever it holds
-        per client during a round (``live_clients`` take part at once)."""
-        return self.sizes.server * (2 + self.optimizer_copies(self.cfg.server_optimizer))
-
-    def server_client_bytes(self, batch_sizes: list[int], rounds: int) -> int:
-        """What the server keeps, at most, per client between rounds, for a client with
-        these local batches that takes part in up to ``rounds`` rounds."""
-        return 0
-
-    def plan_state(self) -> dict[str, Any]:
-        """What planning remembers between rounds, for checkpoints (JSON-able)."""
+    def fresh_client_models(self, cid: int) -> dict[str, nn.Module]:
+        """Kept models of a client that has never taken part, seeded by its id."""
         return {}
 
-    def load_plan_state(self, state: dict[str, Any]) -> None:
-        pass
+    def client_round(self, client: ClientState, rnd: int
+                     ) -> Generator[Upload | Wait, Any, dict[str, State]]:
+        raise NotImplementedError(f"{self.name} must define client_round")
+
+    # -- the server
+    def init_server(self) -> ServerState:
+        """One x_s, stepped by its own optimizer (the usual split-learning server)."""
+        x_s = self.place(self.initial_server_model())
+        return ServerState(models={"server": x_s},
+                           optimizers={"server": self.server_optimizer(x_s)})
+
+    def serve(self, server: ServerState, rnd: int, upload: Upload) -> Any | None:
+        raise NotImplementedError(f"{self.name} plans uploads but defines no serve()")
+
+    def serve_group(self, server: ServerState, rnd: int, uploads: list[Upload]) -> list[Any]:
+        """A barrier group of uploads, in client-id order; one reply each."""
+        raise NotImplementedError(f"{self.name} plans barrier groups but defines no "
+                                  "serve_group()")
+
+    def end_server_round(self, server: ServerState, rnd: int, global_state: dict[str, State],
+                         weights: dict[int, float]) -> None:
+        """Server work after aggregation, e.g. averaging server-side copies with the
+        participants' weights n_i / sum n_j (given in client-id order)."""
+
+    # -- the global state
+    def init_global(self) -> dict[str, State]:
+        """The initial model of every aggregated part ("client", "server", "aux")."""
+        initial = {"client": self.initial_client_model, "server": self.initial_server_model,
+                   "aux": self.initial_aux_model}
+        return {name: to_state(initial[name]()) for name in self.aggregated}
 
     def aggregate(self, rnd: int, results: Iterable[tuple[int, int, dict[str, State]]],
                   total: int, global_state: dict[str, State]) -> dict[str, State]:
@@ -457,63 +513,7 @@ class Algorithm:
             return dict(global_state)
         return dict(global_state) | {name: average.result() for name, average in sums.items()}
 
-    # -- global state
-    def init_global(self) -> dict[str, State]:
-        raise NotImplementedError
-
-    # -- client side
-    def build_client(self, client: ClientState) -> None:
-        """Build the working models and optimizers a worker runs its clients in."""
-        raise NotImplementedError
-
-    def fresh_client_models(self, cid: int) -> dict[str, nn.Module]:
-        """Kept models of a client that has never taken part, seeded by its id."""
-        return {}
-
-    def new_client(self, cid: int, num_samples: int) -> ClientState:
-        """A working set holding client cid's first state (tests and notebooks)."""
-        client = ClientState(cid, num_samples)
-        self.build_client(client)
-        load_kept(self, client, None)
-        return client
-
-    def start_round(self, client: ClientState, rnd: int, global_state: dict[str, State]) -> None:
-        raise NotImplementedError
-
-    def forward(self, client: ClientState, rnd: int, k: int, x: torch.Tensor,
-                y: torch.Tensor) -> Any | None:
-        raise NotImplementedError
-
-    def receive(self, client: ClientState, rnd: int, reply: Any) -> None:
-        raise NotImplementedError(f"{self.name} sends no replies to clients")
-
-    def backward(self, client: ClientState, rnd: int, k: int) -> None:
-        raise NotImplementedError
-
-    def end_round(self, client: ClientState, rnd: int) -> dict[str, State]:
-        raise NotImplementedError
-
-    # -- server side
-    def init_server(self) -> ServerState:
-        return ServerState()
-
-    def serve(self, server: ServerState, rnd: int, cid: int, k: int, upload: Any) -> Any | None:
-        raise NotImplementedError(f"{self.name} sends nothing to the server during training")
-
-    def serve_group(self, server: ServerState, rnd: int,
-                    uploads: list[tuple[int, int, Any]]) -> list[Any]:
-        """A barrier group of uploads (cid, k, upload), in client-id order; one reply each."""
-        raise NotImplementedError(f"{self.name} plans no barrier groups")
-
-    def end_server_round(self, server: ServerState, rnd: int, global_state: dict[str, State],
-                         weights: dict[int, float]) -> None:
-        """Server work after aggregation, e.g. averaging server-side copies with the
-        participants' weights n_i / sum n_j (given in client-id order)."""
-
-    def server_state_bytes(self, server: ServerState) -> int:
-        """Bytes a real server holds: models, optimizer state and per-client state."""
-        return state_nbytes([server.models, server.optimizers, server.clients])
-
+    # -- evaluation
     def eval_model(self, server: ServerState, global_state: dict[str, State]) -> nn.Module:
         """The model whose test accuracy is reported: the global x_c below the server's x_s."""
         lower = self._eval_part("client", self.arch.make_client)
@@ -526,44 +526,39 @@ class Algorithm:
             self._eval_models[name] = self.place(build())
         return self._eval_models[name]
 
-    # -- per-client evaluation (evaluate_on_clients)
     def eval_export(self, server: ServerState) -> dict[str, State]:
-        """What a worker needs from the server to evaluate its clients."""
+        """What a worker needs from the server to evaluate its clients (evaluate_on_clients)."""
         return {"server": to_state(server.models["server"])}
 
     def client_eval_model(self, client: ClientState, export: dict[str, State]) -> nn.Module:
-        raise NotImplementedError
+        raise NotImplementedError(f"{self.name} evaluates on clients but defines no "
+                                  "client_eval_model()")
 
+    # -- memory estimates (before anything runs)
+    def optimizer_copies(self, kind: str) -> int:
+        """Model-sized tensors an optimizer keeps: Adam's two moments, SGD's momentum."""
+        if kind in ("adam", "adamw"):
+            return 2
+        return 1 if self.cfg.momentum > 0 else 0
 
-# ------------------------------------------------------------- kept state
+    def server_model_bytes(self, live_clients: int) -> int:
+        """The server's models with gradients and optimizer state, and whatever it holds
+        per client during a round (``live_clients`` take part at once)."""
+        return self.sizes.server * (2 + self.optimizer_copies(self.cfg.server_optimizer))
 
-def save_kept(algo: Algorithm, client: ClientState) -> State:
-    """The client's kept state (see Keeps) as one flat mapping of arrays."""
-    keeps = algo.client_keeps
-    out: State = {}
-    for name in keeps.models:
-        out.update({f"model.{name}.{k}": v for k, v in to_state(client.models[name]).items()})
-    for name in keeps.optimizers:
-        out.update({f"optimizer.{name}.{k}": v
-                    for k, v in client.optimizers[name].state_arrays().items()})
-    return out
+    def server_client_bytes(self, batch_sizes: list[int], rounds: int) -> int:
+        """What the server keeps, at most, per client between rounds, for a client with
+        these local batches that takes part in up to ``rounds`` rounds."""
+        return 0
 
+    def server_state_bytes(self, server: ServerState) -> int:
+        """Bytes a real server holds: models, optimizer state and per-client state."""
+        return state_nbytes([server.models, server.optimizers, server.clients])
 
-def load_kept(algo: Algorithm, client: ClientState, state: State | None) -> None:
-    """Load a client's kept state into the working set; None: its first round."""
-    keeps = algo.client_keeps
-    if state is None:
-        fresh = algo.fresh_client_models(client.cid)
-        for name in keeps.models:
-            client.models[name].load_state_dict(fresh[name].state_dict())
-        for name in keeps.optimizers:
-            client.optimizers[name].load_state_arrays(None)
-        return
-    for name in keeps.models:
-        prefix = f"model.{name}."
-        load_state(client.models[name], {k[len(prefix):]: v for k, v in state.items()
-                                         if k.startswith(prefix)})
-    for name in keeps.optimizers:
-        prefix = f"optimizer.{name}."
-        client.optimizers[name].load_state_arrays(
-            {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    # -- tests and notebooks
+    def new_client(self, cid: int, num_samples: int) -> ClientState:
+        """A working set holding client cid's first state."""
+        client = ClientState(cid, num_samples)
+        self.build_client(client)
+        load_kept(self, client, None)
+        return client

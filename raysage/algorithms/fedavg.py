@@ -15,66 +15,59 @@ from __future__ import annotations
 
 from ..lazy import nn
 from ..models import split_loss
-from ..netsim.planner import ClientRoundPlan
-from .base import Algorithm, ClientState, Keeps, ServerState, load_state, to_state
+from .base import (CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, TRAIN_LOSS, Algorithm, ClientRoundPlan,
+                   Keeps)
+from .state import load_state, to_state
 
 
 class FedAvg(Algorithm):
     name = "fedavg"
+    label = "FedAvg"
+    colour = "#1f77b4"
     description = "each client trains the whole model locally; the server averages (McMahan 2017)"
+    byte_kinds = (CLIENT_MODEL_DOWN, CLIENT_MODEL_UP)
+    metrics = (TRAIN_LOSS,)
     aggregated = ("client", "server")
     # The whole model comes with every broadcast; only the optimizer's state is the client's.
     client_keeps = Keeps(optimizers=("full",))
+    # The server only averages, which the engine does.
     has_server = False
+    runs_language_task = True
 
-    def plan_client_round(self, rnd, cid, batch_sizes):
+    def plan_client_round(self, rnd, p):
         whole = self.sizes.client + self.sizes.server
         return ClientRoundPlan(
-            cid,
-            download={"client_model_down": whole},
-            forward_flops=[self.costs.full_step * b for b in batch_sizes],
-            backward_flops=[0.0] * len(batch_sizes),
+            p.cid,
+            download={CLIENT_MODEL_DOWN.name: whole},
+            forward_flops=[self.costs.full_step * b for b in p.batch_sizes],
+            backward_flops=[0.0] * len(p.batch_sizes),
             exchanges={},
-            upload={"client_model_up": whole},
+            upload={CLIENT_MODEL_UP.name: whole},
         )
 
-    def init_global(self):
-        return {"client": to_state(self.initial_client_model()),
-                "server": to_state(self.initial_server_model())}
-
-    # -- client
-    def build_client(self, client: ClientState) -> None:
+    def build_client(self, client):
         model = self.place(nn.Sequential(self.arch.make_client(), self.arch.make_server()))
         client.models["full"] = model
         client.optimizers["full"] = self.client_optimizer(model)
 
-    def start_round(self, client, rnd, global_state):
-        lower, upper = client.models["full"]
-        load_state(lower, global_state["client"])
-        load_state(upper, global_state["server"])
-
-    def forward(self, client, rnd, k, x, y):
-        loss = split_loss(client.models["full"](x), y)
-        client.carry["loss"] = loss
-        client.log("train_loss_sum", loss.item() * len(y))
-        client.log("train_samples", len(y))
-        return None
-
-    def backward(self, client, rnd, k):
-        optimizer = client.optimizers["full"]
-        optimizer.zero_grad()
-        client.carry.pop("loss").backward()
-        optimizer.step()
-
-    def end_round(self, client, rnd):
-        lower, upper = client.models["full"]
+    def client_round(self, client, rnd):
+        # Nothing goes to the server during the round: a plain function will do.
+        model, optimizer = client.models["full"], client.optimizers["full"]
+        lower, upper = model
+        load_state(lower, client.start["client"])
+        load_state(upper, client.start["server"])
+        for step in client.steps():
+            loss = split_loss(model(step.x), step.y)
+            client.log("train_loss", loss.item(), len(step.y))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
         return {"client": to_state(lower), "server": to_state(upper)}
 
-    # -- the server only averages, which the engine does; evaluation needs the average
     def server_model_bytes(self, live_clients):
         return 0
 
-    def eval_model(self, server: ServerState, global_state):
+    def eval_model(self, server, global_state):
         model = self._eval_part("full", self.arch.make_full)
         load_state(model[0], global_state["client"])
         load_state(model[1], global_state["server"])

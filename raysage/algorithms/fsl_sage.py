@@ -43,93 +43,98 @@ instead of one after another in the server process.
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from ..lazy import nn, torch
 from ..models import split_loss
-from ..netsim.planner import ClientRoundPlan, Exchange
-from .base import (Algorithm, ClientState, Keeps, ServerState, cross_entropy_grad, gradient_of,
-                   load_state, log_agreement, stream_seed, to_state)
+from .base import (AUX_DOWN, CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, LABELS_UP, SERVER_LOSS,
+                   SMASHED_UP, TRAIN_LOSS, Algorithm, ClientRoundPlan, Keeps, Metric, Section,
+                   stream_seed)
+from .state import load_state, to_state
+from .steps import (ESTIMATE_COSINE, ESTIMATE_NMSE, cross_entropy_grad, gradient_of,
+                    log_agreement, server_step, smashed_exchange)
+
+
+class FSLSageParams(Section):
+    server_update_interval: int = Field(
+        5, ge=1, description="q: clients upload smashed data every q-th local iteration")
+    align_interval: int = Field(
+        10, ge=1, description="l: the server aligns auxiliary models in rounds t with t % l == 0")
+    align_epochs: int = Field(100, ge=1, description="epochs of each alignment")
+    align_batch_size: int = Field(1000, ge=1, description="batch size of alignment")
+    align_buffer: int = Field(
+        1000, ge=1, description="smashed samples the server keeps per client for alignment")
+    align_blocking: bool = Field(
+        True, description="the client waits for its aligned auxiliary model (true, as the "
+        "reference) or goes on with the old one until it arrives")
+    aux_init: Literal["shared", "per_client"] = Field(
+        "shared", description="initial auxiliary models: shared (every client starts from the "
+        "same one, as the reference code) or per_client (each from its own seeded stream)")
+
+
+NMSE_BEFORE = Metric("nmse_before", "NMSE of x_a's estimates on the client's buffer before "
+                     "alignment", per_round="client_mean", count="alignments")
+NMSE_AFTER = Metric("nmse_after", "NMSE of x_a's estimates on the client's buffer after "
+                    "alignment", per_round="client_mean", count="alignments")
 
 
 class FSLSage(Algorithm):
     name = "fsl_sage"
+    label = "FSL-SAGE"
+    colour = "#d62728"
     description = ("clients train on auxiliary-model gradient estimates; the server "
                    "periodically aligns them (Nair et al. ICML 2025)")
+    Params = FSLSageParams
+    byte_kinds = (SMASHED_UP, LABELS_UP, AUX_DOWN, CLIENT_MODEL_DOWN, CLIENT_MODEL_UP)
+    metrics = (TRAIN_LOSS, SERVER_LOSS, NMSE_BEFORE, NMSE_AFTER, ESTIMATE_COSINE, ESTIMATE_NMSE)
     aggregated = ("client",)
     # x_a,i is the client's own and never averaged; x_c comes with every broadcast.
     client_keeps = Keeps(models=("aux",), optimizers=("client",))
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # Smashed samples each client has in the server's buffer at the start
-        # of a round, for the cost of alignment in the plan.
-        self._buffered: dict[int, int] = {}
-        self._uploads_this_round: dict[int, int] = {}
+    runs_language_task = True
 
     # ------------------------------------------------------------ schedule
-    def uploads_at(self, k: int) -> bool:
-        return k % self.cfg.server_update_interval == 0
-
     def aligns_at(self, rnd: int, k: int) -> bool:
-        return rnd % self.cfg.align_interval == 0 and k == 0
+        return rnd % self.params.align_interval == 0 and k == 0
 
     def alignment_flops(self, buffered: int) -> float:
         targets = self.costs.server_step * buffered
-        return targets + self.cfg.align_epochs * buffered * self.costs.align_step
+        return targets + self.params.align_epochs * buffered * self.costs.align_step
 
-    def plan_client_round(self, rnd, cid, batch_sizes):
-        c, s = self.costs, self.sizes
+    def plan_client_round(self, rnd, p):
+        c, s, q = self.costs, self.sizes, self.params.server_update_interval
         exchanges = {}
-        buffered = self._buffered.get(cid, 0)
-        for k, b in enumerate(batch_sizes):
-            if not self.uploads_at(k):
+        buffered = min(self.params.align_buffer, p.uploaded)
+        for k, b in enumerate(p.batch_sizes):
+            if k % q:
                 continue
-            buffered = min(self.cfg.align_buffer, buffered + b)
-            work = c.server_step * b
+            buffered = min(self.params.align_buffer, buffered + b)
             if self.aligns_at(rnd, k):
-                exchanges[k] = Exchange(
-                    k, up={"smashed_up": s.smashed_per_sample * b, "labels_up": s.labels_per_sample * b},
-                    server_flops=work + self.alignment_flops(buffered),
-                    down={"aux_down": s.aux}, blocking=self.cfg.align_blocking)
+                exchanges[k] = smashed_exchange(
+                    self, k, b, server_flops=c.server_step * b + self.alignment_flops(buffered),
+                    down={AUX_DOWN.name: s.aux}, blocking=self.params.align_blocking)
             else:
-                exchanges[k] = Exchange(
-                    k, up={"smashed_up": s.smashed_per_sample * b, "labels_up": s.labels_per_sample * b},
-                    server_flops=work)
-        self._uploads_this_round[cid] = buffered
+                exchanges[k] = smashed_exchange(self, k, b)
         return ClientRoundPlan(
-            cid,
-            download={"client_model_down": s.client},
-            forward_flops=[c.client_forward * b for b in batch_sizes],
-            backward_flops=[(c.aux_estimate + c.client_backward) * b for b in batch_sizes],
+            p.cid,
+            download={CLIENT_MODEL_DOWN.name: s.client},
+            forward_flops=[c.client_forward * b for b in p.batch_sizes],
+            backward_flops=[(c.aux_estimate + c.client_backward) * b for b in p.batch_sizes],
             exchanges=exchanges,
-            upload={"client_model_up": s.client},
+            upload={CLIENT_MODEL_UP.name: s.client},
         )
-
-    def commit_round(self, rnd, participants):
-        for cid in participants:
-            self._buffered[cid] = self._uploads_this_round[cid]
-        self._uploads_this_round = {}
 
     def server_client_bytes(self, batch_sizes, rounds):
         """Client i's alignment buffer: its uploaded samples, up to align_buffer."""
-        uploaded = rounds * sum(b for k, b in enumerate(batch_sizes) if self.uploads_at(k))
-        return min(self.cfg.align_buffer, uploaded) * (self.sizes.smashed_per_sample
-                                                       + self.sizes.labels_per_sample)
-
-    def plan_state(self):
-        return {"buffered": dict(self._buffered)}
-
-    def load_plan_state(self, state):
-        # Keys come back from JSON as strings.
-        self._buffered = {int(cid): n for cid, n in state["buffered"].items()}
-
-    def init_global(self):
-        return {"client": to_state(self.initial_client_model())}
+        q = self.params.server_update_interval
+        uploaded = rounds * sum(b for k, b in enumerate(batch_sizes) if k % q == 0)
+        return min(self.params.align_buffer, uploaded) * (self.sizes.smashed_per_sample
+                                                          + self.sizes.labels_per_sample)
 
     # -------------------------------------------------------------- client
-    def build_client(self, client: ClientState) -> None:
+    def build_client(self, client):
         x_c = self.place(self.arch.make_client())
         client.models["client"] = x_c
         client.models["aux"] = self.place(self.arch.make_aux())
@@ -137,80 +142,72 @@ class FSLSage(Algorithm):
 
     def fresh_client_models(self, cid):
         # The reference starts every client from one x_a; per_client draws each its own.
-        return {"aux": self.initial_aux_model("shared" if self.cfg.aux_init == "shared"
+        return {"aux": self.initial_aux_model("shared" if self.params.aux_init == "shared"
                                               else cid)}
 
-    def start_round(self, client, rnd, global_state):
-        load_state(client.models["client"], global_state["client"])
-
-    def waits_for_alignment(self, rnd: int, k: int) -> bool:
-        return self.aligns_at(rnd, k) and self.cfg.align_blocking
-
-    def forward(self, client, rnd, k, x, y):
-        smashed = client.models["client"](x)
-        client.carry.update(smashed=smashed, y=y)
-        if not self.uploads_at(k):
-            return None
-        upload = self.smashed_upload(smashed, y)
-        if self.cfg.estimate_quality and not self.waits_for_alignment(rnd, k):
-            # The estimate this batch will train on (x_a does not change before its
-            # backward), for the server to compare with its own (an observer's copy:
-            # no bytes are counted for it).
-            upload["estimate"] = gradient_of(client.models["aux"], smashed, y).cpu().numpy()
-        return upload
-
-    def receive(self, client, rnd, reply):
-        """The aligned x_a,i arrives (computed here, see "Where alignment runs")."""
-        before, after = self.align(client.models["aux"], client.cid, rnd, reply)
-        client.log("alignments", 1)
-        client.log("nmse_before_sum", before)
-        client.log("nmse_after_sum", after)
-        if "z_batch" in reply:   # this batch's true gradient, to measure after alignment
-            client.carry["z_batch"] = self.tensor(reply["z_batch"])
-
-    def backward(self, client, rnd, k):
-        smashed, y = client.carry.pop("smashed"), client.carry.pop("y")
-        loss, g_hat = cross_entropy_grad(client.models["aux"], smashed.detach(), y)
-        if "z_batch" in client.carry:
-            log_agreement(client.log, g_hat, client.carry.pop("z_batch"))
+    def client_round(self, client, rnd):
+        x_c, x_a = client.models["client"], client.models["aux"]
         optimizer = client.optimizers["client"]
-        optimizer.zero_grad()
-        smashed.backward(g_hat)
-        optimizer.step()
-        client.log("train_loss_sum", loss.item() * len(y))
-        client.log("train_samples", len(y))
+        load_state(x_c, client.start["client"])
+        for step in client.steps():
+            for reply in (yield from step.arrivals()).values():
+                self.receive_alignment(client, rnd, reply)
+            x, y = step.x, step.y
+            smashed = x_c(x)
+            z_batch = None
+            if step.uploads:
+                arrays = {"smashed": smashed, "y": y}
+                if self.cfg.estimate_quality and not step.waits:
+                    # The estimate this batch will train on (x_a does not change before
+                    # it is used), for the server to compare with its own (an observer's
+                    # copy: no bytes are counted for it).
+                    arrays["estimate"] = gradient_of(x_a, smashed, y)
+                reply = yield step.upload(**arrays)
+                if reply is not None:           # the aligned x_a, waited for
+                    z_batch = self.receive_alignment(client, rnd, reply)
+            loss, g_hat = cross_entropy_grad(x_a, smashed.detach(), y)
+            if z_batch is not None:
+                log_agreement(client.log, g_hat, z_batch)
+            optimizer.zero_grad()
+            smashed.backward(g_hat)
+            optimizer.step()
+            client.log("train_loss", loss.item(), len(y))
+        for reply in (yield from client.arrivals()).values():
+            self.receive_alignment(client, rnd, reply)
+        return {"client": to_state(x_c)}
 
-    def end_round(self, client, rnd):
-        return {"client": to_state(client.models["client"])}
+    def receive_alignment(self, client, rnd, reply):
+        """The aligned x_a,i arrives (computed here, see "Where alignment runs");
+        returns the true gradient of the upload's batch, when the server measured it."""
+        before, after = self.align(client.models["aux"], client.cid, rnd, reply)
+        client.log("nmse_before", before)
+        client.log("nmse_after", after)
+        return self.tensor(reply["z_batch"]) if "z_batch" in reply else None
 
     # -------------------------------------------------------------- server
-    def init_server(self) -> ServerState:
-        x_s = self.place(self.initial_server_model())
-        return ServerState(models={"server": x_s}, optimizers={"server": self.server_optimizer(x_s)})
-
-    def serve(self, server, rnd, cid, k, upload):
+    def serve(self, server, rnd, upload):
         x_s = server.models["server"]
         h, y = self.tensor(upload["smashed"]), self.tensor(upload["y"])
+        blocking_alignment = self.aligns_at(rnd, upload.k) and self.params.align_blocking
         # Estimate quality: the true gradient for this batch, with x_s as it stands
         # when the upload is served (the client's estimate came with it, or is
         # measured by the client after the alignment it waits for).
-        measure = self.cfg.estimate_quality and ("estimate" in upload
-                                                 or self.waits_for_alignment(rnd, k))
+        measure = self.cfg.estimate_quality and ("estimate" in upload or blocking_alignment)
         z_batch = gradient_of(x_s, h, y) if measure else None
         if "estimate" in upload:
-            log_agreement(partial(server.log_client, cid), self.tensor(upload["estimate"]),
-                          z_batch)
-        self.server_step(server, x_s, server.optimizers["server"], h, y)
+            log_agreement(partial(server.log_client, upload.cid),
+                          self.tensor(upload["estimate"]), z_batch)
+        server_step(server, x_s, server.optimizers["server"], h, y)
 
         # Client i's buffer: its last align_buffer uploaded samples. Targets are
         # (N,) labels or (N, T) tokens.
-        keep = self.cfg.align_buffer
-        old = server.clients.get(cid)
+        keep = self.params.align_buffer
+        old = server.clients.get(upload.cid)
         buffer = {name: np.array(upload[name][-keep:]) if old is None
                   else np.concatenate([old[name], upload[name]])[-keep:]
                   for name in ("smashed", "y")}
-        server.clients.put(cid, buffer)
-        if not self.aligns_at(rnd, k):
+        server.clients.put(upload.cid, buffer)
+        if not self.aligns_at(rnd, upload.k):
             return None
         # The targets must see x_s as it stands now; the aux training that
         # follows does not touch x_s (see "Where alignment runs").
@@ -229,8 +226,8 @@ class FSLSage(Algorithm):
         """
         saved = {name: buf.clone() for name, buf in x_s.named_buffers()}
         chunks = []
-        for h, target in zip(smashed.split(self.cfg.align_batch_size),
-                             y.split(self.cfg.align_batch_size)):
+        size = self.params.align_batch_size
+        for h, target in zip(smashed.split(size), y.split(size)):
             leaf = h.detach().requires_grad_()
             loss = split_loss(x_s(leaf), target, reduction="sum")
             (z,) = torch.autograd.grad(loss, leaf)
@@ -243,8 +240,8 @@ class FSLSage(Algorithm):
     def estimates(self, aux: nn.Module, smashed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample g_hat over the buffer, chunked as the targets are."""
         chunks = []
-        for h, target in zip(smashed.split(self.cfg.align_batch_size),
-                             y.split(self.cfg.align_batch_size)):
+        size = self.params.align_batch_size
+        for h, target in zip(smashed.split(size), y.split(size)):
             _, g = cross_entropy_grad(aux, h, target)
             chunks.append(g * len(target))
         return torch.cat(chunks)
@@ -261,9 +258,9 @@ class FSLSage(Algorithm):
 
         optimizer = self.aux_optimizer(aux)
         order = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "align", cid, rnd))
-        for _ in range(self.cfg.align_epochs):
+        for _ in range(self.params.align_epochs):
             shuffled = torch.randperm(len(y), generator=order).to(self.device)
-            for batch in shuffled.split(self.cfg.align_batch_size):
+            for batch in shuffled.split(self.params.align_batch_size):
                 b = len(batch)
                 _, g_hat = cross_entropy_grad(aux, smashed[batch], y[batch], create_graph=True)
                 loss = (g_hat - z[batch] / b).pow(2).sum()

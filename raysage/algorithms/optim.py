@@ -97,7 +97,7 @@ class Optimizer:
     def load_state_arrays(self, arrays: dict[str, np.ndarray] | None) -> None:
         """Take a client's state (None: a client that never stepped). The step count
         stays on the CPU; moments go to their parameter's device."""
-        from .base import StateMismatch
+        from .state import StateMismatch
 
         states: list[dict[str, torch.Tensor]] = [{} for _ in self.params]
         for name, array in (arrays or {}).items():

@@ -30,7 +30,7 @@ from ..results import RunFolder
 from ..store import from_safetensors, to_safetensors
 
 CHECKPOINT = "checkpoint.json"
-FORMAT = "raysage-checkpoint/1"
+FORMAT = "raysage-checkpoint/2"
 # Written by raysage before checkpoints were arrays; reading it would unpickle.
 PICKLED_CHECKPOINT = "checkpoint.pt"
 
@@ -89,7 +89,8 @@ def write_checkpoint(folder: RunFolder, progress: Progress, orchestrator,
     manifest = Manifest(
         format=FORMAT, next_round=progress.next_round, sim_time=progress.sim_time,
         wall_time=progress.wall_time, totals=progress.totals,
-        parts=sorted(progress.global_state), plan=orchestrator.world.algorithm.plan_state(),
+        parts=sorted(progress.global_state),
+        uploaded={str(cid): n for cid, n in orchestrator.world.uploaded.items()},
         **{"global": global_name}, server=parts["server"], clients=clients,
         server_clients=server_clients)
     folder.write_bytes(CHECKPOINT, json.dumps(manifest).encode())
@@ -137,8 +138,10 @@ def _validate(m: Manifest) -> None:
             raise ValueError(f"{key} {m[key]!r}")
     if not all(isinstance(v, int) for v in m["totals"].values()):
         raise ValueError("totals must be integers")
-    if not isinstance(m["plan"], dict) or not isinstance(m["parts"], list):
-        raise ValueError("plan and parts")
+    if not isinstance(m["parts"], list):
+        raise ValueError("parts")
+    if not all(cid.isdigit() and isinstance(n, int) for cid, n in m["uploaded"].items()):
+        raise ValueError("uploaded")
     _state_file(m["global"])
     if m["server"] is not None:
         _state_file(m["server"])

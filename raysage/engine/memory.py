@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ..errors import RaysageError
 from ..data import batch_sizes
+from ..algorithms.base import Participant
 from .world import World
 
 MIB, GIB = 2**20, 2**30
@@ -52,7 +53,7 @@ def estimate(world: World, n_workers: int) -> Estimate:
     per_worker = math.ceil(selected / n_workers)
     # Clients wait for the server mid-round only if some exchange has a reply;
     # otherwise a worker runs one client's round after another on each thread.
-    plan = algo.plan_client_round(0, 0, [cfg.batch_size])
+    plan = algo.plan_client_round(0, Participant(0, [cfg.batch_size]))
     waits = any(ex.has_reply for ex in plan.exchanges.values()) and plan.after is None
     working_sets = max(per_worker, 1) if waits else cfg.worker_threads
     # Clients that can have state by the end: never more than take part.

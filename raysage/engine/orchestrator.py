@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..algorithms.base import State
+from ..algorithms.state import State
 from ..config import Config, build_config
 from ..errors import ConfigError, RaysageError
 from ..netsim.planner import RoundSchedule, Segment
@@ -33,12 +33,12 @@ from .backend import ActorFailure, make_backend
 from .checkpoint import (Manifest, Progress, read_manifest, read_progress,
                          remove_unlisted_state, write_checkpoint)
 from .memory import GIB, check_disk, check_memory, describe, estimate
-from .rows import BYTE_KINDS, plan_rows, round_rows
+from .rows import plan_rows, round_rows
 from .runtime import ClientResult, ClientRuntime, ServerRuntime, process_memory
 from .world import World, build_world
 
 MAX_RECOVERIES = 3
-__all__ = ["BYTE_KINDS", "GIB", "Orchestrator", "SimulationResult", "build_world", "plan",
+__all__ = ["GIB", "Orchestrator", "SimulationResult", "build_world", "plan",
            "simulate"]
 
 
@@ -55,7 +55,7 @@ def place_clients(sizes: list[int], workers: int) -> list[int]:
 
 def default_run_dir(cfg: Config) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.algorithm}-{cfg.dataset}-{cfg.clients}c-{stamp}"
+    return Path("runs") / f"{cfg.section}-{cfg.dataset}-{cfg.clients}c-{stamp}"
 
 
 @dataclass
@@ -161,8 +161,8 @@ class Orchestrator:
             calls.append(call(self.server, "restore", location, manifest["server"],
                               manifest.client_files("server_clients")))
         get(calls)
-        if manifest is not None:
-            self.world.algorithm.load_plan_state(manifest["plan"])
+        self.world.uploaded = ({int(cid): n for cid, n in manifest["uploaded"].items()}
+                               if manifest is not None else {})
 
     def close(self) -> None:
         # Actors remove their spill folders (on their own nodes), then end: a shared
@@ -345,8 +345,7 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
     orchestrator = Orchestrator(world, announce, run_dir)
     startup = time.perf_counter() - t0
     writer = RunWriter(run_dir, cfg, keep_rounds_below=progress.next_round if resume is not None
-                       else None)
-    initial_plan = world.algorithm.plan_state()
+                       else None, algorithm=world.algorithm)
     try:
         if manifest:
             orchestrator.restore(manifest)
@@ -373,7 +372,6 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
                          f"(recovery {recoveries})")
                 orchestrator.restart_actors()
                 remove_unlisted_state(run_dir, manifest)
-                world.algorithm.load_plan_state(initial_plan)
                 orchestrator.restore(manifest)
                 writer.truncate(progress.next_round)
     finally:
@@ -381,7 +379,8 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
 
     accuracies = [r["accuracy"] for r in writer.rounds if not math.isnan(r["accuracy"])]
     summary = {
-        "algorithm": cfg.algorithm, "model": cfg.model, "dataset": cfg.dataset,
+        "algorithm": cfg.algorithm, "label": world.algorithm.label,
+        "colour": world.algorithm.colour, "model": cfg.model, "dataset": cfg.dataset,
         "clients": cfg.clients, "rounds": progress.next_round,
         "final_accuracy": accuracies[-1], "best_accuracy": max(accuracies),
         "total_bytes": progress.totals["total_bytes"],
@@ -404,7 +403,8 @@ def run_one_round(orchestrator: Orchestrator, writer: RunWriter, progress: Progr
     round_start = time.perf_counter()
     schedule, results, server_out, global_state = orchestrator.run_round(
         rnd, progress.global_state, progress.sim_time)
-    row, client_rows = round_rows(rnd, schedule, results, server_out, orchestrator.owner)
+    row, client_rows = round_rows(orchestrator.world.algorithm, rnd, schedule, results,
+                                  server_out, orchestrator.owner)
     if (rnd + 1) % cfg.eval_every == 0 or rnd == cfg.rounds - 1:
         row.update(orchestrator.evaluate(rnd, global_state))
     else:

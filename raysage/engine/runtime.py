@@ -13,6 +13,7 @@ run the segment, write the state back when the client's round ends.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import threading
@@ -21,18 +22,19 @@ from typing import Any
 
 import numpy as np
 
-from ..algorithms.base import (Algorithm, ClientState, ServerState, Setup, State, as_tensor,
-                               load_kept, load_state, release_gradients, save_kept, seeded,
-                               state_nbytes, to_state, unseeded)
+from ..algorithms.base import Algorithm, ClientState, ServerState, Setup, Step, Upload, Wait
+from ..algorithms.state import (State, as_tensor, load_kept, load_state, release_gradients,
+                                save_kept, state_nbytes, to_state)
 from ..config import build_config
 from ..data import client_batch, make_batch
 from ..data.batches import client_images
-from ..errors import RaysageError
+from ..errors import ContractError, RaysageError
 from ..lazy import nn, torch
 from ..models import correct_predictions, count_targets, split_loss
 from ..netsim.planner import Segment
 from ..results import RunFolder
 from ..store import StateStore, from_safetensors, to_safetensors
+from ..streams import seeded, unseeded
 
 MIB = 2**20
 
@@ -46,7 +48,7 @@ class ClientResult:
     """What a client's round ends with: its uploads by name, its metrics, its size."""
 
     states: dict[str, State]
-    metrics: dict[str, float]
+    metrics: dict[str, list[float]]     # name -> [weighted sum, weight]
     num_samples: int
     state_bytes: int          # the client's persistent state (models, optimizer, buffers)
 
@@ -58,11 +60,129 @@ def pick_device(gpus: float) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_finite(metrics: dict[str, float], rnd: int, who: str) -> None:
-    for name, value in metrics.items():
+def _check_finite(metrics: dict[str, list[float]], rnd: int, who: str) -> None:
+    for name, (value, _) in metrics.items():
         if not math.isfinite(value):
-            raise NonFiniteLoss(f"{name.replace('_sum', '')} became {value} in round {rnd} "
+            raise NonFiniteLoss(f"{name} became {value} in round {rnd} "
                                 f"at {who}; lower the learning rate or check the data")
+
+
+class ClientRound:
+    """One client's round on a worker: the algorithm's client_round generator, cut
+    into the plan's segments, and checked against the plan as it runs.
+
+    A segment runs the generator until it reaches the segment's end: the upload
+    the client then waits for (``blocked_at``), a reply it must take before the
+    next iteration (a ``Wait`` at ``stop``), or the round's end. The next segment
+    resumes it with the server's reply.
+    """
+
+    def __init__(self, algo: Algorithm, client: ClientState, rnd: int, first: Segment,
+                 batch):
+        self.algo, self.client, self.rnd = algo, client, rnd
+        self.cid = client.cid
+        self.iterations = first.iterations
+        self.exchanges = first.exchanges or {}
+        self.batch_of = batch                 # k -> (x, y) on the algorithm's device
+        self.segment = first
+        self.sent: set[int] = set()
+        self.uploads: dict[int, Upload] = {}
+        client.round = self
+        body = algo.client_round(client, rnd)
+        self.gen = body if inspect.isgenerator(body) else None
+        self.result = None if self.gen is not None else body
+        self.primed = False
+
+    # -------------------------------------------------- the algorithm's side
+    def steps(self):
+        for k in range(self.iterations):
+            self._check_before(k)
+            yield Step(self, k)
+        self._check_before(self.iterations)
+
+    def arrivals(self, k: int | None):
+        """Wait (as the plan says) for replies that arrive before iteration k starts."""
+        k = self.iterations if k is None else k
+        replies: dict[int, Any] = {}
+        while self.segment.stop == k and self._ends_with_wait():
+            replies.update((yield Wait(k)))
+        return replies
+
+    def batch(self, k: int):
+        self._check_waited(k)
+        return self.batch_of(k)
+
+    # -------------------------------------------------- checks against the plan
+    def _fail(self, what: str) -> None:
+        raise ContractError(f"{self.algo.name}: client {self.cid} in round {self.rnd}: {what}")
+
+    def _ends_with_wait(self) -> bool:
+        return not self.segment.is_last and self.segment.blocked_at is None
+
+    def _check_waited(self, k: int) -> None:
+        if k >= self.segment.stop and self._ends_with_wait():
+            self._fail(f"iteration {k} starts after a server reply arrives, but client_round "
+                       "went on without it; take it with `yield from step.arrivals()` first")
+
+    def _check_before(self, k: int) -> None:
+        """Iterations before k went as planned: every upload sent, every reply taken."""
+        missing = [j for j in self.exchanges if j < k and j not in self.sent]
+        if missing:
+            self._fail(f"plan_client_round has an upload at iteration {missing[0]} that "
+                       "client_round never sent (yield step.upload(...) where step.uploads)")
+        if k:
+            self._check_waited(k - 1)
+
+    def _take(self, out) -> bool:
+        """Take what the generator yielded; True if this segment ends here."""
+        if isinstance(out, Upload):
+            k = out.k
+            if k not in self.exchanges:
+                self._fail(f"client_round uploaded at iteration {k}, where "
+                           "plan_client_round has no exchange")
+            if k in self.sent:
+                self._fail(f"client_round uploaded twice at iteration {k}")
+            self._check_waited(k)
+            self.sent.add(k)
+            self.uploads[k] = out
+            return k == self.segment.blocked_at
+        if isinstance(out, Wait):
+            return True
+        self._fail(f"client_round yielded {type(out).__name__}; yield step.upload(...) "
+                   "or `yield from step.arrivals()`")
+
+    # -------------------------------------------------- the engine's side
+    def run(self, segment: Segment, reply: Any) -> dict[int, Upload]:
+        """Run one segment; returns the uploads it made, by iteration."""
+        self.segment, self.uploads = segment, {}
+        if self.gen is None:                  # a plain function: ran whole already
+            self._check_before(self.iterations)
+            return {}
+        if not self.primed:
+            self.primed, value = True, None
+        elif segment.resume is not None:
+            value = reply                     # the reply to the upload it waits on
+        else:
+            value = {segment.reply_of[1]: reply}   # a reply it takes before iteration `first`
+        try:
+            while True:
+                out = self.gen.send(value)
+                if self._take(out):
+                    break
+                value = None
+        except StopIteration as end:
+            self.result = end.value
+            if not segment.is_last:
+                self._fail("client_round returned before the plan's last iteration "
+                           f"({self.iterations}) or before a reply it should take")
+            self._check_before(self.iterations)
+            if not isinstance(self.result, dict):
+                self._fail(f"client_round returned {type(self.result).__name__}; return a "
+                           "dict of uploaded states by name ({} when none)")
+            return self.uploads
+        if segment.is_last:
+            self._fail("client_round waits for a server reply after the plan's last one")
+        return self.uploads
 
 
 def node_address() -> str:
@@ -182,7 +302,7 @@ class ClientRuntime(_Process):
         self.indices = client_indices
         self.states = self.store(spill_dir)
         self.lock = threading.Lock()
-        self.active: dict[int, ClientState] = {}    # clients mid-round, by id
+        self.active: dict[int, ClientRound] = {}    # clients mid-round, by id
         self.free: list[ClientState] = [self._build()]   # working sets not in use
         # Dropout (LoRA's) draws from torch's global generator, which a process has
         # one of: such models are seeded per segment and train one client at a time.
@@ -205,7 +325,7 @@ class ClientRuntime(_Process):
             state = self.states.get(cid)
         client = client or self._build()
         client.cid, client.num_samples = cid, len(self.indices[cid])
-        client.carry, client.metrics = {}, {}
+        client.start, client.metrics, client.round = {}, {}, None
         load_kept(self.algo, client, state)
         return client
 
@@ -234,40 +354,33 @@ class ClientRuntime(_Process):
         return self._run_segment(rnd, segment, start, reply)
 
     def _run_segment(self, rnd, segment, start, reply):
-        algo = self.algo
-        if segment.is_first:
-            client = self.active[segment.cid] = self._take(segment.cid)
-            if isinstance(start, ClientResult):
-                start = start.states
-            algo.start_round(client, rnd, start)
-        else:
-            client = self.active[segment.cid]
-        if segment.reply_of is not None:
-            algo.receive(client, rnd, reply)
-        if segment.resume is not None:
-            algo.backward(client, rnd, segment.resume)
-        uploads = {}
-        indices = self.indices[segment.cid]
+        algo, cid = self.algo, segment.cid
+        indices = self.indices[cid]
         stop = segment.stop if segment.blocked_at is None else segment.blocked_at + 1
-        images = client_images(self.cfg, self.train, indices, segment.cid, rnd,
+        images = client_images(self.cfg, self.train, indices, cid, rnd,
                                range(segment.first, stop))
-        for k in range(segment.first, segment.stop):
+
+        def batch(k: int):
             x, y = client_batch(self.cfg, self.train, self.setup.mean, self.setup.std,
-                                indices, segment.cid, rnd, k, images=images[k])
-            upload = algo.forward(client, rnd, k, x.to(algo.device), y.to(algo.device))
-            if upload is not None:
-                uploads[k] = upload
-            if k == segment.blocked_at:
-                break
-            algo.backward(client, rnd, k)
+                                indices, cid, rnd, k, images=images.get(k))
+            return x.to(algo.device), y.to(algo.device)
+
+        if segment.is_first:
+            client = self._take(cid)
+            client.start = start.states if isinstance(start, ClientResult) else start
+            self.active[cid] = ClientRound(algo, client, rnd, segment, batch)
+        rounds = self.active[cid]
+        rounds.batch_of = batch
+        uploads = rounds.run(segment, reply)
         if not segment.is_last:
             return uploads, None
-        _check_finite(client.metrics, rnd, f"client {segment.cid}")
-        states = algo.end_round(client, rnd)
+        client = rounds.client
+        client.round = None
+        _check_finite(client.metrics, rnd, f"client {cid}")
         release_gradients(client.models)
-        result = ClientResult(states, dict(client.metrics), client.num_samples,
+        result = ClientResult(rounds.result, dict(client.metrics), client.num_samples,
                               state_nbytes([client.models, client.optimizers]))
-        del self.active[segment.cid]
+        del self.active[cid]
         self._put_back(client, keep=True)
         return uploads, result
 
@@ -310,13 +423,17 @@ class ServerRuntime(_Process):
         state.clients = self.store(self.spill_dir)
         return state
 
-    def serve(self, rnd: int, uploads: list[tuple[int, int]], *produced: dict[int, Any]):
+    def serve(self, rnd: int, uploads: list[tuple[int, int]], *produced: dict[int, Upload]):
         """Serve one upload, or a barrier group at once (one reply per upload)."""
-        payloads = [(cid, k, out[k]) for (cid, k), out in zip(uploads, produced)]
+        payloads = [out[k] for (cid, k), out in zip(uploads, produced)]
         with seeded(self.cfg.seed, "serve", rnd, *uploads[0]):
             if len(payloads) == 1:
-                return self.algo.serve(self.state, rnd, *payloads[0])
-            return tuple(self.algo.serve_group(self.state, rnd, payloads))
+                return self.algo.serve(self.state, rnd, payloads[0])
+            replies = self.algo.serve_group(self.state, rnd, payloads)
+        if len(replies) != len(payloads):
+            raise ContractError(f"{self.algo.name}: serve_group returned {len(replies)} "
+                                f"replies for {len(payloads)} uploads; return one per upload")
+        return tuple(replies)
 
     def end_round(self, rnd: int, global_state: dict[str, State],
                   weights: dict[int, float]) -> dict[str, Any]:

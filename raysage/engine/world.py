@@ -12,15 +12,17 @@ done once in a short-lived child process (see :mod:`raysage.lazy`).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..algorithms.base import Algorithm, ClientState, ModelSizes, Setup, State
-from ..config import LANGUAGE_DATASETS, Config
+from ..algorithms import algorithm_class
+from ..algorithms.base import Algorithm, ClientState, ModelSizes, Participant, Setup, State
+from ..config import LANGUAGE_DATASETS, Config, build_config
 from ..data import ArrayDataset, batch_sizes, load_dataset, partition
 from ..netsim.cost import ModelCosts
-from ..netsim.planner import RoundSchedule
+from ..errors import ContractError
+from ..netsim.planner import ClientRoundPlan, RoundSchedule
 from ..netsim.policy import available_clients, plan_with_policy, selection_size
 from ..netsim.profiles import DeviceProfile, client_profiles
 from ..streams import stream_seed
@@ -42,11 +44,11 @@ class ModelFacts:
 
 def count_model_facts(config: dict, num_classes: int) -> ModelFacts:
     """Build the models once and count (needs torch)."""
-    from ..algorithms.base import state_nbytes
+    from ..algorithms.state import state_nbytes
     from ..models import architecture, state_bytes, transfer_state
     from ..netsim.cost import measure_costs
 
-    cfg = Config(**config)
+    cfg = build_config(config)
     arch = architecture(cfg, num_classes)
     sizes, costs = ModelSizes.of(arch), measure_costs(arch)
     algo = Setup(config, num_classes, (0.0,) * 3, (1.0,) * 3, sizes, costs).algorithm()
@@ -133,6 +135,8 @@ class World:
     setup: Setup
     profiles: list[DeviceProfile]
     facts: ModelFacts
+    # Samples each client has uploaded in the rounds planned so far (checkpointed).
+    uploaded: dict[int, int] = field(default_factory=dict)
 
     def num_samples(self, cid: int) -> int:
         return len(self.client_indices[cid])
@@ -166,10 +170,17 @@ class World:
         return sorted(available[i] for i in rng.choice(len(available), size=count, replace=False))
 
     def plan(self, rnd: int, start: float) -> RoundSchedule:
+        """Plan round rnd and count what its clients upload (see Participant.uploaded)."""
         cfg, algo = self.cfg, self.algorithm
+        made: dict[int, ClientRoundPlan] = {}
 
-        def make_plans(cids: list[int]):
-            return algo.plan_round(rnd, {c: batch_sizes(self.num_samples(c), cfg) for c in cids})
+        def make_plans(cids: list[int]) -> list[ClientRoundPlan]:
+            plans = algo.plan_round(rnd, [
+                Participant(c, batch_sizes(self.num_samples(c), cfg), self.uploaded.get(c, 0))
+                for c in cids])
+            check_plans(algo, plans, cids)
+            made.update((plan.cid, plan) for plan in plans)
+            return plans
 
         selected = self.participants(rnd)
         schedule = plan_with_policy(
@@ -177,8 +188,36 @@ class World:
             start, policy=cfg.round_policy, deadline=cfg.deadline,
             keep=self.target_participants(), dropout=cfg.dropout,
             rng=np.random.default_rng(stream_seed(cfg.seed, "drops", rnd)))
-        algo.commit_round(rnd, sorted(schedule.clients))
+        # A dropped client's work is lost, its uploads with it.
+        for cid in schedule.clients:
+            samples = sum(ex.samples for ex in made[cid].exchanges.values())
+            if samples:
+                self.uploaded[cid] = self.uploaded.get(cid, 0) + samples
         return schedule
+
+
+def check_plans(algo: Algorithm, plans: list[ClientRoundPlan], cids: list[int]) -> None:
+    """One plan per participant, using only the byte kinds the algorithm declares."""
+    if sorted(plan.cid for plan in plans) != sorted(cids):
+        raise ContractError(f"{algo.name}: plan_round returned plans for clients "
+                            f"{sorted(plan.cid for plan in plans)[:5]}, not for its "
+                            f"participants {sorted(cids)[:5]}")
+    known = {kind.name for kind in algo.byte_kinds}
+    for plan in plans:
+        kinds = [*plan.download, *plan.upload]
+        for exchange in plan.exchanges.values():
+            kinds += [*exchange.up, *exchange.down]
+            if not 0 <= exchange.k < plan.iterations:
+                raise ContractError(f"{algo.name}: client {plan.cid} has an exchange at "
+                                    f"iteration {exchange.k} of {plan.iterations}")
+        unknown = sorted(set(kinds) - known)
+        if unknown:
+            raise ContractError(f"{algo.name}: its plan counts bytes of kind '{unknown[0]}', "
+                                "which it does not declare; add a ByteKind to byte_kinds")
+        if len(plan.backward_flops) != plan.iterations:
+            raise ContractError(f"{algo.name}: client {plan.cid}'s plan has "
+                                f"{plan.iterations} forward and {len(plan.backward_flops)} "
+                                "backward FLOP counts; give one of each per iteration")
 
 
 def load_language_data(cfg: Config) -> tuple[ArrayDataset, int | None]:
@@ -220,7 +259,7 @@ def build_world(cfg: Config) -> World:
                         seed=cfg.seed)
     facts = model_facts(cfg, data.num_classes)
     setup = Setup(cfg.to_dict(), data.num_classes, tuple(data.mean), tuple(data.std),
-                  facts.sizes, facts.costs)
+                  facts.sizes, facts.costs, algorithm_class(cfg.algorithm))
     profiles = client_profiles(cfg.profile, cfg.clients, cfg.seed, trace=cfg.profile_trace,
                                stragglers=cfg.stragglers, straggler_param=cfg.straggler_param,
                                availability=cfg.availability)

@@ -37,6 +37,9 @@ class Exchange:
     # Uploads sharing a group key are served together, once the last of them
     # has arrived (a barrier, e.g. SGLR's per-iteration step over all clients).
     group: Hashable | None = None
+    # Samples the upload carries; the engine counts them per client over rounds
+    # (Participant.uploaded), for algorithms whose plan depends on that history.
+    samples: int = 0
 
     @property
     def has_reply(self) -> bool:
@@ -85,6 +88,10 @@ class Segment:
     is_first: bool = False
     is_last: bool = False
     after: int | None = None   # first segment: start from this client's end-of-round upload
+    # First segment only: the round's iterations and its exchanges (k -> blocking),
+    # which the worker hands to the algorithm's steps.
+    iterations: int = 0
+    exchanges: dict[int, bool] | None = None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -322,6 +329,8 @@ def _segments(client: _Client, replies: dict[tuple[int, int], float]) -> list[Se
     segments.append(Segment(plan.cid, len(segments), first, n, resume=resume,
                             reply_of=reply_of, start_time=t))
     segments[0].is_first = True
+    segments[0].iterations = n
+    segments[0].exchanges = {k: ex.blocking for k, ex in plan.exchanges.items()}
     segments[-1].is_last = True
     return segments
 

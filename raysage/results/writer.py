@@ -187,17 +187,22 @@ class RunWriter:
     """Writes a run folder; with ``keep_rounds_below`` it continues an existing one,
     keeping the rows of rounds before that (the rounds a checkpoint covers)."""
 
-    def __init__(self, folder: RunFolder, cfg: Config, keep_rounds_below: int | None = None):
-        import yaml
+    def __init__(self, folder: RunFolder, cfg: Config, keep_rounds_below: int | None = None,
+                 algorithm: Any = None):
+        from ..config import write_yaml
 
         self.folder = folder
         self.rounds: list[dict[str, Any]] = []
         self.clients: list[dict[str, Any]] = []
         if keep_rounds_below is None:
-            text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-            folder.write_bytes("config.yaml", text.encode())
-            # The config again as one Parquet row, so that reports read Parquet only.
-            folder.write_table("run.parquet", [cfg.to_dict()])
+            folder.write_bytes("config.yaml", write_yaml(cfg).encode())
+            # The config again as one Parquet row, so that reports read Parquet only;
+            # with the algorithm's label and colour, since a report may not be able
+            # to import an algorithm that came from a user's file.
+            row = cfg.flat_dict()
+            if algorithm is not None:
+                row |= {"algorithm_label": algorithm.label, "algorithm_colour": algorithm.colour}
+            folder.write_table("run.parquet", [row])
             return
         for name, rows in (("rounds.parquet", self.rounds), ("clients.parquet", self.clients)):
             if folder.exists(name):
