@@ -1,44 +1,86 @@
 """The ``raysage`` command: a thin layer over :mod:`raysage`'s Python API.
 
-Every config field is a flag of ``raysage simulate`` with the field's name
-(``client_lr`` -> ``--client-lr``); the flags are generated from the Config
-dataclass so that the two can never drift apart.
+Every config field is a flag of ``raysage simulate``, ``plan`` and ``sweep``
+with the field's name (``client_lr`` -> ``--client-lr``), and so is every
+algorithm's parameter (``--align-interval``); the flags are generated from
+the pydantic models, so the two never drift apart. ``--algorithm
+my_algo.py:MyAlgo`` adds that algorithm's parameters as flags too.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args, get_origin
 
 import typer
 
-from .config import FIELDS, load_config
+from .config import FIELDS, load_config, parameter_fields
 from .errors import RaysageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Simulate federated split learning (FSL-SAGE and baselines) on Ray.")
 
-_FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": str}
+
+def _help(field, owners: str = "") -> str:
+    text = (field.description or "").strip()
+    if owners:
+        text = f"({owners}) {text}"
+    choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+    if choices:
+        text += f"; one of: {', '.join(map(str, choices))}"
+    if field.default is not None and not callable(field.default):
+        text += f" (default: {field.default})"
+    return text
 
 
-def _field_options() -> list[inspect.Parameter]:
-    params = []
-    for name, f in FIELDS.items():
-        kind = str(f.type).replace(" | None", "")
-        meta = f.metadata
-        help_text = meta["help"]
-        if meta.get("choices"):
-            help_text += f"; one of: {', '.join(meta['choices'])}"
-        if f.default is not None:
-            help_text += f" (default: {f.default})"
-        option = typer.Option(None, f"--{name.replace('_', '-')}", help=help_text,
-                              show_default=False)
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                        annotation=Optional[_FLAG_TYPES.get(kind, str)]))
-    return params
+def flags_help() -> str:
+    """The config flags, for --help: every field, then every algorithm's parameters."""
+    from .algorithms import ALGORITHMS
+
+    lines = ["Config flags (--name VALUE, for every field of the config):", ""]
+    lines += [f"--{name.replace('_', '-')}: {_help(f)}" for name, f in FIELDS.items()]
+    owners: dict[str, list[str]] = {}
+    for cls in ALGORITHMS.values():
+        for name in cls.Params.model_fields:
+            owners.setdefault(name, []).append(cls.name)
+    lines += ["", "Algorithm parameters (those of another algorithm are ignored; your own "
+              "algorithm's come with --algorithm file.py:Class):", ""]
+    lines += [f"--{name.replace('_', '-')}: {_help(f, ', '.join(owners[name]))}"
+              for name, f in parameter_fields().items()]
+    return "\n\n".join(lines)
+
+
+def config_flags(args: list[str], positional: int = 0) -> tuple[dict[str, str], list[str]]:
+    """The config flags among a command's extra arguments (--name VALUE or --name=VALUE),
+    and up to ``positional`` plain arguments. Names are checked when the config is
+    built, so a wrong one is its one-line error."""
+    flags: dict[str, str] = {}
+    plain: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            if len(plain) == positional:
+                _fail(f"unexpected argument {arg!r}; config flags are --name VALUE")
+            plain.append(arg)
+            i += 1
+            continue
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                _fail(f"flag --{name} needs a value")
+            value = args[i + 1]
+            i += 1
+        flags[name.replace("-", "_")] = value
+        i += 1
+    return flags, plain
+
+
+# Config flags are not declared one by one: they come from the config model.
+CONFIG_COMMAND = {"context_settings": {"allow_extra_args": True,
+                                       "ignore_unknown_options": True}}
 
 
 def _fail(message: str) -> None:
@@ -144,23 +186,11 @@ RESUME_OPTION = typer.Option(None, "--resume",
                              help="continue the run in this folder from its last checkpoint")
 
 
-def simulate_command(config: Optional[Path] = CONFIG_OPTION,
-                     resume: Optional[str] = RESUME_OPTION, **overrides: Any) -> None:
+@app.command("simulate", epilog=flags_help(), **CONFIG_COMMAND)
+def simulate_command(ctx: typer.Context, config: Optional[Path] = CONFIG_OPTION,
+                     resume: Optional[str] = RESUME_OPTION) -> None:
     """Run one simulation and write its run folder."""
-    _run_simulate(config, resume, **overrides)
-
-
-def _signature(*leading: tuple[str, Any, Any]) -> inspect.Signature:
-    return inspect.Signature(
-        [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                           annotation=kind) for name, default, kind in leading]
-        + _field_options())
-
-
-# --resume takes a path or a URI (s3://...), so it stays a string.
-simulate_command.__signature__ = _signature(("config", CONFIG_OPTION, Optional[Path]),
-                                            ("resume", RESUME_OPTION, Optional[str]))
-app.command("simulate")(simulate_command)
+    _run_simulate(config, resume, **config_flags(ctx.args)[0])
 
 
 def _run_plan(config_file: Optional[Path], **overrides: Any) -> None:
@@ -174,8 +204,9 @@ def _run_plan(config_file: Optional[Path], **overrides: Any) -> None:
         rows = plan(cfg)
     except RaysageError as exc:
         _fail(str(exc))
-    from .engine.orchestrator import BYTE_KINDS
+    from .algorithms import algorithm_class
 
+    byte_kinds = [kind.name for kind in algorithm_class(cfg.algorithm).byte_kinds]
     table = Table(title=f"raysage plan: {cfg.algorithm}, {cfg.model}, {cfg.clients} clients "
                         "(no training)")
     for column in ("round", "total bytes", "paper total bytes", "sim round (s)", "sim time (s)"):
@@ -190,7 +221,7 @@ def _run_plan(config_file: Optional[Path], **overrides: Any) -> None:
     kinds = Table(title="bytes by kind in round 0")
     kinds.add_column("kind")
     kinds.add_column("bytes", justify="right", no_wrap=True)
-    for kind in BYTE_KINDS:
+    for kind in byte_kinds:
         if rows[0][kind]:
             kinds.add_row(kind, f"{rows[0][kind]:,}")
     console = Console()
@@ -198,17 +229,12 @@ def _run_plan(config_file: Optional[Path], **overrides: Any) -> None:
     console.print(kinds)
 
 
-def plan_command(config: Optional[Path] = CONFIG_OPTION, **overrides: Any) -> None:
+@app.command("plan", epilog=flags_help(), **CONFIG_COMMAND)
+def plan_command(ctx: typer.Context, config: Optional[Path] = CONFIG_OPTION) -> None:
     """Dry run: bytes by kind and simulated time of every round, without training."""
-    _run_plan(config, **overrides)
+    _run_plan(config, **config_flags(ctx.args)[0])
 
 
-plan_command.__signature__ = _signature(("config", CONFIG_OPTION, Optional[Path]))
-app.command("plan")(plan_command)
-
-
-SPEC_ARGUMENT = typer.Argument(None, help="sweep spec: YAML of config fields plus 'grid' "
-                               "(field -> values, or a list of such grids) and 'parallel'")
 GRID_OPTION = typer.Option(None, "--grid", help="FIELD=V1,V2,... to vary (repeatable)")
 PARALLEL_OPTION = typer.Option(None, "--parallel", min=1,
                                help="most points at once (default: as many as the Ray cluster "
@@ -278,22 +304,17 @@ def _run_sweep(spec: Optional[Path], grid: Optional[list[str]], parallel: Option
         raise typer.Exit(1)
 
 
-def sweep_command(spec: Optional[Path] = SPEC_ARGUMENT, grid: Optional[list[str]] = GRID_OPTION,
-                  parallel: Optional[int] = PARALLEL_OPTION, list_only: bool = LIST_OPTION,
-                  **overrides: Any) -> None:
-    """Run a grid of simulations, one run folder per point; finished points are skipped."""
-    _run_sweep(spec, grid, parallel, list_only, **overrides)
+@app.command("sweep", epilog=flags_help(), **CONFIG_COMMAND)
+def sweep_command(ctx: typer.Context, grid: Optional[list[str]] = GRID_OPTION,
+                  parallel: Optional[int] = PARALLEL_OPTION,
+                  list_only: bool = LIST_OPTION) -> None:
+    """Run a grid of simulations, one run folder per point; finished points are skipped.
 
-
-sweep_command.__signature__ = inspect.Signature(
-    [inspect.Parameter("spec", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=SPEC_ARGUMENT,
-                       annotation=Optional[Path])]
-    + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
-       for name, default, kind in (("grid", GRID_OPTION, Optional[list[str]]),
-                                   ("parallel", PARALLEL_OPTION, Optional[int]),
-                                   ("list_only", LIST_OPTION, bool))]
-    + _field_options())
-app.command("sweep")(sweep_command)
+    SPEC (optional, first plain argument): YAML of config fields plus 'grid' (field ->
+    values, or a list of such grids) and 'parallel'.
+    """
+    flags, spec = config_flags(ctx.args, positional=1)
+    _run_sweep(Path(spec[0]) if spec else None, grid, parallel, list_only, **flags)
 
 
 @app.command("report")
@@ -321,11 +342,13 @@ def report_command(
 
 @app.command("algorithms")
 def algorithms_command() -> None:
-    """List the simulated algorithms."""
+    """List the simulated algorithms and their parameters."""
     from .algorithms import ALGORITHMS
 
     for name, cls in ALGORITHMS.items():
-        typer.echo(f"{name:10s} {cls.description}")
+        params = ", ".join(cls.Params.model_fields)
+        typer.echo(f"{name:12s} {cls.label}: {cls.description}"
+                   + (f" [parameters: {params}]" if params else ""))
 
 
 def main() -> None:

@@ -339,6 +339,8 @@ def _message(exc: ValidationError) -> str:
               "less_than_equal": ("must be at most", "le")}
     if kind in bounds:
         words, key = bounds[kind]
+        if isinstance(value, str):       # a flag's text: say the number it was read as
+            said = f"config field '{name}' = {float(value)!r}"
         return f"{said} {words} {ctx[key]:g}"
     for prefix, type_name in (("int", "int"), ("float", "float"), ("finite", "float"),
                               ("bool", "bool"), ("string", "str")):
@@ -365,37 +367,39 @@ def build_config(*sources: dict[str, Any] | None, algorithm_cls: type | None = N
     """
     from .algorithms import ALGORITHMS, algorithm_class
 
-    flat: dict[str, Any] = {}
-    sections: dict[str, dict[str, Any]] = {}
-    for source in sources:
-        for key, value in (source or {}).items():
-            name = str(key).replace("-", "_")
-            if isinstance(value, dict) and name not in FIELDS:
-                sections.setdefault(name, {}).update(value)
-            else:
-                flat[name] = value
-    if "algorithm" in flat and not isinstance(flat["algorithm"], str):
-        raise ConfigError(f"config field 'algorithm' = {flat['algorithm']!r} is not a name; "
+    entries = [(str(key).replace("-", "_"), value)
+               for source in sources for key, value in (source or {}).items()]
+    names = [value for key, value in entries if key == "algorithm"]
+    name = names[-1] if names else FIELDS["algorithm"].default
+    if not isinstance(name, str):
+        raise ConfigError(f"config field 'algorithm' = {name!r} is not a name; "
                           "give a name from `raysage algorithms` or path/to/file.py:Class")
-    cls = algorithm_cls or algorithm_class(flat.get("algorithm", FIELDS["algorithm"].default))
-    for name, value in MODEL_DEFAULTS.get(flat.get("model"), {}).items():
-        if name not in flat and name not in sections.get(cls.name, {}):
-            flat[name] = value
+    cls = algorithm_cls or algorithm_class(name)
     own = cls.Params.model_fields
-    others = set(parameter_fields()) | {s for s in ALGORITHMS} | {cls.name}
-    params = {k: flat.pop(k) for k in list(flat) if k in own}
-    params.update(sections.pop(cls.name, {}))
-    for name in list(flat):
-        if name not in FIELDS:
-            if name in others:          # another algorithm's parameter: not this run's
-                del flat[name]
-                continue
-            raise ConfigError(f"unknown config field '{name}'; known fields: "
+    others = set(parameter_fields()) | set(ALGORITHMS)
+    # In source order, so a later source wins whether a parameter is given flat
+    # (flags) or in the algorithm's section (config.yaml).
+    flat: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    for key, value in entries:
+        if isinstance(value, dict) and key not in FIELDS:
+            if key == cls.name:
+                params.update({str(k).replace("-", "_"): v for k, v in value.items()})
+            elif key not in others:
+                raise ConfigError(f"unknown config section '{key}'; a section is named after "
+                                  f"its algorithm ({cls.name} here)")
+        elif key in own:
+            params[key] = value
+        elif key in FIELDS:
+            flat[key] = value
+        elif key not in others:          # else another algorithm's parameter: not this run's
+            raise ConfigError(f"unknown config field '{key}'; known fields: "
                               + ", ".join([*FIELDS, *own]))
-    strange = [s for s in sections if s not in others]
-    if strange:
-        raise ConfigError(f"unknown config section '{strange[0]}'; a section is named after "
-                          f"its algorithm ({cls.name} here)")
+    for field, value in MODEL_DEFAULTS.get(flat.get("model"), {}).items():
+        if field in own:
+            params.setdefault(field, value)
+        elif field in FIELDS:
+            flat.setdefault(field, value)
     section = _validated(cls.Params, params)
     cfg = _validated(Config, flat | {"params": section})
     cfg._section = cls.name

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from raysage.algorithms import ALGORITHMS
-from raysage.algorithms.base import to_state, weighted_average
+from raysage.algorithms.base import Participant
 from raysage.algorithms.fsl_sage import FSLSage
+from raysage.algorithms.local import run_client_round
+from raysage.algorithms.state import to_state, weighted_average
 from raysage.config import build_config
 from raysage.models import get_architecture
 from raysage.netsim.planner import plan_round
@@ -33,14 +35,16 @@ def test_cnn_sizes_by_hand():
 def test_fsl_sage_client_step_is_backprop_of_the_aux_gradient_estimate():
     algo = make(client_optimizer="sgd", client_lr=0.1, client_weight_decay=0.0)
     client = algo.new_client(3, 8)
-    algo.start_round(client, 1, algo.init_global())
     x_c, aux = client.models["client"], client.models["aux"]
-    before = {k: v.clone() for k, v in x_c.state_dict().items()}
+    start = algo.init_global()
+    before = {k: torch.from_numpy(v) for k, v in start["client"].items()}
     torch.manual_seed(0)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
 
-    assert algo.forward(client, 1, 1, x, y) is None        # k = 1: no upload (q = 5)
-    algo.backward(client, 1, 1)
+    # Round 1 (no alignment), one iteration: it uploads and goes on without a reply.
+    sent = []
+    run_client_round(algo, client, 1, [(x, y)], serve=sent.append, start=start)
+    assert [u.k for u in sent] == [0] and sent[0]["y"].tolist() == y.tolist()
 
     # By hand: g_hat = d/dh mean CE(x_a(h), y), pushed through a fresh copy of x_c.
     manual = get_architecture("cnn", 10).make_client()
@@ -57,11 +61,14 @@ def test_fsl_sage_client_step_is_backprop_of_the_aux_gradient_estimate():
 def test_fsl_sage_uploads_every_q_and_aligns_at_k0_of_round_multiples_of_l():
     algo = make(server_update_interval=2, align_interval=3)
     client = algo.new_client(0, 4)
-    algo.start_round(client, 0, algo.init_global())
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
-    uploads = [algo.forward(client, 0, k, x, y) is not None or algo.backward(client, 0, k)
-               for k in range(5)]
-    assert [u is True for u in uploads] == [True, False, True, False, True]
+    sent = []
+    run_client_round(algo, client, 0, [(x, y)] * 5, serve=lambda u: sent.append(u.k),
+                     start=algo.init_global())
+    assert sent == [0, 2, 4]
+    plan = algo.plan_client_round(0, Participant(0, [2] * 5))
+    assert [(k, ex.blocking, bool(ex.down)) for k, ex in plan.exchanges.items()] == \
+        [(0, True, True), (2, False, False), (4, False, False)]
     assert [algo.aligns_at(t, k) for t, k in [(0, 0), (3, 0), (3, 2), (4, 0)]] == \
         [True, True, False, False]
 
@@ -115,18 +122,18 @@ def test_alignment_lowers_nmse_on_a_fixed_buffer(aligned_setup):
 def test_tiny_plan_bytes_by_hand():
     algo = make(server_update_interval=2)
     # 45 samples, batch 20: iterations of 20, 20, 5; uploads at k = 0 (20) and k = 2 (5).
-    plan = algo.plan_client_round(0, 0, [20, 20, 5])
+    plan = algo.plan_client_round(0, Participant(0, [20, 20, 5]))
     assert sorted(plan.exchanges) == [0, 2]
     timing = plan_round([plan], {0: MEDIAN_DEVICE}, 1e13).clients[0]
     assert timing.bytes == {"client_model_down": 20352, "client_model_up": 20352,
                             "smashed_up": 8192 * 25, "labels_up": 8 * 25, "aux_down": 28776}
-    later = plan_round([algo.plan_client_round(1, 0, [20, 20, 5])], {0: MEDIAN_DEVICE},
+    later = plan_round([algo.plan_client_round(1, Participant(0, [20, 20, 5]))], {0: MEDIAN_DEVICE},
                        1e13).clients[0]
     assert "aux_down" not in later.bytes
     fedavg = make("fedavg")
     whole = fedavg.sizes.client + fedavg.sizes.server
     assert whole == (5088 + 150986) * 4
-    t = plan_round([fedavg.plan_client_round(0, 0, [20, 20, 5])], {0: MEDIAN_DEVICE},
+    t = plan_round([fedavg.plan_client_round(0, Participant(0, [20, 20, 5]))], {0: MEDIAN_DEVICE},
                    1e13).clients[0]
     assert t.bytes == {"client_model_down": whole, "client_model_up": whole}
 
@@ -142,7 +149,7 @@ def test_paper_byte_table_resnet18(name, expected):
         (2_740_048, 42_025_080, 8_419_408)
     batches = [256] * 19 + [5000 - 19 * 256]
     for rnd, want in enumerate(expected):
-        schedule = plan_round([algo.plan_client_round(rnd, c, batches) for c in range(10)],
+        schedule = plan_round([algo.plan_client_round(rnd, Participant(c, batches)) for c in range(10)],
                               {c: MEDIAN_DEVICE for c in range(10)}, 1e13)
         paper_total = sum(n for t in schedule.clients.values()
                           for kind, n in t.bytes.items() if kind != "labels_up")
@@ -161,11 +168,8 @@ def test_fedavg_client_trains_both_halves_from_the_broadcast():
     algo = make("fedavg", client_optimizer="sgd", client_lr=0.1, client_weight_decay=0.0)
     client = algo.new_client(0, 4)
     g = algo.init_global()
-    algo.start_round(client, 0, g)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    algo.forward(client, 0, 0, x, y)
-    algo.backward(client, 0, 0)
-    out = algo.end_round(client, 0)
+    out = run_client_round(algo, client, 0, [(x, y)], start=g)
     full = torch.nn.Sequential(algo.arch.make_client(), algo.arch.make_server())
     full[0].load_state_dict({k: torch.from_numpy(v) for k, v in g["client"].items()})
     full[1].load_state_dict({k: torch.from_numpy(v) for k, v in g["server"].items()})

@@ -11,7 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raysage.algorithms import ALGORITHMS
-from raysage.algorithms.base import seeded, to_state
+from raysage.algorithms.base import Participant, Upload
+from raysage.algorithms.local import run_client_round
+from raysage.algorithms.state import to_state
+from raysage.streams import seeded
 from raysage.config import build_config
 from raysage.engine.orchestrator import build_world, plan, simulate
 from raysage.data import client_batch
@@ -81,7 +84,8 @@ def test_one_client_sglr_without_acceleration_or_averaging_equals_splitfed_v2(tm
         assert a["server_loss"] == pytest.approx(b["server_loss"], abs=1e-6)
         assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-6)
         assert a["smashed_up"] == b["smashed_up"] and a["grad_down"] == b["grad_down"]
-        assert b["client_model_up"] == 0   # SGLR: no FedAvg
+        assert "client_model_up" not in b   # SGLR: no FedAvg, no model traffic at all
+        assert b["total_bytes"] == b["smashed_up"] + b["labels_up"] + b["grad_down"]
 
 
 def test_fsl_sage_with_an_exact_aux_equals_splitfed_v2_update():
@@ -89,20 +93,16 @@ def test_fsl_sage_with_an_exact_aux_equals_splitfed_v2_update():
     fields = dict(client_optimizer="sgd", client_lr=0.1, client_weight_decay=0.0)
     sage, v2 = make("fsl_sage", **fields), make("splitfed_v2", **fields)
     server = v2.init_server()
-    clients = []
-    for algo in (sage, v2):
-        client = algo.new_client(0, 8)
-        algo.start_round(client, 1, {"client": to_state(algo.initial_client_model())})
-        clients.append(client)
+    clients = [algo.new_client(0, 8) for algo in (sage, v2)]
     clients[0].models["aux"] = copy.deepcopy(server.models["server"])
     torch.manual_seed(3)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
 
-    assert sage.forward(clients[0], 1, 1, x, y) is None
-    sage.backward(clients[0], 1, 1)
-    upload = v2.forward(clients[1], 1, 1, x, y)
-    v2.receive(clients[1], 1, v2.serve(server, 1, 0, 1, upload))
-    v2.backward(clients[1], 1, 1)
+    # Round 1 does not align; FSL-SAGE's upload at k = 0 changes nothing on the client.
+    run_client_round(sage, clients[0], 1, [(x, y)],
+                     start={"client": to_state(sage.initial_client_model())})
+    run_client_round(v2, clients[1], 1, [(x, y)], serve=lambda u: v2.serve(server, 1, u),
+                     start={"client": to_state(v2.initial_client_model())})
     for (name, a), b in zip(clients[0].models["client"].state_dict().items(),
                             clients[1].models["client"].state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
@@ -112,14 +112,12 @@ def test_fsl_sage_with_an_exact_aux_equals_splitfed_v2_update():
 def test_local_loss_methods_upload_when_the_paper_says(name, uploads):
     algo = make(name, server_update_interval=2)
     client = algo.new_client(0, 4)
-    algo.start_round(client, 0, algo.init_global())
     sent = []
-    for k in range(6):
-        if algo.forward(client, 0, k, torch.randn(2, 3, 32, 32), torch.tensor([0, 1])) is not None:
-            sent.append(k)
-        algo.backward(client, 0, k)
+    batches = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1])) for _ in range(6)]
+    run_client_round(algo, client, 0, batches, serve=lambda u: sent.append(u.k),
+                     start=algo.init_global())
     assert sent == uploads
-    assert sorted(algo.plan_client_round(0, 0, [2] * 6).exchanges) == uploads
+    assert sorted(algo.plan_client_round(0, Participant(0, [2] * 6)).exchanges) == uploads
 
 
 @pytest.mark.parametrize("name,samples", [("cse_fsl", 20 + 5 + 20), ("fsl_an", 90)])
@@ -134,7 +132,7 @@ def test_local_loss_bytes_by_hand(tmp_path, name, samples):
     assert row["client_model_up"] == row["client_model_down"] == 2 * x_c
     assert row["aux_up"] == row["aux_down"] == 2 * x_a
     assert row["total_bytes"] == 2 * (2 * x_c + 2 * x_a + samples * (8192 + 8))
-    assert row["grad_down"] == 0
+    assert "grad_down" not in row     # nothing comes down but the averaged models
 
 
 def test_sglr_broadcasts_the_mean_of_the_chosen_gradients_with_split_learning_rate():
@@ -143,24 +141,27 @@ def test_sglr_broadcasts_the_mean_of_the_chosen_gradients_with_split_learning_ra
     server = algo.init_server()
     assert server.optimizers["server"].lr == pytest.approx(0.01 * 4 ** 0.5)
     torch.manual_seed(4)
-    uploads = [(cid, 3, {"smashed": torch.randn(5, 32, 8, 8).numpy(),
-                         "y": torch.randint(0, 10, (5,)).numpy()}) for cid in range(4)]
+    uploads = [Upload(cid, 3, {"smashed": torch.randn(5, 32, 8, 8).numpy(),
+                               "y": torch.randint(0, 10, (5,)).numpy()}) for cid in range(4)]
     before = copy.deepcopy(server.models["server"])
     own = {}
-    for cid, _, u in uploads:  # each client's gradient of its own batch-mean loss
+    for u in uploads:  # each client's gradient of its own batch-mean loss
         leaf = torch.from_numpy(u["smashed"]).requires_grad_()
         F.cross_entropy(before(leaf), torch.from_numpy(u["y"])).backward()
-        own[cid] = leaf.grad
-    replies = algo.serve_group(server, 7, list(reversed(uploads)))
+        own[u.cid] = leaf.grad
+    # Uploads arrive out of client-id order (a slow client first); each reply goes
+    # to the upload it answers.
+    arrived = [uploads[i] for i in (2, 0, 3, 1)]
+    replies = algo.serve_group(server, 7, arrived)
     chosen = algo.averaged_clients(7, 3, [0, 1, 2, 3])
     assert len(chosen) == 2
     mean = torch.stack([own[c] for c in chosen]).mean(0)
-    for cid, reply in zip(range(4), replies):
-        expected = mean if cid in chosen else own[cid]
-        assert torch.allclose(torch.from_numpy(reply), expected, atol=1e-6), cid
+    for u, reply in zip(arrived, replies):
+        expected = mean if u.cid in chosen else own[u.cid]
+        assert torch.allclose(torch.from_numpy(reply), expected, atol=1e-6), u.cid
     # The server stepped once, with lr 0.02, on the mean loss over all 20 samples.
-    h = torch.cat([torch.from_numpy(u["smashed"]) for _, _, u in uploads])
-    y = torch.cat([torch.from_numpy(u["y"]) for _, _, u in uploads])
+    h = torch.cat([torch.from_numpy(u["smashed"]) for u in uploads])
+    y = torch.cat([torch.from_numpy(u["y"]) for u in uploads])
     before.zero_grad()
     F.cross_entropy(before(h), y).backward()
     for p, q in zip(before.parameters(), server.models["server"].parameters()):

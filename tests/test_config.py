@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from raysage.config import Config, build_config, load_config
+from raysage.config import FIELDS, build_config, load_config, write_yaml
 from raysage.errors import ConfigError
 
 
 def test_defaults_are_the_papers_fsl_sage_parameters():
     cfg = load_config()
     assert cfg.algorithm == "fsl_sage"
-    assert (cfg.server_update_interval, cfg.align_interval, cfg.align_epochs,
-            cfg.align_batch_size, cfg.align_buffer, cfg.align_blocking) == (5, 10, 100, 1000, 1000, True)
+    p = cfg.params
+    assert (p.server_update_interval, p.align_interval, p.align_epochs,
+            p.align_batch_size, p.align_buffer, p.align_blocking) == (5, 10, 100, 1000, 1000, True)
     assert (cfg.client_lr, cfg.client_weight_decay, cfg.aux_weight_decay) == (1e-3, 1e-4, 0.0)
 
 
@@ -21,14 +22,14 @@ def test_yaml_then_overrides(tmp_path):
     path.write_text("clients: 7\nalpha: 0.1\npartition: dirichlet\nalign_blocking: false\n")
     cfg = load_config(path, clients=9, seed=None)
     assert cfg.clients == 9            # flag beats file
-    assert cfg.alpha == 0.1 and cfg.partition == "dirichlet" and cfg.align_blocking is False
-    assert cfg.seed == Config().seed    # None means "not given"
+    assert cfg.alpha == 0.1 and cfg.partition == "dirichlet" and cfg.params.align_blocking is False
+    assert cfg.seed == FIELDS["seed"].default    # None means "not given"
 
 
 def test_cli_strings_are_coerced():
     cfg = build_config({"clients": "12", "client_lr": "0.05", "align_blocking": "no",
                         "gpus_per_worker": "0.25", "out": "none"})
-    assert (cfg.clients, cfg.client_lr, cfg.align_blocking, cfg.gpus_per_worker, cfg.out) == \
+    assert (cfg.clients, cfg.client_lr, cfg.params.align_blocking, cfg.gpus_per_worker, cfg.out) == \
         (12, 0.05, False, 0.25, None)
 
 
@@ -86,3 +87,41 @@ def test_a_worker_trains_a_client_per_cpu_each_with_one_torch_thread():
     # A GPU worker trains one client at a time, with all its CPUs behind it.
     gpu = build_config({"gpus_per_worker": 0.25, "cpus_per_worker": 2})
     assert (gpu.worker_threads, gpu.torch_threads) == (1, 2)
+
+
+def test_an_algorithms_parameters_are_its_own_section():
+    cfg = build_config({"algorithm": "sglr", "sglr_alpha": "0.25"})
+    assert cfg.params.sglr_alpha == 0.25 and not hasattr(cfg.params, "align_interval")
+    assert cfg.to_dict()["sglr"] == {"sglr_alpha": 0.25, "sglr_phi": 0.5}
+    # Flat parameters of another algorithm do not apply (one spec, several algorithms).
+    assert build_config({"algorithm": "sglr", "align_interval": 3}).params == cfg.params.__class__(
+        sglr_alpha=0.5)
+    # Nested under the algorithm's name, as config.yaml writes them; flags win; another
+    # algorithm's section is that algorithm's business.
+    nested = build_config({"fsl_sage": {"align_interval": 4, "align_epochs": 2},
+                           "sglr": {"sglr_alpha": 1.0}}, {"align_epochs": 7})
+    assert (nested.params.align_interval, nested.params.align_epochs) == (4, 7)
+
+
+def test_config_yaml_round_trips_with_the_section(tmp_path):
+    cfg = build_config({"algorithm": "cse_fsl", "server_update_interval": 3, "clients": 4})
+    path = tmp_path / "config.yaml"
+    path.write_text(write_yaml(cfg))
+    assert "cse_fsl:\n  server_update_interval: 3" in path.read_text()
+    again = load_config(path)
+    assert again == cfg and again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"align_interval": 0}, ["'align_interval'", "at least 1"]),
+    ({"algorithm": "sglr", "sglr_phi": 1}, ["'sglr_phi'", "below 1"]),
+    ({"aux_init": "random"}, ["'aux_init'", "shared", "per_client"]),
+    ({"fedprox": {"mu": 1}}, ["section 'fedprox'", "fsl_sage"]),
+    ({"fsl_sage": {"align_intervall": 2}}, ["unknown config field 'align_intervall'"]),
+])
+def test_bad_algorithm_parameters_are_one_line(values, words):
+    with pytest.raises(ConfigError) as err:
+        build_config(values)
+    assert "\n" not in str(err.value)
+    for word in words:
+        assert word in str(err.value)

@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raysage.algorithms import ALGORITHMS
-from raysage.algorithms.base import seeded, to_state
+from raysage.algorithms.state import to_state
+from raysage.streams import seeded
 from raysage.config import build_config, load_config
 from raysage.engine.orchestrator import build_world, place_clients, simulate
 from raysage.data import client_batch

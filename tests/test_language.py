@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from raysage.algorithms.local import run_client_round
 from raysage.config import build_config
 from raysage.engine.orchestrator import build_world, plan, simulate
 from raysage.errors import ConfigError
@@ -33,8 +34,8 @@ def test_bytes_of_a_tiny_config_equal_the_hand_computed_numbers():
     # FSL-SAGE: x_c down and up, one upload of 8 samples (k = 0; q = 5), x_a down (alignment).
     fsl = plan(build_config(cfg, {"algorithm": "fsl_sage"}))[0]
     assert fsl["total_bytes"] == 2 * (2 * x_c + 8 * smashed + 8 * labels + x_a) == 499_456
-    assert (fsl["smashed_up"], fsl["grad_down"], fsl["aux_down"]) == (2 * 8 * smashed, 0,
-                                                                      2 * x_a)
+    assert (fsl["smashed_up"], fsl["aux_down"]) == (2 * 8 * smashed, 2 * x_a)
+    assert "grad_down" not in fsl            # no cut-layer gradient ever comes down
     # SplitFed v2: both iterations exchange activations, targets and gradients.
     sfl = plan(build_config(cfg, {"algorithm": "splitfed_v2"}))[0]
     assert sfl["total_bytes"] == 2 * (2 * x_c + 2 * 8 * (smashed + labels + grad)) == 1_883_648
@@ -58,20 +59,16 @@ def test_only_adapters_travel_and_frozen_weights_stay_put(tmp_path):
     assert all("lora" in name for part in initial.values() for name in part)
     # A client's local steps move its adapters and nothing else.
     client = algo.new_client(0, 16)
-    algo.start_round(client, 0, initial)
     frozen = {n: p.detach().clone() for m in client.models.values()
               for n, p in m.named_parameters() if not p.requires_grad}
     train = {"x_train": world.data.x_train, "y_train": world.data.y_train}
-    for k in range(2):
-        x, y = client_batch(cfg, train, world.setup.mean, world.setup.std,
-                            world.client_indices[0], 0, 0, k)
-        algo.forward(client, 0, k, x, y)
-        algo.backward(client, 0, k)
+    batches = [client_batch(cfg, train, world.setup.mean, world.setup.std,
+                            world.client_indices[0], 0, 0, k) for k in range(2)]
+    sent = run_client_round(algo, client, 0, batches, start=initial)
     for m in client.models.values():
         for n, p in m.named_parameters():
             if not p.requires_grad:
                 assert p.equal(frozen[n]), n
-    sent = algo.end_round(client, 0)
     assert any(not (sent[part][n] == initial[part][n]).all() for part in sent for n in sent[part])
     # Through the engine: the global state holds adapters only, and the summary
     # reports the frozen bytes that never travelled.
@@ -123,10 +120,11 @@ def test_language_config_errors_are_one_line(fields, words):
 
 def test_model_gpt2_defaults_to_the_embedded_data_and_the_papers_alignment():
     cfg = build_config({"model": "gpt2"})
-    assert (cfg.dataset, cfg.batch_size, cfg.align_epochs, cfg.align_batch_size,
-            cfg.align_buffer, cfg.seq_len) == ("e2e_synthetic", 8, 40, 8, 64, 256)
-    assert build_config({"model": "gpt2", "align_epochs": 5}).align_epochs == 5
-    assert build_config({}).align_epochs == 100           # the CIFAR paper's
+    p = cfg.params
+    assert (cfg.dataset, cfg.batch_size, p.align_epochs, p.align_batch_size,
+            p.align_buffer, cfg.seq_len) == ("e2e_synthetic", 8, 40, 8, 64, 256)
+    assert build_config({"model": "gpt2", "align_epochs": 5}).params.align_epochs == 5
+    assert build_config({}).params.align_epochs == 100           # the CIFAR paper's
 
 
 def test_too_short_sequences_and_bad_cuts_fail_in_one_line():

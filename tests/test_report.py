@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raysage.config import ALGORITHM_NAMES, Config
+from raysage.algorithms import ALGORITHMS
+from raysage.config import build_config
 from raysage.errors import DataError
 from raysage.studies import report
 from raysage.studies.report import (
@@ -42,7 +43,7 @@ def curve(accuracy, gib_per_round=0.5, sim_per_round=10.0, loss=None, wall=(3.0,
 def make_run(root, name, rows, **overrides):
     folder = root / name
     folder.mkdir(parents=True)
-    cfg = Config().to_dict()
+    cfg = build_config({"algorithm": overrides.get("algorithm", "fsl_sage")}).flat_dict()
     cfg.update(overrides, out=str(folder))
     pq.write_table(pa.Table.from_pylist([cfg]), folder / "run.parquet")
     pq.write_table(pa.Table.from_pylist(rows), folder / "rounds.parquet")
@@ -212,10 +213,9 @@ def test_unfinished_runs_are_reported(tmp_path):
 
 
 def test_an_algorithm_has_one_colour_everywhere(tmp_path):
-    assert report.algorithm_color("fsl_sage") is report.algorithm_color("fsl_sage")
-    assert set(report.ALGORITHM_COLORS) == set(ALGORITHM_NAMES)
-    assert len(set(report.ALGORITHM_COLORS.values())) == len(ALGORITHM_NAMES)
-    assert set(report.ALGORITHM_LABELS) == set(ALGORITHM_NAMES)
+    # Each algorithm owns its label and colour; no two built-in ones share either.
+    assert len({cls.colour for cls in ALGORITHMS.values()}) == len(ALGORITHMS)
+    assert len({cls.label for cls in ALGORITHMS.values()}) == len(ALGORITHMS)
 
     make_run(tmp_path / "x", "a", curve(FSL), algorithm="fsl_sage")
     make_run(tmp_path / "x", "b", curve(CSE), algorithm="cse_fsl")
@@ -225,7 +225,7 @@ def test_an_algorithm_has_one_colour_everywhere(tmp_path):
     for folder in ("x", "y"):
         fig = report._curve_figure(group_series(load_runs(tmp_path / folder)), metric, "round")
         colours = {line.get_label(): line.get_color() for line in fig.axes[0].get_lines()}
-        assert colours["FSL-SAGE"] == report.ALGORITHM_COLORS["fsl_sage"]
+        assert colours["FSL-SAGE"] == ALGORITHMS["fsl_sage"].colour
         assert len(set(colours.values())) == len(colours)
 
 

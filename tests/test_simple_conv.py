@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import raysage
-from raysage.config import MODEL_NAMES, build_config
+from raysage.config import ModelName, build_config
 from raysage.engine.orchestrator import build_world
 from raysage.data import batch_sizes
 from raysage.models import get_architecture, num_parameters, state_bytes, summarize
@@ -60,7 +62,7 @@ def test_num_classes_changes_only_the_heads():
 
 
 def test_registered_for_users():
-    assert "simple_conv" in MODEL_NAMES
+    assert "simple_conv" in get_args(ModelName)
     assert build_config({"model": "simple_conv", "dataset": "synthetic"}).model == "simple_conv"
     for dataset in ("cifar10", "cifar100"):
         assert build_config({"model": "simple_conv", "dataset": dataset,

@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from raysage.algorithms import ALGORITHMS
-from raysage.algorithms.base import StateMismatch, load_kept, save_kept
+from raysage.algorithms.state import StateMismatch, load_kept, save_kept
 from raysage.cli import app
 from raysage.config import build_config
 from raysage.engine.checkpoint import CHECKPOINT, read_manifest
@@ -138,7 +138,7 @@ def test_a_client_keeps_what_its_algorithm_declares_and_nothing_a_broadcast_over
 
 
 def test_a_clients_first_state_does_not_depend_on_when_or_where_it_is_made():
-    algo = ALGORITHMS["fsl_sage"].from_config(build_config({}))
+    algo = ALGORITHMS["fsl_sage"].from_config(build_config({"aux_init": "per_client"}))
     late = algo.new_client(3, 4)
     for cid in (7, 1, 3):                      # other clients made first, in another set
         algo.new_client(cid, 4)

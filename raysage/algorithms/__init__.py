@@ -38,8 +38,8 @@ def algorithm_class(name: str) -> type[Algorithm]:
         return _LOADED[name]
     where, colon, attr = str(name).rpartition(":")
     if not colon or not where or not attr:
-        raise ConfigError(f"unknown algorithm '{name}'; choose one of: "
-                          + ", ".join(ALGORITHMS) + ", or give your own as "
+        raise ConfigError(f"config field 'algorithm' = '{name}' is not an algorithm; choose "
+                          "one of: " + ", ".join(ALGORITHMS) + ", or give your own as "
                           "path/to/file.py:Class or package.module:Class")
     module = _load_file(where, name) if where.endswith(".py") else _import(where, name)
     cls = getattr(module, attr, None)
@@ -62,7 +62,7 @@ def algorithm_class(name: str) -> type[Algorithm]:
 def _load_file(path: str, name: str):
     """Import a user's algorithm file as a module of its own.
 
-    Its classes are pickled by value (cloudpickle, which Ray uses), so workers
+    Its classes are pickled by value (by cloudpickle, which Ray uses), so workers
     on other nodes run it without the file.
     """
     file = Path(path).expanduser()
@@ -80,12 +80,11 @@ def _load_file(path: str, name: str):
         del sys.modules[module_name]
         raise ConfigError(f"algorithm '{name}': importing {file} failed: "
                           f"{type(exc).__name__}: {exc}") from None
-    try:
-        import cloudpickle
-
-        cloudpickle.register_pickle_by_value(module)
-    except ImportError:        # no cloudpickle, no Ray: nothing is pickled
-        pass
+    for pickler in ("ray.cloudpickle", "cloudpickle"):     # Ray's own copy, and the package
+        try:
+            importlib.import_module(pickler).register_pickle_by_value(module)
+        except ImportError:    # not installed: it pickles nothing here
+            pass
     return module
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ALGORITHM_NAMES, Config
+from ..config import FIELDS
 from ..errors import ConfigError, DataError
 from .sweep import EXECUTION_FIELDS
 
@@ -45,25 +45,25 @@ CONDITIONAL_FIELDS = {
         "e2e_max_slots", "seq_len", "tokenizer", "tokenizer_dir", "weights_dir")},
 }
 SCALING_AXES = ("clients", "workers")
+DEFAULTS = {name: f.default for name, f in FIELDS.items()}
 
-ALGORITHM_LABELS = {
-    "fsl_sage": "FSL-SAGE", "fedavg": "FedAvg", "sl": "SL", "splitfed_v1": "SplitFed v1",
-    "splitfed_v2": "SplitFed v2", "fsl_an": "FSL_AN", "cse_fsl": "CSE-FSL", "sglr": "SGLR"}
-# matplotlib's tab10, fixed per algorithm so a method looks the same in every figure.
-ALGORITHM_COLORS = {
-    "fsl_sage": "#d62728", "fedavg": "#1f77b4", "sl": "#7f7f7f", "splitfed_v1": "#2ca02c",
-    "splitfed_v2": "#9467bd", "fsl_an": "#8c564b", "cse_fsl": "#ff7f0e", "sglr": "#e377c2"}
-_OTHER_COLOR = "#17becf"
+_OTHER_COLOUR = "#17becf"
 _LINESTYLES = ("-", "--", ":", "-.")
 _DPI = 120
 
 
-def algorithm_label(name: str) -> str:
-    return ALGORITHM_LABELS.get(name, name)
+def _builtin(name: str):
+    from ..algorithms import ALGORITHMS
+
+    return ALGORITHMS.get(name)
 
 
-def algorithm_color(name: str) -> str:
-    return ALGORITHM_COLORS.get(name, _OTHER_COLOR)
+def _rank(algorithm: str) -> int:
+    """Built-in algorithms in their listed order, then anything else."""
+    from ..algorithms import ALGORITHMS
+
+    names = list(ALGORITHMS)
+    return names.index(algorithm) if algorithm in names else len(names)
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,8 @@ class Run:
     path: Path
     config: dict[str, Any]
     rounds: list[dict[str, Any]]
+    label: str = ""          # the algorithm's, as the run recorded it
+    colour: str = _OTHER_COLOUR
 
     @property
     def algorithm(self) -> str:
@@ -153,9 +155,22 @@ def _read_run(folder: Path) -> Run:
     rounds = _read_rows(folder, "rounds.parquet")
     if any(not isinstance(row.get("round"), int) for row in rounds):
         raise _corrupt(folder, "rounds.parquet has rows without a round number")
-    # A field added after the run was made acted as its default then.
-    config = {**Config().to_dict(), **configs[0]}
-    return Run(folder, config, sorted(rounds, key=lambda row: row["round"]))
+    saved = dict(configs[0])
+    name = str(saved["algorithm"])
+    builtin = _builtin(name)
+    label = saved.pop("algorithm_label", None) or (builtin.label if builtin else name)
+    colour = saved.pop("algorithm_colour", None) or (builtin.colour if builtin else
+                                                     _OTHER_COLOUR)
+    # A field added after the run was made acted as its default then. A built-in
+    # algorithm's parameters are its own (runs of older versions saved every
+    # algorithm's); a user's algorithm keeps whatever its run saved.
+    config = {**DEFAULTS, **{k: v for k, v in saved.items() if k in FIELDS}}
+    if builtin is not None:
+        params = builtin.Params().model_dump()
+        config |= {k: saved.get(k, v) for k, v in params.items()}
+    else:
+        config |= {k: v for k, v in saved.items() if k not in FIELDS}
+    return Run(folder, config, sorted(rounds, key=lambda row: row["round"]), label, colour)
 
 
 def _run_folders(path: Path) -> list[Path]:
@@ -206,10 +221,6 @@ def _key(cfg: dict[str, Any]) -> str:
     return json.dumps(cfg, sort_keys=True, default=str)
 
 
-def _rank(algorithm: str) -> int:
-    return ALGORITHM_NAMES.index(algorithm) if algorithm in ALGORITHM_NAMES else len(ALGORITHM_NAMES)
-
-
 @dataclass
 class Series:
     config: dict[str, Any]           # scientific_config shared by its runs
@@ -219,6 +230,14 @@ class Series:
     @property
     def algorithm(self) -> str:
         return str(self.config.get("algorithm"))
+
+    @property
+    def label(self) -> str:
+        return self.runs[0].label
+
+    @property
+    def colour(self) -> str:
+        return self.runs[0].colour
 
 
 def _mean_curve(runs: list[Run]) -> list[dict[str, Any]]:
@@ -247,8 +266,10 @@ def group_series(runs: list[Run]) -> list[Series]:
 
 
 def _varying(configs: list[dict[str, Any]]) -> list[str]:
+    """Fields whose value differs between the configs that have them (an algorithm's
+    parameter is not a difference from algorithms without it)."""
     names = list(dict.fromkeys(name for cfg in configs for name in cfg))
-    return [n for n in names if len({_key(cfg.get(n)) for cfg in configs}) > 1]
+    return [n for n in names if len({_key(cfg[n]) for cfg in configs if n in cfg}) > 1]
 
 
 def _show(value: Any) -> str:
@@ -293,7 +314,7 @@ def _line_values(s: Series, line_fields: list[str]) -> tuple:
 
 def _line_label(s: Series, line_fields: list[str]) -> str:
     extra = ", ".join(f"{f}={_show(s.config.get(f))}" for f in line_fields)
-    return algorithm_label(s.algorithm) + (f" ({extra})" if extra else "")
+    return s.label + (f" ({extra})" if extra else "")
 
 
 # ---------------------------------------------------------------- targets
@@ -396,6 +417,7 @@ class ScalingLine:
     algorithm: str
     label: str
     points: list[tuple[Any, int, dict[str, float]]]   # (axis value, runs, mean costs)
+    colour: str = _OTHER_COLOUR
 
 
 def scaling_lines(runs: list[Run], axis: str) -> list[ScalingLine]:
@@ -404,22 +426,22 @@ def scaling_lines(runs: list[Run], axis: str) -> list[ScalingLine]:
     if len({_key(run.config.get(axis)) for run in runs}) < 2:
         return []
     other = "workers" if axis == "clients" else "clients"
-    groups: dict[str, tuple[dict, dict[Any, list[dict]]]] = {}
+    groups: dict[str, tuple[dict, dict[Any, list[dict]], Run]] = {}
     for run in runs:
         cfg = scientific_config(run.config)
         cfg.pop(axis, None)
         cfg[other] = run.config.get(other)   # workers change costs though not results
-        points = groups.setdefault(_key(cfg), (cfg, defaultdict(list)))[1]
+        points = groups.setdefault(_key(cfg), (cfg, defaultdict(list), run))[1]
         points[run.config.get(axis)].append(_run_costs(run))
-    kept = [(cfg, points) for cfg, points in groups.values() if len(points) >= 2]
-    shown = [f for f in _varying([cfg for cfg, _ in kept]) if f != "algorithm"]
+    kept = [group for group in groups.values() if len(group[1]) >= 2]
+    shown = [f for f in _varying([cfg for cfg, _, _ in kept]) if f != "algorithm"]
     lines = []
-    for cfg, points in kept:
+    for cfg, points, first in kept:
         extra = ", ".join(f"{f}={_show(cfg.get(f))}" for f in shown)
-        label = algorithm_label(cfg["algorithm"]) + (f" ({extra})" if extra else "")
+        label = first.label + (f" ({extra})" if extra else "")
         means = [(x, len(costs), {k: _mean(c[k] for c in costs) for k in costs[0]})
                  for x, costs in sorted(points.items(), key=lambda item: _sort_value(item[0]))]
-        lines.append(ScalingLine(cfg["algorithm"], label, means))
+        lines.append(ScalingLine(cfg["algorithm"], label, means, first.colour))
     return sorted(lines, key=lambda line: (_rank(line.algorithm), line.label))
 
 
@@ -480,7 +502,7 @@ def _curve_figure(series: list[Series], metric: Metric, x: str,
             style = _LINESTYLES[variants.index(_line_values(s, line_fields)) % len(_LINESTYLES)]
             ax.plot([p[0] for p in points], [p[1] for p in points], style,
                     marker="o" if len(points) <= 20 else None, markersize=3,
-                    color=algorithm_color(s.algorithm), label=_line_label(s, line_fields))
+                    color=s.colour, label=_line_label(s, line_fields))
         wide = x != "round" and _spans_decades(ax)
         goal = (targets or {}).get(facet.label)
         if goal is not None:
@@ -513,7 +535,7 @@ def _estimate_figure(series: list[Series]):
                 points = [p for p in points if not math.isnan(p[1])]
                 ax.plot([p[0] for p in points], [p[1] for p in points],
                         marker="o" if len(points) <= 20 else None, markersize=3,
-                        color=algorithm_color(s.algorithm), label=_line_label(s, line_fields))
+                        color=s.colour, label=_line_label(s, line_fields))
             if column == "estimate_nmse" and _positive_decades(ax):
                 ax.set_yscale("log")
             _finish(ax, facet.label, "round", {"estimate_cosine": "cosine with the true gradient",
@@ -547,11 +569,11 @@ def _alpha_figure(series: list[Series], metric: Metric):
             members.sort(key=lambda s: s.config["alpha"])
             ax.plot([s.config["alpha"] for s in members],
                     [_best(s.rounds, metric) * metric.scale for s in members], "-o",
-                    color=algorithm_color(members[0].algorithm),
+                    color=members[0].colour,
                     label=_line_label(members[0], line_fields))
         for s in facet.series:   # iid is the alpha -> infinity limit: a reference level
             if s.config.get("partition") == "iid" and (s.algorithm, _line_values(s, line_fields)) in lines:
-                ax.axhline(_best(s.rounds, metric) * metric.scale, color=algorithm_color(s.algorithm),
+                ax.axhline(_best(s.rounds, metric) * metric.scale, color=s.colour,
                            linestyle="--", linewidth=1, label=f"{_line_label(s, line_fields)} iid")
         ax.set_xscale("log")
         alphas = sorted({s.config["alpha"] for s in facet.series if s.config.get("alpha") is not None})
@@ -567,7 +589,7 @@ def _scaling_figure(lines: list[ScalingLine], axis: str):
     for ax, (cost, title, ylabel) in zip(axes, SCALING_PANELS):
         for line in lines:
             ax.plot([p[0] for p in line.points], [p[2][cost] for p in line.points], "-o",
-                    color=algorithm_color(line.algorithm), label=line.label)
+                    color=line.colour, label=line.label)
         _finish(ax, title, xlabel, ylabel)
     return fig
 
@@ -618,7 +640,7 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
         done = f"{len(run.rounds)}/{planned} rounds" + (
             f" (stopped at the {budget:g} GiB budget)" if stopped else
             " (unfinished)" if isinstance(planned, int) and len(run.rounds) < planned else "")
-        out.append(f"- `{run.path}`: {algorithm_label(run.algorithm)}, seed "
+        out.append(f"- `{run.path}`: {run.label}, seed "
                    f"{run.config.get('seed')}, {done}")
     out += ["", "## Cost to reach the target", "",
             "Ratios are the algorithm's cost over FSL-SAGE's (above 1x: FSL-SAGE needed less)."]

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import FIELDS, Config, build_config, read_yaml
+from ..algorithms import algorithm_class
+from ..config import FIELDS, Config, build_config, parameter_fields, read_yaml
 from ..errors import ConfigError, RaysageError
 
 # Fields that change how a run executes, not what it computes (results are
@@ -62,16 +63,29 @@ def parse_grid_flag(text: str) -> tuple[str, list[Any]]:
     return name, [yaml.safe_load(v.strip()) for v in values.split(",")]
 
 
-def _check_grid(grid: Any, where: str) -> dict[str, list[Any]]:
+def _algorithms(base: dict[str, Any], grids: list[dict[str, Any]]) -> list[type]:
+    """The classes of every algorithm the sweep names (built-in or a user's)."""
+    from ..algorithms import ALGORITHMS
+
+    names = {base.get("algorithm", FIELDS["algorithm"].default)}
+    for grid in grids:
+        if isinstance(grid, dict):
+            values = grid.get("algorithm", [])
+            names.update(map(str, values if isinstance(values, list) else [values]))
+    return list(ALGORITHMS.values()) + [algorithm_class(n) for n in sorted(names)
+                                        if n not in ALGORITHMS]
+
+
+def _check_grid(grid: Any, where: str, params: set[str]) -> dict[str, list[Any]]:
     if not isinstance(grid, dict) or not grid:
         raise ConfigError(f"{where}: a grid is a mapping of config field -> list of values, "
                           f"got {grid!r}")
     checked = {}
     for name, values in grid.items():
         key = str(name).replace("-", "_")
-        if key not in FIELDS:
+        if key not in FIELDS and key not in params:
             raise ConfigError(f"{where}: unknown config field '{name}' in the grid; known "
-                              "fields: " + ", ".join(FIELDS))
+                              "fields: " + ", ".join([*FIELDS, *sorted(params)]))
         if key == "out":
             raise ConfigError(f"{where}: 'out' cannot vary in a grid; the sweep names each "
                               "point's folder under its own out")
@@ -102,7 +116,12 @@ def build_sweep(base: dict[str, Any], grids: list[dict[str, list[Any]]],
     base.pop("out", None)
     if parallel is not None and (not isinstance(parallel, int) or parallel < 1):
         raise ConfigError(f"{where}: parallel = {parallel!r} must be an integer >= 1")
-    grids = [_check_grid(g, where) for g in grids] or [{}]
+    try:
+        algorithms = _algorithms(base, grids)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    params = set(parameter_fields(algorithms))
+    grids = [_check_grid(g, where, params) for g in grids] or [{}]
     points: dict[str, SweepPoint] = {}
     for grid in grids:
         names = list(grid)
@@ -110,7 +129,12 @@ def build_sweep(base: dict[str, Any], grids: list[dict[str, list[Any]]],
             values = dict(zip(names, combo))
             name = point_name(values)
             try:
-                cfg = build_config(base, values, {"out": f"{str(root).rstrip('/')}/{name}"})
+                fields = {**base, **values}
+                own = algorithm_class(fields.get("algorithm", FIELDS["algorithm"].default))
+                # Another algorithm's parameters do not apply to this point.
+                fields = {k: v for k, v in fields.items()
+                          if k in FIELDS or k in own.Params.model_fields or k not in params}
+                cfg = build_config(fields, {"out": f"{str(root).rstrip('/')}/{name}"})
             except ConfigError as exc:
                 raise ConfigError(f"{where}, point {name}: {exc}") from None
             known = points.get(name)
