@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 
-import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from raysage.errors import ModelError
 from raysage.models import frozen_bytes
@@ -185,23 +186,13 @@ def test_sequence_longer_than_positions_is_refused():
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def _write_safetensors(path, tensors: dict[str, np.ndarray]):
-    """Minimal independent writer: F32 for float32 arrays, F16 for float16."""
-    header, blobs, offset = {}, [], 0
-    for name, arr in tensors.items():
-        dtype = {np.dtype("float32"): "F32", np.dtype("float16"): "F16"}[arr.dtype]
-        blob = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
-        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+def _gpt2_checkpoint(folder, spec: GPT2Spec, seed=0, drop=None, dtypes=None):
+    """A random checkpoint in the HF GPT-2 layout; returns the file's tensors.
 
-
-def _gpt2_checkpoint(folder, spec: GPT2Spec, seed=0, drop=None):
-    """A random checkpoint in the HF GPT-2 layout; returns the file's arrays."""
-    rng = np.random.default_rng(seed)
+    Mostly F32, with one F16 and one BF16 weight as half-precision exports
+    have; ``dtypes`` stores chosen tensors in another dtype.
+    """
+    g = torch.Generator().manual_seed(seed)
     d, v = spec.n_embd, spec.vocab_size
     shapes = {"wte.weight": (v, d), "wpe.weight": (spec.n_positions, d),
               "ln_f.weight": (d,), "ln_f.bias": (d,)}
@@ -214,27 +205,30 @@ def _gpt2_checkpoint(folder, spec: GPT2Spec, seed=0, drop=None):
             f"h.{i}.mlp.c_fc.weight": (d, 4 * d), f"h.{i}.mlp.c_fc.bias": (4 * d,),
             f"h.{i}.mlp.c_proj.weight": (4 * d, d), f"h.{i}.mlp.c_proj.bias": (d,),
         })
-    arrays = {name: (rng.standard_normal(shape) * 0.05).astype(np.float32) for name, shape in shapes.items()}
-    arrays["h.1.mlp.c_fc.weight"] = arrays["h.1.mlp.c_fc.weight"].astype(np.float16)
-    stored = {f"transformer.{k}": a for k, a in arrays.items() if k != drop}
+    tensors = {name: torch.randn(shape, generator=g) * 0.05 for name, shape in shapes.items()}
+    dtypes = {"h.1.mlp.c_fc.weight": torch.float16, "h.2.attn.c_attn.weight": torch.bfloat16,
+              **(dtypes or {})}
+    for name, dtype in dtypes.items():
+        tensors[name] = tensors[name].to(dtype)
+    stored = {f"transformer.{k}": t for k, t in tensors.items() if k != drop}
     # Buffers and the tied head that the loader must ignore.
-    stored["transformer.h.0.attn.bias"] = np.ones((1, 1, 4, 4), np.float32)
-    stored["lm_head.weight"] = np.zeros((v, d), np.float32)
-    _write_safetensors(folder / "model.safetensors", stored)
+    stored["transformer.h.0.attn.bias"] = torch.ones(1, 1, 4, 4)
+    stored["lm_head.weight"] = torch.zeros(v, d)
+    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(
         {"n_layer": spec.n_layer, "n_embd": spec.n_embd, "n_head": spec.n_head,
          "vocab_size": spec.vocab_size, "n_positions": spec.n_positions, "model_type": "gpt2"}))
-    return arrays
+    return tensors
 
 
 def test_load_checkpoint_matches_file_and_split(tmp_path):
-    arrays = _gpt2_checkpoint(tmp_path, SPEC)
+    tensors = _gpt2_checkpoint(tmp_path, SPEC)
     split = gpt2_split(None, cut=2, aux_depth=2, lora_rank=2, weights_dir=tmp_path)
     assert split.spec == SPEC
     full = split.make_full()
     state = full.state_dict()
-    for name, arr in arrays.items():
-        expected = torch.from_numpy(arr.astype(np.float32))
+    for name, stored in tensors.items():
+        expected = stored.float()  # F16 and BF16 widen exactly
         if name.endswith(_CONV1D):
             expected = expected.t()
         assert torch.equal(state[name], expected), name
@@ -246,32 +240,57 @@ def test_load_checkpoint_matches_file_and_split(tmp_path):
     assert torch.equal(aux.h["0"].mlp.c_fc.weight, state["h.2.mlp.c_fc.weight"])
 
 
+def _load_error(make) -> str:
+    with pytest.raises(ModelError) as caught:
+        make()
+    message = str(caught.value)
+    assert "\n" not in message  # every loading error is one line
+    return message
+
+
 def test_load_errors(tmp_path):
     _gpt2_checkpoint(tmp_path, SPEC, drop="h.3.ln_2.bias")
     split = gpt2_split(SPEC, cut=1, aux_depth=1, weights_dir=tmp_path)
     split.make_client()  # the client never needs block 3
-    with pytest.raises(ModelError, match=r"h\.3\.ln_2\.bias.*model\.safetensors"):
-        split.make_server()
+    assert re.search(r"h\.3\.ln_2\.bias.*model\.safetensors", _load_error(split.make_server))
 
-    raw = (tmp_path / "model.safetensors").read_bytes()
-    (tmp_path / "model.safetensors").write_bytes(raw[:8] + b"{not json" + raw[17:])
-    with pytest.raises(ModelError, match="corrupt safetensors.*not valid JSON"):
-        split.make_client()
-    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 10**9) + b"{}")
-    with pytest.raises(ModelError, match="header length"):
-        split.make_client()
-    (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(ModelError, match="model.safetensors.*not found"):
-        split.make_client()
-    with pytest.raises(ModelError, match="nowhere"):
-        gpt2_split(SPEC, weights_dir=tmp_path / "nowhere")
+    path = tmp_path / "model.safetensors"
+    raw = path.read_bytes()
+    path.write_bytes(raw[:8] + b"{not json" + raw[17:])
+    assert re.search(r"corrupt safetensors file .*model\.safetensors: .*JSON.*; re-export",
+                     _load_error(split.make_client))
+    path.write_bytes(struct.pack("<Q", 10**9) + b"{}")  # header longer than the file
+    assert "corrupt safetensors file" in _load_error(split.make_client)
+    path.write_bytes(raw[:-3])  # data cut short
+    assert "corrupt safetensors file" in _load_error(split.make_client)
+    path.unlink()
+    assert re.search(r"model\.safetensors not found", _load_error(split.make_client))
+    path.mkdir()
+    assert "cannot read weights file" in _load_error(split.make_client)
+    assert "nowhere" in _load_error(lambda: gpt2_split(SPEC, weights_dir=tmp_path / "nowhere"))
 
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     _gpt2_checkpoint(wrong, GPT2Spec(n_layer=4, n_embd=32, n_head=4, vocab_size=50, n_positions=16))
     (wrong / "config.json").unlink()  # a spec is given, so the shapes must catch it
-    with pytest.raises(ModelError, match=r"'transformer\.h\.0\.ln_1\.weight'.*has shape \[32\], expected \[64\]"):
-        gpt2_split(SPEC, weights_dir=wrong).make_client()
+    assert re.search(r"'transformer\.h\.0\.ln_1\.weight'.*has shape \[32\], expected \[64\]",
+                     _load_error(gpt2_split(SPEC, weights_dir=wrong).make_client))
+    # A Conv1D weight is checked in the file's (in, out) layout.
+    conv = tmp_path / "conv"
+    conv.mkdir()
+    _gpt2_checkpoint(conv, SPEC)
+    tensors = load_file(str(conv / "model.safetensors"))
+    tensors["transformer.h.0.attn.c_attn.weight"] = tensors["transformer.h.0.attn.c_attn.weight"].t()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(conv / "model.safetensors"))
+    assert re.search(r"c_attn\.weight'.*has shape \[192, 64\], expected \[64, 192\]",
+                     _load_error(gpt2_split(SPEC, weights_dir=conv).make_client))
+
+    ints = tmp_path / "ints"
+    ints.mkdir()
+    _gpt2_checkpoint(ints, SPEC, dtypes={"wpe.weight": torch.int64, "ln_f.bias": torch.float64})
+    assert re.search(r"'transformer\.wpe\.weight' in .*model\.safetensors has dtype I64; "
+                     r"only F32, F16, BF16", _load_error(gpt2_split(SPEC, weights_dir=ints).make_client))
+    assert "has dtype F64" in _load_error(gpt2_split(SPEC, weights_dir=ints, cut=3, aux_depth=1).make_server)
 
 
 # --------------------------------------------------------------------------

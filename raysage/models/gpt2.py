@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from raysage.errors import ModelError
@@ -459,86 +459,27 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 # Pretrained weights (safetensors, GPT-2 layout)
 # --------------------------------------------------------------------------
 
-_ST_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
-                "I8": 1, "U8": 1, "BOOL": 1}
 # Stored by GPT-2's Conv1D as (in_features, out_features), the transpose of nn.Linear.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Float dtypes that widen to float32 exactly; anything else is not a GPT-2 weight.
+_FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
-class SafetensorsFile:
-    """Reads tensors one at a time from a .safetensors file, as float32.
+def _corrupt(path: Path, error: Exception) -> ModelError:
+    why = " ".join(str(error).split())  # the library's reason, kept on one line
+    return ModelError(f"corrupt safetensors file {path}: {why}; re-export or re-download it")
 
-    Layout: 8-byte little-endian header length, a JSON header mapping names
-    to dtype, shape and [begin, end) offsets into the data that follows.
-    """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise self._bad("file is shorter than the 8-byte header length")
-                n = int.from_bytes(head, "little")
-                if n > size - 8:
-                    raise self._bad(f"header length {n} exceeds the file size {size}")
-                raw = f.read(n)
-        except FileNotFoundError:
-            raise ModelError(f"weights file {self.path} not found; put model.safetensors "
-                             f"(and config.json) in the weights folder") from None
-        except OSError as e:
-            raise ModelError(f"cannot read weights file {self.path}: {e.strerror or e}") from None
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise self._bad("header is not valid JSON") from None
-        if not isinstance(header, dict):
-            raise self._bad("header is not a JSON object")
-        header.pop("__metadata__", None)
-        self._data_start = 8 + n
-        data_size = size - self._data_start
-        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        for name, entry in header.items():
-            try:
-                dtype, shape = entry["dtype"], tuple(int(s) for s in entry["shape"])
-                begin, end = (int(o) for o in entry["data_offsets"])
-            except (TypeError, KeyError, ValueError):
-                raise self._bad(f"entry for tensor {name!r} lacks dtype/shape/data_offsets") from None
-            expected = _ST_ITEMSIZE.get(dtype)
-            if not 0 <= begin <= end <= data_size or (
-                    expected is not None and end - begin != expected * math.prod(shape)):
-                raise self._bad(f"tensor {name!r} has offsets [{begin}, {end}) that do not fit "
-                                f"its {dtype} shape {list(shape)} or the file")
-            self.entries[name] = (dtype, shape, begin, end)
-
-    def _bad(self, why: str) -> ModelError:
-        return ModelError(f"corrupt safetensors file {self.path}: {why}; re-export or re-download it")
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
-
-    def names(self) -> list[str]:
-        return list(self.entries)
-
-    def read(self, name: str) -> torch.Tensor:
-        if name not in self.entries:
-            raise ModelError(f"tensor {name!r} not found in {self.path}")
-        dtype, shape, begin, end = self.entries[name]
-        if dtype not in _ST_DTYPES:
-            raise ModelError(f"tensor {name!r} in {self.path} has dtype {dtype}; "
-                             f"only {', '.join(_ST_DTYPES)} are supported")
-        with open(self.path, "rb") as f:
-            f.seek(self._data_start + begin)
-            buf = f.read(end - begin)
-        if len(buf) != end - begin:
-            raise self._bad(f"tensor {name!r} is truncated")
-        arr = np.frombuffer(buf, dtype=_ST_DTYPES[dtype][0])
-        if dtype == "BF16":
-            # bfloat16 is the top half of a float32.
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        return torch.from_numpy(arr.astype(np.float32).reshape(shape))
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise ModelError(f"weights file {path} not found; put model.safetensors "
+                         f"(and config.json) in the weights folder") from None
+    except SafetensorError as e:
+        raise _corrupt(path, e) from None
+    except OSError as e:
+        raise ModelError(f"cannot read weights file {path}: {e.strerror or e}") from None
 
 
 def read_gpt2_config(weights_dir: str | os.PathLike, dropout: float = 0.0) -> GPT2Spec:
@@ -572,23 +513,33 @@ def load_gpt2_weights(part: _GPT2Part, weights_dir: str | os.PathLike) -> _GPT2P
     folder = Path(weights_dir)
     if not folder.is_dir():
         raise ModelError(f"weights folder {folder} not found; give a folder holding model.safetensors")
-    st = SafetensorsFile(folder / "model.safetensors")
-    for name, p in part.named_parameters():
-        if _is_lora_name(name):
-            continue
-        source = part.source_name(name)
-        stored = source if source in st else f"transformer.{source}"
-        if stored not in st:
-            raise ModelError(f"tensor {source!r} not found in {st.path} "
-                             f"(nor as 'transformer.{source}'); is this a GPT-2 checkpoint?")
-        tensor = st.read(stored)
-        if source.endswith(_CONV1D):
-            tensor = tensor.t()
-        if tuple(tensor.shape) != tuple(p.shape):
-            raise ModelError(f"tensor {stored!r} in {st.path} has shape {list(st.entries[stored][1])}, "
-                             f"expected {list(p.shape[::-1] if source.endswith(_CONV1D) else p.shape)} "
-                             f"for this GPT2Spec")
-        p.copy_(tensor)
+    path = folder / "model.safetensors"
+    with _open_safetensors(path) as st:
+        stored_names = set(st.keys())
+        for name, p in part.named_parameters():
+            if _is_lora_name(name):
+                continue
+            source = part.source_name(name)
+            stored = source if source in stored_names else f"transformer.{source}"
+            if stored not in stored_names:
+                raise ModelError(f"tensor {source!r} not found in {path} "
+                                 f"(nor as 'transformer.{source}'); is this a GPT-2 checkpoint?")
+            conv1d = source.endswith(_CONV1D)
+            # Dtype and shape come from the header, so a wrong file fails before any read.
+            view = st.get_slice(stored)
+            dtype, shape = view.get_dtype(), list(view.get_shape())
+            if dtype not in _FLOAT_DTYPES:
+                raise ModelError(f"tensor {stored!r} in {path} has dtype {dtype}; "
+                                 f"only {', '.join(_FLOAT_DTYPES)} are supported")
+            expected = list(p.shape[::-1] if conv1d else p.shape)
+            if shape != expected:
+                raise ModelError(f"tensor {stored!r} in {path} has shape {shape}, "
+                                 f"expected {expected} for this GPT2Spec")
+            try:
+                tensor = st.get_tensor(stored).float()
+            except SafetensorError as e:
+                raise _corrupt(path, e) from None
+            p.copy_(tensor.t() if conv1d else tensor)
     return part
 
 
