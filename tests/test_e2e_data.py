@@ -23,7 +23,13 @@ from raysage.data.e2e import (
     synthetic_e2e,
 )
 from raysage.errors import DataError
-from raysage.models.gpt2 import GPT2Full, gpt2_spec, lm_loss
+from raysage.models.gpt2 import gpt2_spec, gpt2_split
+
+
+def _token_loss(logits, targets):
+    """Mean cross-entropy per target token (the -100 positions carry none)."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                             ignore_index=-100)
 
 
 def test_synthetic_is_deterministic_and_seeded():
@@ -279,13 +285,20 @@ def test_tiny_gpt2_learns_synthetic_e2e():
     train = encode_records(synthetic_e2e(200, seed=0, min_slots=2, max_slots=2), tok, seq_len=96)
     test = encode_records(synthetic_e2e(50, seed=1, min_slots=2, max_slots=2), tok, seq_len=96)
     assert len(train["kept"]) == 200 and len(test["kept"]) == 50
-    model = GPT2Full(gpt2_spec("tiny", vocab_size=tok.vocab_size, n_positions=96), seed=0)
+    split = gpt2_split(gpt2_spec("tiny", vocab_size=tok.vocab_size, n_positions=96), cut=1,
+                       aux_depth=1, lora_rank=0, seed=0)
+    model = torch.nn.Sequential(split.make_client(), split.make_server())
+
+    def logits(batch):
+        hidden = model[0](batch["input_ids"], batch["attention_mask"])
+        return model[1](hidden, batch["attention_mask"])
+
     as_t = {k: torch.from_numpy(v) for k, v in test.items()}
 
     def test_loss():
         model.eval()
         with torch.no_grad():
-            return lm_loss(model(as_t["input_ids"], as_t["attention_mask"]), as_t["targets"]).item()
+            return _token_loss(logits(as_t), as_t["targets"]).item()
 
     uniform = math.log(tok.vocab_size)
     assert abs(test_loss() - uniform) < 0.1
@@ -299,7 +312,7 @@ def test_tiny_gpt2_learns_synthetic_e2e():
         for _ in range(250):
             idx = rng.choice(200, 16, replace=False)
             batch = {k: torch.from_numpy(v[idx]) for k, v in train.items()}
-            loss = lm_loss(model(batch["input_ids"], batch["attention_mask"]), batch["targets"])
+            loss = _token_loss(logits(batch), batch["targets"])
             opt.zero_grad()
             loss.backward()
             opt.step()

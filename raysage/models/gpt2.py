@@ -7,12 +7,10 @@ Parts around the cut layer k of an L-block GPT-2:
 * x_s, :class:`GPT2Server`: blocks k..L-1, final LayerNorm and the LM head.
 * x_a, :class:`GPT2Aux`: ``aux_depth`` blocks, final LayerNorm and LM head,
   the client's stand-in for x_s.
-* :class:`GPT2Full`: the unsplit model, named so that its state dict is the
-  union of the client's and the server's.
 
 Blocks live in a ``ModuleDict`` keyed by their index in the full model, so
-``h.5.attn.c_attn.weight`` names the same tensor in the full model and in
-whichever part holds block 5. Aux blocks are keyed 0..aux_depth-1 and start
+``h.5.attn.c_attn.weight`` names the same tensor in a GPT-2 checkpoint and in
+whichever part holds block 5, at any cut. Aux blocks are keyed 0..aux_depth-1 and start
 as copies of blocks k..k+aux_depth-1 (see :meth:`GPT2Aux.source_name`):
 they sit right after the cut, so they are the pretrained blocks whose
 input distribution matches h.
@@ -24,7 +22,8 @@ always frozen; with LoRA on, nothing but the LoRA factors trains anyway.
 Initialisation draws every tensor from a generator seeded by (seed, the
 tensor's full-model name), so any part built with the same seed holds the
 same numbers as the matching slice of the full model, whatever order the
-parts are built in, and x_c followed by x_s equals the full model exactly.
+parts are built in: x_c followed by x_s computes the same function at every
+cut.
 """
 
 from __future__ import annotations
@@ -43,10 +42,6 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from raysage.errors import ModelError
-
-# Bytes per element of every tensor that travels: the simulator ships fp32.
-FP32_BYTES = 4
-
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -339,23 +334,6 @@ class GPT2Aux(_HeadMixin, _GPT2Part):
         return self.lm_head(self.ln_f(self._run_blocks(hidden, attention_mask)))
 
 
-class GPT2Full(_HeadMixin, _GPT2Part):
-    """The unsplit model; its state dict is the union of x_c's and x_s's."""
-
-    def __init__(self, spec: GPT2Spec, lora: LoRASpec | None = None, seed: int = 0):
-        super().__init__(spec, lora, range(spec.n_layer))
-        self._add_head(spec)
-        self.wpe = nn.Embedding(spec.n_positions, spec.n_embd)
-        self.drop = nn.Dropout(spec.dropout)
-        # Unsplit, the embedding and the head are one trainable tensor.
-        self._finish(seed)
-
-    def forward(self, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self._run_blocks(_embed(self, input_ids, attention_mask), attention_mask)
-        return self.lm_head(self.ln_f(x))
-
-
 def _embed(part: nn.Module, input_ids: torch.Tensor,
            attention_mask: torch.Tensor | None) -> torch.Tensor:
     if input_ids.dim() != 2:
@@ -381,7 +359,7 @@ def _check_cut(spec: GPT2Spec, cut: int) -> None:
 
 
 # --------------------------------------------------------------------------
-# Initialisation, LoRA bookkeeping and byte accounting
+# Initialisation
 # --------------------------------------------------------------------------
 
 def _is_lora_name(name: str) -> bool:
@@ -416,43 +394,6 @@ def init_gpt2_(part: _GPT2Part, seed: int) -> None:
             p.normal_(0.0, resid_std, generator=g)
         else:
             p.normal_(0.0, std, generator=g)
-
-
-def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The LoRA factors (A and B of every query and value adapter) of ``module``."""
-    return [p for name, p in module.named_parameters() if _is_lora_name(name)]
-
-
-def trainable_names(module: nn.Module) -> list[str]:
-    return [name for name, p in module.named_parameters() if p.requires_grad]
-
-
-def trainable_bytes(module: nn.Module) -> int:
-    """Bytes of what a model transfer must carry: trainable parameters, fp32.
-
-    Tied tensors count once (named_parameters drops duplicates).
-    """
-    return FP32_BYTES * sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def lora_parameter_count(spec: GPT2Spec, rank: int, n_blocks: int) -> int:
-    """Per block 2 adapters (q, v) x (A: r*d + B: d*r)."""
-    return n_blocks * 2 * (rank * spec.n_embd + spec.n_embd * rank)
-
-
-def smashed_bytes_per_sample(seq_len: int, n_embd: int) -> int:
-    """Bytes of one sequence's smashed data h at the cut: T * d fp32 values.
-
-    The same amount travels back when the server returns dL/dh. Padding
-    positions are counted: the simulator ships fixed-length batches.
-    """
-    return seq_len * n_embd * FP32_BYTES
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose target is not -100."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                           targets.reshape(-1), ignore_index=-100)
 
 
 # --------------------------------------------------------------------------
@@ -549,7 +490,7 @@ def load_gpt2_weights(part: _GPT2Part, weights_dir: str | os.PathLike) -> _GPT2P
 
 @dataclass(frozen=True)
 class GPT2Split:
-    """Builds fresh x_c, x_s, x_a and full models that agree on their weights.
+    """Builds fresh x_c, x_s and x_a that agree on their weights.
 
     Holds no tensors, so it is cheap to send to workers; each make_* call
     rebuilds from the seed (and reads its own tensors from weights_dir).
@@ -581,12 +522,6 @@ class GPT2Split:
 
     def make_aux(self) -> GPT2Aux:
         return self._ready(GPT2Aux(self.spec, self.cut, self.aux_depth, self.lora, self.seed))
-
-    def make_full(self) -> GPT2Full:
-        return self._ready(GPT2Full(self.spec, self.lora, self.seed))
-
-    def smashed_bytes_per_sample(self, seq_len: int) -> int:
-        return smashed_bytes_per_sample(seq_len, self.spec.n_embd)
 
 
 def gpt2_split(spec: GPT2Spec | None = None, *, cut: int = 1, aux_depth: int = 3,
