@@ -8,15 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from tokenizers import pre_tokenizers
 
 from raysage.data.e2e import (
-    GPT2_PRETOKENIZE,
     SLOT_VALUES,
     SLOTS,
     ByteTokenizer,
     E2ERecord,
     GPT2BPETokenizer,
-    bytes_to_unicode,
     encode_records,
     load_e2e,
     parse_mr,
@@ -24,7 +23,13 @@ from raysage.data.e2e import (
     synthetic_e2e,
 )
 from raysage.errors import DataError
-from raysage.models.gpt2 import GPT2Full, gpt2_spec, lm_loss
+from raysage.models.gpt2 import gpt2_spec, gpt2_split
+
+
+def _token_loss(logits, targets):
+    """Mean cross-entropy per target token (the -100 positions carry none)."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                             ignore_index=-100)
 
 
 def test_synthetic_is_deterministic_and_seeded():
@@ -161,51 +166,108 @@ def test_load_e2e_sources(tmp_path):
 # GPT-2 byte-level BPE
 # --------------------------------------------------------------------------
 
-def test_byte_map_matches_gpt2_conventions():
-    table = bytes_to_unicode()
-    assert len(set(table.values())) == 256
-    assert table[32] == "Ġ" and table[10] == "Ċ" and table[ord("a")] == "a"
-
-
-def test_pretokenizer_approximates_gpt2_pattern():
-    pieces = GPT2_PRETOKENIZE.findall("Hello world's 123 foo_bar  !!\nCafé")
-    assert pieces == ["Hello", " world", "'s", " 123", " foo", "_", "bar", " ", " !!", "\n", "Café"]
-
-
-def _tiny_bpe_dir(tmp_path):
-    table = bytes_to_unicode()
-    merges = [("l", "o"), ("lo", "w"), ("e", "r"), ("Ġ", "low"), ("e", "s"), ("es", "t"), ("Ġ", "n")]
-    vocab = {c: i for i, c in enumerate(table.values())}
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
+def _bpe_dir(folder, merges, extra=()):
+    """vocab.json and merges.txt: the 256 byte symbols, every merge's result, EOS."""
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for token in [a + b for a, b in merges] + list(extra):
+        vocab.setdefault(token, len(vocab))
     vocab["<|endoftext|>"] = len(vocab)
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (tmp_path / "merges.txt").write_text(
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text(
         "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     return vocab
 
 
+def _tokens(tok, vocab, text):
+    names = {i: t for t, i in vocab.items()}
+    return [names[i] for i in tok.encode(text)]
+
+
+TINY_MERGES = [("l", "o"), ("lo", "w"), ("e", "r"), ("Ġ", "low"), ("e", "s"), ("es", "t"),
+               ("Ġ", "n")]
+
+
 def test_bpe_tokenizer_merges_and_round_trips(tmp_path):
-    vocab = _tiny_bpe_dir(tmp_path)
+    vocab = _bpe_dir(tmp_path, TINY_MERGES)
     tok = GPT2BPETokenizer.from_dir(tmp_path)
     assert tok.eos_id == tok.pad_id == vocab["<|endoftext|>"] and tok.vocab_size == len(vocab)
     # "lower": l+o (rank 0), lo+w, e+r; " low" becomes one token by rank 3.
-    ids = tok.encode("low lower newest")
-    assert [tok.decoder[i] for i in ids] == ["low", "Ġlow", "er", "Ġn", "e", "w", "est"]
-    for text in ("low lower newest", "Café Rouge £20-25\n\ttabs  and   spaces ", "日本 ok"):
+    assert _tokens(tok, vocab, "low lower newest") == ["low", "Ġlow", "er", "Ġn", "e", "w", "est"]
+    # GPT-2's byte map: a space is "Ġ", a newline "Ċ", a tab "ĉ", "é" its two UTF-8 bytes.
+    assert _tokens(tok, vocab, "a \n\té") == ["a", "Ġ", "Ċ", "ĉ", "Ã", "©"]
+    for text in ("low lower newest", "Café Rouge £20-25\n\ttabs  and   spaces ", "日本 ok", ""):
         assert tok.decode(tok.encode(text)) == text
-    assert tok.encode("low lower") == tok.encode("low lower")  # cached path agrees
     out = encode_records([E2ERecord("name[low]", "lower")], tok, seq_len=32)
     assert out["targets"][0][out["targets"][0] >= 0].tolist()[-1] == tok.eos_id
 
 
+def test_bpe_tokenizer_pre_tokenizes_exactly_as_gpt2(tmp_path):
+    """GPT-2 splits text on letters (\\p{L}) and numbers (\\p{N}) before BPE.
+
+    Merges across those boundaries exist in this vocabulary, so any other
+    split shows up in the tokens. The stdlib-regex approximation this
+    replaced grouped non-decimal numerics ("²", "½") with letters: it gave
+    "x²" and " ½mile" as single words and " 5" apart from "²".
+    """
+    merges = [("Â", "²"), ("Â", "½"), ("x", "Â²"), ("Ġ", "Â½"), ("ĠÂ½", "m"), ("Ġ", "5"),
+              ("Ġ5", "Â²"), ("m", "i"), ("mi", "l"), ("mil", "e"), ("Ġ", "h"), ("Ġh", "e"),
+              ("'", "s"), ("'", "m"), ("'", "t"), ("Ġ", "Ġ")]
+    vocab = _bpe_dir(tmp_path, merges)
+    tok = GPT2BPETokenizer.from_dir(tmp_path)
+    assert _tokens(tok, vocab, "x² ½mile 5²") == ["x", "Â²", "ĠÂ½", "mile", "Ġ5Â²"]
+    # Lower-case contractions are their own words; "'S" is not one.
+    assert _tokens(tok, vocab, "I'm he's don't HE'S") == [
+        "I", "'m", "Ġhe", "'s", "Ġ", "d", "o", "n", "'t", "Ġ", "H", "E", "'", "S"]
+    # A run of spaces leaves its last space to the next word; trailing ones stay together.
+    assert _tokens(tok, vocab, "a   he  ") == ["a", "ĠĠ", "Ġhe", "ĠĠ"]
+    text = "x² ½mile 5² I'm  he's\n\n  ok"
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_bpe_tokenizer_keeps_end_of_text_out_of_plain_text(tmp_path):
+    vocab = _bpe_dir(tmp_path, TINY_MERGES)
+    tok = GPT2BPETokenizer.from_dir(tmp_path)
+    ids = tok.encode("low<|endoftext|>")
+    assert tok.eos_id not in ids and _tokens(tok, vocab, "<|")[:2] == ["<", "|"]
+    assert tok.decode(ids) == "low<|endoftext|>"
+    # EOS is appended as an id; it decodes to its text.
+    assert tok.decode(tok.encode("low") + [tok.eos_id]) == "low<|endoftext|>"
+
+
 def test_bpe_tokenizer_errors(tmp_path):
-    with pytest.raises(DataError, match="vocab.json not found"):
-        GPT2BPETokenizer.from_dir(tmp_path)
-    _tiny_bpe_dir(tmp_path)
-    (tmp_path / "merges.txt").write_text("#version: 0.2\na b c\n")
-    with pytest.raises(DataError, match="line 2"):
-        GPT2BPETokenizer.from_dir(tmp_path)
+    def error(match):
+        with pytest.raises(DataError, match=match) as caught:
+            GPT2BPETokenizer.from_dir(tmp_path)
+        assert "\n" not in str(caught.value)
+
+    error("vocab.json not found")
+    vocab = _bpe_dir(tmp_path, TINY_MERGES)
+    (tmp_path / "merges.txt").unlink()
+    error("merges.txt not found")
+    _bpe_dir(tmp_path, TINY_MERGES)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nl o\na b c\n")
+    error(r"merges\.txt line 3 is 'a b c'; expected two space-separated symbols")
+    (tmp_path / "merges.txt").write_bytes(b"l o\n\xff\xfe\n")
+    error(r"cannot read tokenizer merges .*merges\.txt")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nl q\n")  # "lq" is not in the vocab
+    error(r"merges do not belong to .*vocab\.json")
+
+    _bpe_dir(tmp_path, TINY_MERGES)
+    (tmp_path / "vocab.json").write_text("{not json")
+    error(r"cannot parse tokenizer vocab .*vocab\.json")
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": "zero"}))
+    error("must map token strings to integer ids")
+    (tmp_path / "vocab.json").write_text(json.dumps({k: v for k, v in vocab.items()
+                                                      if k != "<|endoftext|>"}))
+    error(r"has no <\|endoftext\|> token")
+    (tmp_path / "vocab.json").write_text(json.dumps({k: v for k, v in vocab.items() if k != "Ġ"}))
+    error("lacks 1 of the 256 byte symbols")
+
+    _bpe_dir(tmp_path, TINY_MERGES)
+    tok = GPT2BPETokenizer.from_dir(tmp_path)
+    for bad in (len(vocab), -1):
+        with pytest.raises(DataError, match=f"token id {bad} is not in"):
+            tok.decode([0, bad])
 
 
 # --------------------------------------------------------------------------
@@ -223,13 +285,20 @@ def test_tiny_gpt2_learns_synthetic_e2e():
     train = encode_records(synthetic_e2e(200, seed=0, min_slots=2, max_slots=2), tok, seq_len=96)
     test = encode_records(synthetic_e2e(50, seed=1, min_slots=2, max_slots=2), tok, seq_len=96)
     assert len(train["kept"]) == 200 and len(test["kept"]) == 50
-    model = GPT2Full(gpt2_spec("tiny", vocab_size=tok.vocab_size, n_positions=96), seed=0)
+    split = gpt2_split(gpt2_spec("tiny", vocab_size=tok.vocab_size, n_positions=96), cut=1,
+                       aux_depth=1, lora_rank=0, seed=0)
+    model = torch.nn.Sequential(split.make_client(), split.make_server())
+
+    def logits(batch):
+        hidden = model[0](batch["input_ids"], batch["attention_mask"])
+        return model[1](hidden, batch["attention_mask"])
+
     as_t = {k: torch.from_numpy(v) for k, v in test.items()}
 
     def test_loss():
         model.eval()
         with torch.no_grad():
-            return lm_loss(model(as_t["input_ids"], as_t["attention_mask"]), as_t["targets"]).item()
+            return _token_loss(logits(as_t), as_t["targets"]).item()
 
     uniform = math.log(tok.vocab_size)
     assert abs(test_loss() - uniform) < 0.1
@@ -243,7 +312,7 @@ def test_tiny_gpt2_learns_synthetic_e2e():
         for _ in range(250):
             idx = rng.choice(200, 16, replace=False)
             batch = {k: torch.from_numpy(v[idx]) for k, v in train.items()}
-            loss = lm_loss(model(batch["input_ids"], batch["attention_mask"]), batch["targets"])
+            loss = _token_loss(logits(batch), batch["targets"])
             opt.zero_grad()
             loss.backward()
             opt.step()

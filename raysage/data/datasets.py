@@ -573,23 +573,3 @@ def out_of_memory_is_an_error(name: str, num_train: int | None, num_test: int | 
             raise
         raise DataError(f"cannot hold dataset {name}{asked}: {exc.strerror or exc}; {hint}") from None
 
-
-def download_cifar(name: str, root: str) -> Path:
-    """Download CIFAR-10/100 into ``root`` with torchvision (optional extra).
-
-    Returns the directory to pass as ``data_dir``. Never called implicitly.
-    """
-    try:
-        from torchvision import datasets as tv_datasets  # heavy and optional, hence lazy
-    except Exception:  # torchvision can fail with ImportError or a broken C extension
-        raise DataError("torchvision is not installed; install raysage[download] or fetch CIFAR by hand and pass --data-dir") from None
-    classes = {"cifar10": tv_datasets.CIFAR10, "cifar100": tv_datasets.CIFAR100}
-    if name not in classes:
-        raise DataError(f"cannot download {name!r}; choose cifar10 or cifar100")
-    target = Path(root).expanduser()
-    try:
-        for train in (True, False):
-            classes[name](str(target), train=train, download=True)
-    except (OSError, RuntimeError) as e:
-        raise DataError(f"downloading {name} into {target} failed: {e}") from None
-    return target

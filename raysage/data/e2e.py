@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
 
 from raysage.errors import DataError
 
@@ -271,56 +273,41 @@ class ByteTokenizer:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map.
-
-    BPE vocabularies are stored as text, so bytes that are whitespace or
-    control characters get stand-in characters from 256 upward; printable
-    Latin-1 bytes stand for themselves.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
-# GPT-2 pre-tokenises with \p{L} (letters) and \p{N} (numbers), which the
-# stdlib re lacks. Approximation: letters = [^\W\d_] (alphanumerics that are
-# neither decimal digits nor "_"), numbers = \d (decimal digits). The only
-# difference from GPT-2: non-decimal numerics such as "²", "½" or Roman
-# numerals group with letters instead of numbers.
-GPT2_PRETOKENIZE = re.compile(
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
-
-
 class GPT2BPETokenizer:
-    """Byte-level BPE from GPT-2's ``vocab.json`` and ``merges.txt``.
+    """GPT-2's byte-level BPE, run by Hugging Face ``tokenizers`` from local files.
 
-    Text is encoded as plain text: a literal "<|endoftext|>" in it is not
-    turned into EOS (append ``eos_id`` instead). PAD is EOS; padding is
-    masked out of attention and loss anyway.
+    Built from GPT-2's ``vocab.json`` and ``merges.txt`` exactly as GPT-2
+    tokenises: its pre-tokenisation pattern, its byte-to-character map, no
+    prefix space. Nothing is downloaded. Text is encoded as plain text: a
+    literal "<|endoftext|>" in it is not turned into EOS (append ``eos_id``
+    instead), which is why EOS is not registered with the library as a
+    special token. PAD is EOS; padding is masked out of attention and loss
+    anyway.
     """
 
     EOS_TOKEN = "<|endoftext|>"
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], source: str = "vocab"):
-        self.encoder = vocab
-        self.decoder = {i: t for t, i in vocab.items()}
-        self.ranks = {pair: rank for rank, pair in enumerate(merges)}
-        self.byte_encoder = bytes_to_unicode()
-        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.source = source
         if self.EOS_TOKEN not in vocab:
             raise DataError(f"{source} has no {self.EOS_TOKEN} token; use GPT-2's vocab.json")
+        # Without an unknown token the library drops a byte it has no symbol
+        # for, silently losing text; refuse such a vocabulary instead.
+        missing = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
+        if missing:
+            raise DataError(f"{source} lacks {len(missing)} of the 256 byte symbols (such as "
+                            f"{min(missing)!r}); it is not a byte-level BPE vocabulary like GPT-2's")
+        try:
+            model = models.BPE(vocab=vocab, merges=merges)
+        except Exception as e:  # the library raises a bare Exception
+            raise DataError(f"the merges do not belong to {source}: {' '.join(str(e).split())}; "
+                            f"use the vocab.json and merges.txt of one tokenizer") from None
+        self._tokenizer = HFTokenizer(model)
+        self._tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                 use_regex=True)
+        self._tokenizer.decoder = decoders.ByteLevel()
         self.eos_id = self.pad_id = vocab[self.EOS_TOKEN]
         self.vocab_size = max(vocab.values()) + 1
-        self._cache: dict[str, list[int]] = {}
 
     @classmethod
     def from_dir(cls, folder: str | os.PathLike) -> "GPT2BPETokenizer":
@@ -330,14 +317,21 @@ class GPT2BPETokenizer:
             if not p.is_file():
                 raise DataError(f"tokenizer file {p} not found; put GPT-2's vocab.json and "
                                 f"merges.txt in {folder}")
+        # The files are parsed here rather than by the library's reader so a
+        # bad file gets a message naming it and the offending line.
         try:
             vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(f"cannot parse tokenizer vocab {vocab_path}: {e}") from None
-        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
-            raise DataError(f"tokenizer vocab {vocab_path} must map token strings to integer ids")
+        if not isinstance(vocab, dict) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in vocab.values()):
+            raise DataError(f"tokenizer vocab {vocab_path} must map token strings to integer ids >= 0")
+        try:
+            lines = merges_path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read tokenizer merges {merges_path}: {e}") from None
         merges = []
-        for lineno, line in enumerate(merges_path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(lines, 1):
             if not line.strip() or (lineno == 1 and line.startswith("#version")):
                 continue
             parts = line.split()
@@ -347,48 +341,16 @@ class GPT2BPETokenizer:
             merges.append((parts[0], parts[1]))
         return cls(vocab, merges, source=str(vocab_path))
 
-    def _bpe(self, word: str) -> list[int]:
-        cached = self._cache.get(word)
-        if cached is not None:
-            return cached
-        symbols = list(word)
-        while len(symbols) > 1:
-            best = min(((self.ranks[pair], i) for i, pair in
-                        enumerate(zip(symbols, symbols[1:])) if pair in self.ranks), default=None)
-            if best is None:
-                break
-            pair = (symbols[best[1]], symbols[best[1] + 1])
-            merged, i = [], 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        try:
-            ids = [self.encoder[s] for s in symbols]
-        except KeyError as e:
-            raise DataError(f"BPE symbol {e.args[0]!r} is missing from {self.source}; "
-                            f"the vocab and merges files do not belong together") from None
-        if len(self._cache) < 100_000:  # bounded: arbitrary text has unbounded words
-            self._cache[word] = ids
-        return ids
-
     def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for piece in GPT2_PRETOKENIZE.findall(text):
-            ids.extend(self._bpe("".join(self.byte_encoder[b] for b in piece.encode("utf-8"))))
-        return ids
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        try:
-            text = "".join(self.decoder[int(i)] for i in ids)
-        except KeyError as e:
-            raise DataError(f"token id {e.args[0]} is not in {self.source}") from None
-        data = bytes(self.byte_decoder[c] for c in text if c in self.byte_decoder)
-        return data.decode("utf-8", errors="replace")
+        ids = [int(i) for i in ids]
+        # The library skips ids it does not know; an unknown id is a bug upstream.
+        unknown = next((i for i in ids if i < 0 or self._tokenizer.id_to_token(i) is None), None)
+        if unknown is not None:
+            raise DataError(f"token id {unknown} is not in {self.source}")
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
 
 
 # --------------------------------------------------------------------------

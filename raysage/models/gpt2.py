@@ -7,12 +7,10 @@ Parts around the cut layer k of an L-block GPT-2:
 * x_s, :class:`GPT2Server`: blocks k..L-1, final LayerNorm and the LM head.
 * x_a, :class:`GPT2Aux`: ``aux_depth`` blocks, final LayerNorm and LM head,
   the client's stand-in for x_s.
-* :class:`GPT2Full`: the unsplit model, named so that its state dict is the
-  union of the client's and the server's.
 
 Blocks live in a ``ModuleDict`` keyed by their index in the full model, so
-``h.5.attn.c_attn.weight`` names the same tensor in the full model and in
-whichever part holds block 5. Aux blocks are keyed 0..aux_depth-1 and start
+``h.5.attn.c_attn.weight`` names the same tensor in a GPT-2 checkpoint and in
+whichever part holds block 5, at any cut. Aux blocks are keyed 0..aux_depth-1 and start
 as copies of blocks k..k+aux_depth-1 (see :meth:`GPT2Aux.source_name`):
 they sit right after the cut, so they are the pretrained blocks whose
 input distribution matches h.
@@ -24,7 +22,8 @@ always frozen; with LoRA on, nothing but the LoRA factors trains anyway.
 Initialisation draws every tensor from a generator seeded by (seed, the
 tensor's full-model name), so any part built with the same seed holds the
 same numbers as the matching slice of the full model, whatever order the
-parts are built in, and x_c followed by x_s equals the full model exactly.
+parts are built in: x_c followed by x_s computes the same function at every
+cut.
 """
 
 from __future__ import annotations
@@ -37,16 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from raysage.errors import ModelError
-
-# Bytes per element of every tensor that travels: the simulator ships fp32.
-FP32_BYTES = 4
-
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -339,23 +334,6 @@ class GPT2Aux(_HeadMixin, _GPT2Part):
         return self.lm_head(self.ln_f(self._run_blocks(hidden, attention_mask)))
 
 
-class GPT2Full(_HeadMixin, _GPT2Part):
-    """The unsplit model; its state dict is the union of x_c's and x_s's."""
-
-    def __init__(self, spec: GPT2Spec, lora: LoRASpec | None = None, seed: int = 0):
-        super().__init__(spec, lora, range(spec.n_layer))
-        self._add_head(spec)
-        self.wpe = nn.Embedding(spec.n_positions, spec.n_embd)
-        self.drop = nn.Dropout(spec.dropout)
-        # Unsplit, the embedding and the head are one trainable tensor.
-        self._finish(seed)
-
-    def forward(self, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self._run_blocks(_embed(self, input_ids, attention_mask), attention_mask)
-        return self.lm_head(self.ln_f(x))
-
-
 def _embed(part: nn.Module, input_ids: torch.Tensor,
            attention_mask: torch.Tensor | None) -> torch.Tensor:
     if input_ids.dim() != 2:
@@ -381,7 +359,7 @@ def _check_cut(spec: GPT2Spec, cut: int) -> None:
 
 
 # --------------------------------------------------------------------------
-# Initialisation, LoRA bookkeeping and byte accounting
+# Initialisation
 # --------------------------------------------------------------------------
 
 def _is_lora_name(name: str) -> bool:
@@ -418,127 +396,31 @@ def init_gpt2_(part: _GPT2Part, seed: int) -> None:
             p.normal_(0.0, std, generator=g)
 
 
-def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The LoRA factors (A and B of every query and value adapter) of ``module``."""
-    return [p for name, p in module.named_parameters() if _is_lora_name(name)]
-
-
-def trainable_names(module: nn.Module) -> list[str]:
-    return [name for name, p in module.named_parameters() if p.requires_grad]
-
-
-def trainable_bytes(module: nn.Module) -> int:
-    """Bytes of what a model transfer must carry: trainable parameters, fp32.
-
-    Tied tensors count once (named_parameters drops duplicates).
-    """
-    return FP32_BYTES * sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def lora_parameter_count(spec: GPT2Spec, rank: int, n_blocks: int) -> int:
-    """Per block 2 adapters (q, v) x (A: r*d + B: d*r)."""
-    return n_blocks * 2 * (rank * spec.n_embd + spec.n_embd * rank)
-
-
-def smashed_bytes_per_sample(seq_len: int, n_embd: int) -> int:
-    """Bytes of one sequence's smashed data h at the cut: T * d fp32 values.
-
-    The same amount travels back when the server returns dL/dh. Padding
-    positions are counted: the simulator ships fixed-length batches.
-    """
-    return seq_len * n_embd * FP32_BYTES
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose target is not -100."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                           targets.reshape(-1), ignore_index=-100)
-
-
 # --------------------------------------------------------------------------
 # Pretrained weights (safetensors, GPT-2 layout)
 # --------------------------------------------------------------------------
 
-_ST_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
-                "I8": 1, "U8": 1, "BOOL": 1}
 # Stored by GPT-2's Conv1D as (in_features, out_features), the transpose of nn.Linear.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Float dtypes that widen to float32 exactly; anything else is not a GPT-2 weight.
+_FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
-class SafetensorsFile:
-    """Reads tensors one at a time from a .safetensors file, as float32.
+def _corrupt(path: Path, error: Exception) -> ModelError:
+    why = " ".join(str(error).split())  # the library's reason, kept on one line
+    return ModelError(f"corrupt safetensors file {path}: {why}; re-export or re-download it")
 
-    Layout: 8-byte little-endian header length, a JSON header mapping names
-    to dtype, shape and [begin, end) offsets into the data that follows.
-    """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise self._bad("file is shorter than the 8-byte header length")
-                n = int.from_bytes(head, "little")
-                if n > size - 8:
-                    raise self._bad(f"header length {n} exceeds the file size {size}")
-                raw = f.read(n)
-        except FileNotFoundError:
-            raise ModelError(f"weights file {self.path} not found; put model.safetensors "
-                             f"(and config.json) in the weights folder") from None
-        except OSError as e:
-            raise ModelError(f"cannot read weights file {self.path}: {e.strerror or e}") from None
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise self._bad("header is not valid JSON") from None
-        if not isinstance(header, dict):
-            raise self._bad("header is not a JSON object")
-        header.pop("__metadata__", None)
-        self._data_start = 8 + n
-        data_size = size - self._data_start
-        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        for name, entry in header.items():
-            try:
-                dtype, shape = entry["dtype"], tuple(int(s) for s in entry["shape"])
-                begin, end = (int(o) for o in entry["data_offsets"])
-            except (TypeError, KeyError, ValueError):
-                raise self._bad(f"entry for tensor {name!r} lacks dtype/shape/data_offsets") from None
-            expected = _ST_ITEMSIZE.get(dtype)
-            if not 0 <= begin <= end <= data_size or (
-                    expected is not None and end - begin != expected * math.prod(shape)):
-                raise self._bad(f"tensor {name!r} has offsets [{begin}, {end}) that do not fit "
-                                f"its {dtype} shape {list(shape)} or the file")
-            self.entries[name] = (dtype, shape, begin, end)
-
-    def _bad(self, why: str) -> ModelError:
-        return ModelError(f"corrupt safetensors file {self.path}: {why}; re-export or re-download it")
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
-
-    def names(self) -> list[str]:
-        return list(self.entries)
-
-    def read(self, name: str) -> torch.Tensor:
-        if name not in self.entries:
-            raise ModelError(f"tensor {name!r} not found in {self.path}")
-        dtype, shape, begin, end = self.entries[name]
-        if dtype not in _ST_DTYPES:
-            raise ModelError(f"tensor {name!r} in {self.path} has dtype {dtype}; "
-                             f"only {', '.join(_ST_DTYPES)} are supported")
-        with open(self.path, "rb") as f:
-            f.seek(self._data_start + begin)
-            buf = f.read(end - begin)
-        if len(buf) != end - begin:
-            raise self._bad(f"tensor {name!r} is truncated")
-        arr = np.frombuffer(buf, dtype=_ST_DTYPES[dtype][0])
-        if dtype == "BF16":
-            # bfloat16 is the top half of a float32.
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        return torch.from_numpy(arr.astype(np.float32).reshape(shape))
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise ModelError(f"weights file {path} not found; put model.safetensors "
+                         f"(and config.json) in the weights folder") from None
+    except SafetensorError as e:
+        raise _corrupt(path, e) from None
+    except OSError as e:
+        raise ModelError(f"cannot read weights file {path}: {e.strerror or e}") from None
 
 
 def read_gpt2_config(weights_dir: str | os.PathLike, dropout: float = 0.0) -> GPT2Spec:
@@ -572,23 +454,33 @@ def load_gpt2_weights(part: _GPT2Part, weights_dir: str | os.PathLike) -> _GPT2P
     folder = Path(weights_dir)
     if not folder.is_dir():
         raise ModelError(f"weights folder {folder} not found; give a folder holding model.safetensors")
-    st = SafetensorsFile(folder / "model.safetensors")
-    for name, p in part.named_parameters():
-        if _is_lora_name(name):
-            continue
-        source = part.source_name(name)
-        stored = source if source in st else f"transformer.{source}"
-        if stored not in st:
-            raise ModelError(f"tensor {source!r} not found in {st.path} "
-                             f"(nor as 'transformer.{source}'); is this a GPT-2 checkpoint?")
-        tensor = st.read(stored)
-        if source.endswith(_CONV1D):
-            tensor = tensor.t()
-        if tuple(tensor.shape) != tuple(p.shape):
-            raise ModelError(f"tensor {stored!r} in {st.path} has shape {list(st.entries[stored][1])}, "
-                             f"expected {list(p.shape[::-1] if source.endswith(_CONV1D) else p.shape)} "
-                             f"for this GPT2Spec")
-        p.copy_(tensor)
+    path = folder / "model.safetensors"
+    with _open_safetensors(path) as st:
+        stored_names = set(st.keys())
+        for name, p in part.named_parameters():
+            if _is_lora_name(name):
+                continue
+            source = part.source_name(name)
+            stored = source if source in stored_names else f"transformer.{source}"
+            if stored not in stored_names:
+                raise ModelError(f"tensor {source!r} not found in {path} "
+                                 f"(nor as 'transformer.{source}'); is this a GPT-2 checkpoint?")
+            conv1d = source.endswith(_CONV1D)
+            # Dtype and shape come from the header, so a wrong file fails before any read.
+            view = st.get_slice(stored)
+            dtype, shape = view.get_dtype(), list(view.get_shape())
+            if dtype not in _FLOAT_DTYPES:
+                raise ModelError(f"tensor {stored!r} in {path} has dtype {dtype}; "
+                                 f"only {', '.join(_FLOAT_DTYPES)} are supported")
+            expected = list(p.shape[::-1] if conv1d else p.shape)
+            if shape != expected:
+                raise ModelError(f"tensor {stored!r} in {path} has shape {shape}, "
+                                 f"expected {expected} for this GPT2Spec")
+            try:
+                tensor = st.get_tensor(stored).float()
+            except SafetensorError as e:
+                raise _corrupt(path, e) from None
+            p.copy_(tensor.t() if conv1d else tensor)
     return part
 
 
@@ -598,7 +490,7 @@ def load_gpt2_weights(part: _GPT2Part, weights_dir: str | os.PathLike) -> _GPT2P
 
 @dataclass(frozen=True)
 class GPT2Split:
-    """Builds fresh x_c, x_s, x_a and full models that agree on their weights.
+    """Builds fresh x_c, x_s and x_a that agree on their weights.
 
     Holds no tensors, so it is cheap to send to workers; each make_* call
     rebuilds from the seed (and reads its own tensors from weights_dir).
@@ -630,12 +522,6 @@ class GPT2Split:
 
     def make_aux(self) -> GPT2Aux:
         return self._ready(GPT2Aux(self.spec, self.cut, self.aux_depth, self.lora, self.seed))
-
-    def make_full(self) -> GPT2Full:
-        return self._ready(GPT2Full(self.spec, self.lora, self.seed))
-
-    def smashed_bytes_per_sample(self, seq_len: int) -> int:
-        return smashed_bytes_per_sample(seq_len, self.spec.n_embd)
 
 
 def gpt2_split(spec: GPT2Spec | None = None, *, cut: int = 1, aux_depth: int = 3,

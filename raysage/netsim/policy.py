@@ -16,8 +16,6 @@ import numpy as np
 from .planner import ClientRoundPlan, Drop, RoundSchedule, plan_round
 from .profiles import DeviceProfile
 
-ROUND_POLICIES = ("wait_all", "deadline", "over_selection")
-
 
 def available_clients(profiles: list[DeviceProfile], rng: np.random.Generator) -> list[int]:
     """Clients reachable this round: each with its profile's probability."""
