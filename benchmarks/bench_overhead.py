@@ -167,8 +167,8 @@ def evaluate(model, data, mean, std, batch_size: int = 500) -> tuple[float, floa
 def plain_fedavg(world, rnd: int, global_state: dict, model, optimizer, train: dict):
     import torch.nn.functional as F
 
-    from raysage.algorithms.base import load_state, to_state, weighted_average
-    from raysage.engine.runtime import batch_sizes, client_batch
+    from raysage.algorithms.state import load_state, to_state, weighted_average
+    from raysage.data import batch_sizes, client_batch
 
     cfg, setup = world.cfg, world.setup
     loss_sum, samples, uploads = 0.0, 0, []
@@ -197,8 +197,8 @@ def plain_fsl_sage(world, rnd: int, global_state: dict, x_c, opt_c, x_s, opt_s, 
     import torch
     import torch.nn.functional as F
 
-    from raysage.algorithms.base import load_state, to_state, weighted_average
-    from raysage.engine.runtime import batch_sizes, client_batch
+    from raysage.algorithms.state import load_state, to_state, weighted_average
+    from raysage.data import batch_sizes, client_batch
 
     algo, cfg, setup = world.algorithm, world.cfg, world.setup
     loss_sum, samples, uploads, nmse = 0.0, 0, [], []
@@ -209,13 +209,13 @@ def plain_fsl_sage(world, rnd: int, global_state: dict, x_c, opt_c, x_s, opt_s, 
         for k in range(len(batch_sizes(len(indices), cfg))):
             x, y = client_batch(cfg, train, setup.mean, setup.std, indices, cid, rnd, k)
             h = x_c(x)
-            if algo.uploads_at(k):
+            if k % algo.params.server_update_interval == 0:
                 smashed = h.detach()
                 server_loss = F.cross_entropy(x_s(smashed), y)
                 opt_s.zero_grad()
                 server_loss.backward()
                 opt_s.step()
-                keep = cfg.align_buffer
+                keep = algo.params.align_buffer
                 buffer["smashed"] = np.concatenate([buffer["smashed"], smashed.numpy()])[-keep:]
                 buffer["y"] = np.concatenate([buffer["y"], y.numpy()])[-keep:]
                 if algo.aligns_at(rnd, k):
@@ -242,7 +242,7 @@ def run_plain(algorithm: str, clients: int, rounds: int) -> dict:
     import torch
     import torch.nn as nn
 
-    from raysage.algorithms.base import load_state
+    from raysage.algorithms.state import load_state
     from raysage.engine.orchestrator import build_world
 
     torch.set_num_threads(PLAIN_THREADS)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench_memory import GIB, MIB, measure, report
+from bench_memory import MIB, measure, report
 
 RUNS = {
     "10k": [["--algorithm", algorithm, "--clients", "10000", "--participation", "0.1",

@@ -339,7 +339,7 @@ def _message(exc: ValidationError) -> str:
               "less_than_equal": ("must be at most", "le")}
     if kind in bounds:
         words, key = bounds[kind]
-        if isinstance(value, str):       # a flag's text: say the number it was read as
+        if isinstance(ctx[key], float):  # a float field: say the number it was read as
             said = f"config field '{name}' = {float(value)!r}"
         return f"{said} {words} {ctx[key]:g}"
     for prefix, type_name in (("int", "int"), ("float", "float"), ("finite", "float"),

@@ -19,7 +19,6 @@ from raysage.config import build_config
 from raysage.engine.orchestrator import build_world, plan, simulate
 from raysage.data import client_batch
 from raysage.engine.runtime import evaluate
-from raysage.models import get_architecture
 from raysage.netsim.profiles import MEDIAN_DEVICE
 
 QUIET = {"announce": lambda line: None}

@@ -64,8 +64,10 @@ def test_run_folder_and_bytes_match_the_formula(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == [
         "checkpoint.json", "clients.parquet", "config.yaml", "rounds.parquet", "run.parquet",
         "state", "summary.json"]
+    # run.parquet: the config as one flat row, with the algorithm's label and colour.
     assert pq.read_table(folder / "run.parquet").to_pylist() == [
-        load_config(folder / "config.yaml").to_dict()]
+        load_config(folder / "config.yaml").flat_dict()
+        | {"algorithm_label": "FSL-SAGE", "algorithm_colour": "#d62728"}]
     assert load_config(folder / "config.yaml").to_dict() == load_config(
         None, clients=3, samples_per_client=45, batch_size=20, rounds=2, server_update_interval=2,
         align_epochs=2, backend="serial", test_samples=100, out=str(folder)).to_dict()

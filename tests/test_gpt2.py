@@ -337,6 +337,12 @@ def test_full_fine_tune_trains_every_part_including_the_head_copies():
         assert frozen_bytes(part) == 0
     server = split.make_server()
     assert server.lm_head.weight is server.wte.weight
+    # The tied embedding and head travel once: the bytes are the parameters', not the
+    # state dict's (which names the shared tensor twice).
+    for part in (split.make_client(), server, split.make_aux()):
+        total = sum(p.numel() * p.element_size() for p in part.parameters())
+        buffers = sum(b.numel() * b.element_size() for b in part.buffers())
+        assert transfer_bytes(part) == total + buffers
 
 
 def test_dropout_only_in_train_mode():

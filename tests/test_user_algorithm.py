@@ -4,7 +4,6 @@ and the engine's checks of the contract."""
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -218,3 +217,13 @@ def test_an_unusable_algorithm_name_is_one_line(tmp_path, name, words):
     with pytest.raises(ConfigError) as caught:
         build_config({"algorithm": name.format(tmp=tmp_path)})
     assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_an_algorithm_from_an_importable_module(tmp_path, monkeypatch, fedprox):
+    module_dir = Path(fedprox.rpartition(":")[0]).parent
+    monkeypatch.syspath_prepend(str(module_dir))
+    cfg = build_config(TINY, {"algorithm": "fedprox:FedProx", "mu": 0.1, "rounds": 1,
+                              "out": str(tmp_path / "run")})
+    assert cfg.section == "fedprox" and cfg.params.mu == 0.1
+    result = simulate(cfg, **QUIET)
+    assert result.summary["label"] == "FedProx" and "proximal" in result.rounds[0]

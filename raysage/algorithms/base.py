@@ -91,7 +91,7 @@ from ..models import frozen_bytes, transfer_bytes
 from ..netsim.cost import ModelCosts
 from ..netsim.planner import ClientRoundPlan, Exchange
 from ..store import StateStore
-from ..streams import global_rng, seeded, stream_seed, unseeded
+from ..streams import global_rng, seeded, stream_seed
 from .optim import Optimizer
 from .state import (State, WeightedAverage, as_tensor, load_kept, load_state, state_nbytes,
                     to_state)

@@ -15,12 +15,14 @@ if TYPE_CHECKING:
 
 
 def state_bytes(module_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> int:
-    """Bytes to ship a model: every state-dict tensor, buffers included."""
+    """Bytes to ship a model: every state-dict tensor, buffers included. A tensor
+    that several names share (GPT-2's tied embedding and head) is sent once."""
     if isinstance(module_or_state_dict, nn.Module):
         state = module_or_state_dict.state_dict()
     else:
         state = module_or_state_dict
-    return sum(t.numel() * t.element_size() for t in state.values())
+    distinct = {(t.data_ptr(), t.dtype, tuple(t.shape)): t for t in state.values()}
+    return sum(t.numel() * t.element_size() for t in distinct.values())
 
 
 def frozen_names(module: nn.Module) -> set[str]:

@@ -7,7 +7,7 @@ stand-in for x_s that a client uses to estimate the gradient at the cut.
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 from torch import nn
