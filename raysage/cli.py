@@ -209,15 +209,18 @@ def _run_plan(config_file: Optional[Path], **overrides: Any) -> None:
     byte_kinds = [kind.name for kind in algorithm_class(cfg.algorithm).byte_kinds]
     table = Table(title=f"raysage plan: {cfg.algorithm}, {cfg.model}, {cfg.clients} clients "
                         "(no training)")
-    for column in ("round", "total bytes", "paper total bytes", "sim round (s)", "sim time (s)"):
+    for column in ("round", "total bytes", "paper total bytes", "clients' energy (J)",
+                   "sim round (s)", "sim time (s)"):
         table.add_column(column, justify="right", no_wrap=True)
     for r in rows:
         table.add_row(str(r["round"]), f"{r['total_bytes']:,}", f"{r['paper_total_bytes']:,}",
-                      f"{r['sim_round_time']:.3f}", f"{r['sim_time']:.3f}")
+                      f"{r['energy_j']:,.2f}", f"{r['sim_round_time']:.3f}",
+                      f"{r['sim_time']:.3f}")
     total = sum(r["total_bytes"] for r in rows)
     paper = sum(r["paper_total_bytes"] for r in rows)
+    energy = sum(r["energy_j"] for r in rows)
     table.caption = (f"all rounds: {total:,} bytes ({total / GIB:.3f} GiB); "
-                     f"paper total {paper:,} bytes")
+                     f"paper total {paper:,} bytes; clients' energy {energy:,.1f} J")
     kinds = Table(title="bytes by kind in round 0")
     kinds.add_column("kind")
     kinds.add_column("bytes", justify="right", no_wrap=True)

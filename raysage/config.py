@@ -135,6 +135,17 @@ class Config(BaseModel):
         "between the gradient the client used and the true cut-layer gradient (an observer: "
         "no simulated bytes or time, no change to training; costs host time)")
 
+    leakage_uploads: int = Field(
+        2, ge=0,
+        description="uploads per client and round (a seeded sample) on which leakage is measured:"
+        " distance correlation of inputs and smashed data, and a clustering attack on the labels "
+        "of smashed data and of cut-layer gradients (an observer; 0 turns it off)")
+    inversion: bool = Field(
+        False,
+        description="at the end of the run, train a decoder on public data (half the test split) "
+        "to invert the final client model and report its reconstruction error (costs host time)")
+    inversion_epochs: int = Field(30, ge=1, description="epochs of the inversion decoder")
+
     # Simulated world.
     profile: ProfileName = Field(
         "uniform",
@@ -420,6 +431,9 @@ def _check_together(cfg: Config, algorithm) -> None:
         able = [name for name, cls in ALGORITHMS.items() if cls.runs_language_task]
         raise ConfigError(f"algorithm '{cfg.algorithm}' does not run the language-model task; "
                           "choose one of: " + ", ".join(able))
+    if language and cfg.inversion:
+        raise ConfigError("inversion reconstructs images; the language-model task has token "
+                          "ids as inputs: drop --inversion")
     if language and cfg.partition != "iid":
         raise ConfigError(f"partition '{cfg.partition}' needs class labels; the language-model "
                           "task splits its records iid (--partition iid)")

@@ -42,7 +42,7 @@ class Progress:
     next_round: int
     global_state: dict[str, dict[str, Any]]
     sim_time: float
-    totals: dict[str, int]
+    totals: dict[str, float]      # bytes (integers) and joules
     wall_time: float
 
 
@@ -136,8 +136,8 @@ def _validate(m: Manifest) -> None:
     for key in ("sim_time", "wall_time"):
         if not isinstance(m[key], (int, float)) or not math.isfinite(m[key]):
             raise ValueError(f"{key} {m[key]!r}")
-    if not all(isinstance(v, int) for v in m["totals"].values()):
-        raise ValueError("totals must be integers")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in m["totals"].values()):
+        raise ValueError("totals must be numbers")
     if not isinstance(m["parts"], list):
         raise ValueError("parts")
     if not all(cid.isdigit() and isinstance(n, int) for cid, n in m["uploaded"].items()):

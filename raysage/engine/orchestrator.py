@@ -280,6 +280,13 @@ class Orchestrator:
         return {key: float(np.mean([scores[c][key] for c in cids]))
                 for key in ("accuracy", "test_loss")}
 
+    def invert(self, rnd: int, global_state) -> dict[str, float]:
+        """The model-inversion attack on the final client model (see raysage.leakage)."""
+        backend = self.backend
+        cid = None if "client" in global_state else self.world.eval_clients(rnd)[0]
+        worker = self.workers[self.owner[cid] if cid is not None else 0]
+        return backend.get(backend.call(worker, "invert", cid, global_state, self.test))
+
     def memory(self) -> dict[str, int]:
         """RSS of the driver, the largest worker and the server; ``memory_total``
         is the PSS summed over all of them (the process tree's footprint)."""
@@ -337,7 +344,7 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
         raise ConfigError(f"run folder {run_dir} already exists and is not empty; "
                           "choose another --out, remove it, or continue it with --resume")
     initial = Progress(0, world.facts.initial_global, 0.0,
-                       {"total_bytes": 0, "paper_total_bytes": 0}, 0.0)
+                       {"total_bytes": 0, "paper_total_bytes": 0, "energy_j": 0.0}, 0.0)
     progress = read_progress(run_dir, manifest) if manifest else initial
     if resume is not None:
         remove_unlisted_state(run_dir, manifest)
@@ -374,6 +381,8 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
                 remove_unlisted_state(run_dir, manifest)
                 orchestrator.restore(manifest)
                 writer.truncate(progress.next_round)
+        inversion = (orchestrator.invert(progress.next_round - 1, progress.global_state)
+                     if cfg.inversion else {})
     finally:
         orchestrator.close()
 
@@ -386,6 +395,7 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
         "total_bytes": progress.totals["total_bytes"],
         "paper_total_bytes": progress.totals["paper_total_bytes"],
         "total_gib": progress.totals["total_bytes"] / GIB, "sim_time_s": progress.sim_time,
+        "energy_j": progress.totals["energy_j"], **inversion,
         "wall_time_s": progress.wall_time, "startup_s": startup, "run_dir": str(run_dir),
         # Frozen weights (a LoRA model's base) never travel; reported beside the traffic.
         "frozen_model_bytes": {"client": world.setup.sizes.client_frozen,
@@ -403,8 +413,8 @@ def run_one_round(orchestrator: Orchestrator, writer: RunWriter, progress: Progr
     round_start = time.perf_counter()
     schedule, results, server_out, global_state = orchestrator.run_round(
         rnd, progress.global_state, progress.sim_time)
-    row, client_rows = round_rows(orchestrator.world.algorithm, rnd, schedule, results,
-                                  server_out, orchestrator.owner)
+    row, client_rows = round_rows(orchestrator.world, rnd, schedule, results, server_out,
+                                  orchestrator.owner)
     if (rnd + 1) % cfg.eval_every == 0 or rnd == cfg.rounds - 1:
         row.update(orchestrator.evaluate(rnd, global_state))
     else:
@@ -413,6 +423,7 @@ def run_one_round(orchestrator: Orchestrator, writer: RunWriter, progress: Progr
     wall = time.perf_counter() - round_start
     row.update(cumulative_bytes=totals["total_bytes"],
                cumulative_paper_bytes=totals["paper_total_bytes"],
+               cumulative_energy_j=totals["energy_j"],
                sim_time=schedule.end, wall_round_time=wall,
                wall_time=progress.wall_time + wall)
     row.update(orchestrator.memory())

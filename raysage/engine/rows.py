@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 
 from ..algorithms.base import Algorithm, Metric
+from ..leakage import leakage_metrics
+from ..netsim.energy import client_energy
 from ..netsim.planner import RoundSchedule, Segment
 from .world import World
 
@@ -43,10 +45,10 @@ def pooled(metric: Metric, sources: list[Sums]) -> dict[str, float]:
     return out
 
 
-def blank_metrics(algo: Algorithm) -> dict[str, float]:
+def blank_metrics(metrics: tuple[Metric, ...]) -> dict[str, float]:
     """A dropped client's metric columns: nothing was measured."""
     out: dict[str, float] = {}
-    for metric in algo.metrics:
+    for metric in metrics:
         if metric.per_client:
             out[metric.name] = math.nan
             if metric.count:
@@ -66,17 +68,23 @@ def plan_rows(world: World, rounds: int | None = None) -> list[dict[str, Any]]:
             for kind, n in used.items():
                 kinds[kind] = kinds.get(kind, 0) + n
         sim_time = schedule.end
+        energy = sum(client_energy(t, world.profiles[cid])["energy_j"]
+                     for cid, t in schedule.clients.items())
+        energy += sum(d.energy.get("energy_j", 0.0) for d in schedule.dropped.values())
         rows.append({"round": rnd, "participants": len(schedule.clients),
                      "dropped": len(schedule.dropped),
                      **bytes_by_kind(world.algorithm, kinds),
+                     "energy_j": energy,
                      "sim_round_time": schedule.duration, "sim_time": sim_time})
     return rows
 
 
-def round_rows(algo: Algorithm, rnd: int, schedule: RoundSchedule, results: dict[int, Any],
+def round_rows(world: World, rnd: int, schedule: RoundSchedule, results: dict[int, Any],
                server_out: dict[str, Any], owner: list[int]) -> tuple[dict, list[dict]]:
     """Turn a round's schedule and outcomes into one round row and its client rows."""
-    per_client = [m for m in algo.metrics if m.per_client]
+    algo = world.algorithm
+    metrics = (*algo.metrics, *leakage_metrics())
+    per_client = [m for m in metrics if m.per_client]
     at_server: dict[int, Sums] = server_out["client_metrics"]
     client_rows = []
     for cid in sorted(set(schedule.clients) | set(schedule.dropped)):
@@ -89,7 +97,9 @@ def round_rows(algo: Algorithm, rnd: int, schedule: RoundSchedule, results: dict
             row.update({name: math.nan for name in
                         ("sim_compute", "sim_upload", "sim_download", "sim_wait", "sim_queue",
                          "sim_idle")})
-            row.update(blank_metrics(algo))
+            row.update(blank_metrics(metrics))
+            row.update({"energy_j": 0.0, "energy_compute_j": 0.0, "energy_radio_j": 0.0}
+                       | drop.energy, sim_radio=math.nan)
             row["sim_finish"] = drop.time - schedule.start
             client_rows.append(row)
             continue
@@ -98,7 +108,8 @@ def round_rows(algo: Algorithm, rnd: int, schedule: RoundSchedule, results: dict
                    dropped=False, drop_reason="", **bytes_by_kind(algo, timing.bytes))
         row.update(sim_compute=timing.compute, sim_upload=timing.upload,
                    sim_download=timing.download, sim_wait=timing.wait, sim_queue=timing.queue,
-                   sim_idle=schedule.end - timing.finish)
+                   sim_idle=schedule.end - timing.finish, sim_radio=timing.radio)
+        row.update(client_energy(timing, world.profiles[cid]))
         for metric in per_client:
             row.update(pooled(metric, [result.metrics, at_server.get(cid, {})]))
         row["sim_finish"] = timing.finish - schedule.start
@@ -111,11 +122,13 @@ def round_rows(algo: Algorithm, rnd: int, schedule: RoundSchedule, results: dict
                               if isinstance(a, Segment) and a.cid not in schedule.dropped)
     for kind in [*(k.name for k in algo.byte_kinds), "total_bytes", "paper_total_bytes"]:
         row[kind] = sum(r[kind] for r in client_rows)
+    for part in ("energy_j", "energy_compute_j", "energy_radio_j"):
+        row[part] = sum(r[part] for r in client_rows)
     # Every measurement of the round: the clients', then the server's per client,
     # then the server's own.
     sources = [r.metrics for r in results.values()] + list(at_server.values()) + \
         [server_out["metrics"]]
-    for metric in algo.metrics:
+    for metric in metrics:
         if metric.per_round == "client_mean":
             measured = [r for r in kept if not math.isnan(r[metric.name])]
             row[metric.name] = _mean([r[metric.name] for r in measured])

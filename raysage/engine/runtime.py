@@ -29,12 +29,13 @@ from ..config import build_config
 from ..data import client_batch, make_batch
 from ..data.batches import client_images
 from ..errors import ContractError, RaysageError
+from ..leakage import LeakageProbe, sampled_uploads
 from ..lazy import nn, torch
 from ..models import correct_predictions, count_targets, split_loss
 from ..netsim.planner import Segment
 from ..results import RunFolder
 from ..store import StateStore, from_safetensors, to_safetensors
-from ..streams import seeded, unseeded
+from ..streams import seeded, stream_seed, unseeded
 
 MIB = 2**20
 
@@ -87,6 +88,11 @@ class ClientRound:
         self.segment = first
         self.sent: set[int] = set()
         self.uploads: dict[int, Upload] = {}
+        self.step: Step | None = None
+        cfg = algo.cfg
+        measured = sampled_uploads(cfg.seed, self.cid, rnd, sorted(self.exchanges),
+                                   cfg.leakage_uploads)
+        self.probe = LeakageProbe(cfg.seed, self.cid, rnd, measured) if measured else None
         client.round = self
         body = algo.client_round(client, rnd)
         self.gen = body if inspect.isgenerator(body) else None
@@ -97,7 +103,8 @@ class ClientRound:
     def steps(self):
         for k in range(self.iterations):
             self._check_before(k)
-            yield Step(self, k)
+            self.step = Step(self, k)
+            yield self.step
         self._check_before(self.iterations)
 
     def arrivals(self, k: int | None):
@@ -145,6 +152,8 @@ class ClientRound:
             self._check_waited(k)
             self.sent.add(k)
             self.uploads[k] = out
+            if self.probe is not None and self.step is not None and self.step.k == k:
+                self.probe.upload(k, self.step.x, self.step.y, out.arrays)
             return k == self.segment.blocked_at
         if isinstance(out, Wait):
             return True
@@ -164,6 +173,8 @@ class ClientRound:
             value = reply                     # the reply to the upload it waits on
         else:
             value = {segment.reply_of[1]: reply}   # a reply it takes before iteration `first`
+        if self.probe is not None and segment.reply_of is not None:
+            self.probe.reply(segment.reply_of[1], reply)
         try:
             while True:
                 out = self.gen.send(value)
@@ -172,6 +183,8 @@ class ClientRound:
                 value = None
         except StopIteration as end:
             self.result = end.value
+            if self.probe is not None:
+                self.client.metrics.update(self.probe.metrics())
             if not segment.is_last:
                 self._fail("client_round returned before the plan's last iteration "
                            f"({self.iterations}) or before a reply it should take")
@@ -383,6 +396,32 @@ class ClientRuntime(_Process):
         del self.active[cid]
         self._put_back(client, keep=True)
         return uploads, result
+
+    def invert(self, cid: int | None, global_state: dict[str, State],
+               test: dict[str, np.ndarray]) -> dict[str, float]:
+        """The model-inversion attack on the final client model x_c: the global one, or
+        client cid's own (unshared client models)."""
+        from ..leakage import inversion_attack
+
+        client = None
+        if cid is None:
+            model = self.algo.place(self.algo.arch.make_client())
+            load_state(model, global_state["client"])
+        else:
+            client = self._take(cid)
+            model = client.models["client"]
+        # (Sliced: the embedded synthetic split makes its images on demand.)
+        x = make_batch(test["x_test"][0:len(test["y_test"])], self.setup.mean, self.setup.std,
+                       train=False, generator=None)
+        half = len(x) // 2
+        try:
+            return inversion_attack(model, x[:half], x[half:], epochs=self.cfg.inversion_epochs,
+                                    seed=stream_seed(self.cfg.seed, "inversion") % 2**31,
+                                    device=self.algo.device)
+        finally:
+            if client is not None:
+                self._put_back(client, keep=False)
+            return_freed_memory()
 
     def evaluate_clients(self, cids: list[int], export: dict[str, State],
                          test: dict[str, np.ndarray]) -> dict[int, dict[str, float]]:

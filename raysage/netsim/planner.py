@@ -122,23 +122,42 @@ class ClientTiming:
     download: float = 0.0
     wait: float = 0.0        # blocked on server replies
     queue: float = 0.0       # the client's uploads waiting in the server's queue
+    # Blocked while the server queues and serves an upload it waits on (the radio
+    # stays on, neither sending nor receiving): part of ``wait``.
+    served: float = 0.0
     bytes: dict[str, int] = field(default_factory=dict)
-    # (time, bytes by kind) of every message: when it was sent, or for
+    sent: int = 0            # bytes up
+    received: int = 0        # bytes down
+    # (time, bytes by kind, sent?) of every message: when it was sent, or for
     # replies when it arrived; what a client that drops had already spent.
-    messages: list[tuple[float, dict[str, int]]] = field(default_factory=list)
+    messages: list[tuple[float, dict[str, int], bool]] = field(default_factory=list)
 
-    def add_bytes(self, kinds: dict[str, int], at: float) -> None:
+    def add_bytes(self, kinds: dict[str, int], at: float, up: bool) -> None:
         for kind, n in kinds.items():
             self.bytes[kind] = self.bytes.get(kind, 0) + n
-        self.messages.append((at, kinds))
+        if up:
+            self.sent += sum(kinds.values())
+        else:
+            self.received += sum(kinds.values())
+        self.messages.append((at, kinds, up))
+
+    @property
+    def radio(self) -> float:
+        """Seconds the client's radio is on: sending, receiving, or waiting for a reply."""
+        return self.upload + self.download + self.served
 
     def bytes_before(self, t: float) -> dict[str, int]:
         out: dict[str, int] = {}
-        for at, kinds in self.messages:
+        for at, kinds, _ in self.messages:
             if at < t:
                 for kind, n in kinds.items():
                     out[kind] = out.get(kind, 0) + n
         return out
+
+    def sent_received_before(self, t: float) -> tuple[int, int]:
+        sent = sum(sum(k.values()) for at, k, up in self.messages if at < t and up)
+        received = sum(sum(k.values()) for at, k, up in self.messages if at < t and not up)
+        return sent, received
 
 
 @dataclass
@@ -148,6 +167,7 @@ class Drop:
     reason: str                  # "dropout", "deadline" or "over-selection"
     time: float                  # when it was dropped (absolute simulated time)
     bytes: dict[str, int]        # what it had sent or received by then
+    energy: dict[str, float] = field(default_factory=dict)   # what it had spent by then
 
 
 @dataclass
@@ -189,7 +209,7 @@ class _Client:
 
     def run(self) -> Iterator[tuple[float, Exchange]]:
         plan, prof, timing = self.plan, self.profile, self.timing
-        timing.add_bytes(plan.download, timing.start)
+        timing.add_bytes(plan.download, timing.start, up=False)
         t = timing.start + _transfer(sum(plan.download.values()), prof.downlink, prof.latency)
         timing.download += t - timing.start
         for k in range(plan.iterations):
@@ -199,7 +219,7 @@ class _Client:
             timing.compute += step
             exchange = plan.exchanges.get(k)
             if exchange is not None:
-                timing.add_bytes(exchange.up, t)
+                timing.add_bytes(exchange.up, t, up=True)
                 sent_at = t
                 self.arrivals[k] = self._send(t, sum(exchange.up.values()))
                 yield self.arrivals[k], exchange
@@ -213,7 +233,7 @@ class _Client:
             t += step
             timing.compute += step
         if sum(plan.upload.values()):  # nothing to send costs no latency either
-            timing.add_bytes(plan.upload, t)
+            timing.add_bytes(plan.upload, t, up=True)
             t = self._send(t, sum(plan.upload.values()))
         timing.finish = t
 
@@ -271,11 +291,13 @@ def plan_round(plans: list[ClientRoundPlan], profiles: dict[int, DeviceProfile],
         for member, kk, ex in members:
             client = clients[member]
             client.timing.queue += begin - client.arrivals[kk]
+            if ex.blocking:
+                client.timing.served += server_free - client.arrivals[kk]
             if ex.has_reply:
                 replies[(member, kk)] = server_free + _transfer(
                     sum(ex.down.values()), client.profile.downlink, client.profile.latency)
                 client.timing.download += replies[(member, kk)] - server_free
-                client.timing.add_bytes(ex.down, replies[(member, kk)])
+                client.timing.add_bytes(ex.down, replies[(member, kk)], up=False)
         ops.append(ServerOp([(m, kk) for m, kk, _ in members], begin, server_free, replies))
         for member, kk, ex in members:
             if ex.blocking:

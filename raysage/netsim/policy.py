@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from .energy import energy_until
 from .planner import ClientRoundPlan, Drop, RoundSchedule, plan_round
 from .profiles import DeviceProfile
 
@@ -31,7 +32,8 @@ def selection_size(target: int, policy: str, over_selection: float, num_clients:
 
 
 def decide_drops(first: RoundSchedule, *, policy: str, deadline: float | None, keep: int,
-                 dropout: float, rng: np.random.Generator) -> dict[int, Drop]:
+                 dropout: float, rng: np.random.Generator,
+                 profiles: dict[int, DeviceProfile] | None = None) -> dict[int, Drop]:
     """Drops of a round planned with every selected client.
 
     In order: mid-round dropout (probability ``dropout``, at a uniform point
@@ -59,6 +61,9 @@ def decide_drops(first: RoundSchedule, *, policy: str, deadline: float | None, k
             cutoff = clients[by_finish[keep - 1]].finish
             for cid in by_finish[keep:]:
                 drops[cid] = Drop("over-selection", cutoff, clients[cid].bytes_before(cutoff))
+    if profiles is not None:
+        for cid, drop in drops.items():
+            drop.energy = energy_until(clients[cid], profiles[cid], drop.time)
     return drops
 
 
@@ -70,7 +75,7 @@ def plan_with_policy(make_plans: Callable[[list[int]], list[ClientRoundPlan]],
     """Plan a round, drop whom the world and the policy drop, plan the survivors again."""
     first = plan_round(make_plans(selected), profiles, server_flops, start)
     drops = decide_drops(first, policy=policy, deadline=deadline, keep=keep, dropout=dropout,
-                         rng=rng)
+                         rng=rng, profiles=profiles)
     if not drops:
         return first
     survivors = [c for c in selected if c not in drops]

@@ -26,21 +26,47 @@ class DeviceProfile:
     downlink: float           # bytes/s server -> client
     latency: float            # one-way seconds
     availability: float = 1.0  # probability of being reachable in a round
+    # Energy (see raysage.netsim.energy): joules per FLOP of training, per byte
+    # sent and received on top of the radio's base power, and that base power
+    # while the radio is on (sending, receiving, or waiting for the server).
+    joules_per_flop: float = 0.0
+    joules_per_byte_up: float = 0.0
+    joules_per_byte_down: float = 0.0
+    wait_watts: float = 0.0
 
+
+# Energy of the presets. Compute: the device class's power while training over
+# its sustained FLOP/s. Radio: the linear power model of Huang et al., "A Close
+# Examination of Performance and Power Characteristics of 4G LTE Networks"
+# (MobiSys 2012, Table 3), P = alpha_u * t_u + alpha_d * t_d + beta, with
+# throughputs t in Mbit/s: alpha is energy per bit, beta the base power while
+# the radio is active. Per byte: alpha [mW/(Mbit/s)] * 8e-9 J.
+_PER_BYTE = 8e-9
+WIFI_RADIO = dict(joules_per_byte_up=283.17 * _PER_BYTE, joules_per_byte_down=137.01 * _PER_BYTE,
+                  wait_watts=0.13286)
+LTE_RADIO = dict(joules_per_byte_up=438.39 * _PER_BYTE, joules_per_byte_down=51.97 * _PER_BYTE,
+                 wait_watts=1.28804)
+# A server NIC on a data-centre network: about 1 nJ per bit moved (10 GbE
+# adapters draw about 10 W at 10 Gbit/s), idle GPU server about 50 W.
+WIRED_RADIO = dict(joules_per_byte_up=8e-9, joules_per_byte_down=8e-9, wait_watts=50.0)
 
 # A mid-range phone or laptop on a home broadband link: the median device
-# that the heterogeneous preset spreads around.
+# that the heterogeneous preset spreads around. About 5 W while training.
 MEDIAN_DEVICE = DeviceProfile(compute_flops=5e10, uplink=20 * MBIT, downlink=100 * MBIT,
-                              latency=0.02)
+                              latency=0.02, joules_per_flop=5.0 / 5e10, **WIFI_RADIO)
 
 PRESETS: dict[str, DeviceProfile] = {
     "uniform": MEDIAN_DEVICE,
-    # Silos in one region: GPU-class compute, 10 Gbit/s, sub-millisecond.
-    "datacenter": DeviceProfile(1e13, 10_000 * MBIT, 10_000 * MBIT, 0.0005),
-    # A laptop on home Wi-Fi to a cloud region.
-    "wifi": DeviceProfile(1e11, 50 * MBIT, 100 * MBIT, 0.015),
-    # A phone on LTE: slow, asymmetric, far, and not always reachable.
-    "4g-mobile": DeviceProfile(2e10, 5 * MBIT, 20 * MBIT, 0.05, availability=0.9),
+    # Silos in one region: GPU-class compute (a 300 W accelerator), 10 Gbit/s,
+    # sub-millisecond.
+    "datacenter": DeviceProfile(1e13, 10_000 * MBIT, 10_000 * MBIT, 0.0005,
+                                joules_per_flop=300.0 / 1e13, **WIRED_RADIO),
+    # A laptop on home Wi-Fi to a cloud region (a 28 W mobile processor).
+    "wifi": DeviceProfile(1e11, 50 * MBIT, 100 * MBIT, 0.015, joules_per_flop=28.0 / 1e11,
+                          **WIFI_RADIO),
+    # A phone on LTE: slow, asymmetric, far, and not always reachable (3 W).
+    "4g-mobile": DeviceProfile(2e10, 5 * MBIT, 20 * MBIT, 0.05, availability=0.9,
+                               joules_per_flop=3.0 / 2e10, **LTE_RADIO),
 }
 PRESETS["heterogeneous"] = MEDIAN_DEVICE
 
@@ -50,6 +76,8 @@ PRESETS["heterogeneous"] = MEDIAN_DEVICE
 HETEROGENEOUS_SIGMA = 1.0
 
 TRACE_COLUMNS = ("compute_flops", "uplink_mbps", "downlink_mbps", "latency_ms", "availability")
+# Optional; a trace without them takes the median device's.
+ENERGY_COLUMNS = ("joules_per_flop", "joules_per_byte_up", "joules_per_byte_down", "wait_watts")
 
 
 def straggler_factors(dist: str, param: float, num_clients: int, seed: int) -> np.ndarray:
@@ -130,8 +158,10 @@ def read_trace(path: str | Path) -> list[DeviceProfile]:
     """Client profiles from a CSV or Parquet trace, one row per client.
 
     Columns: compute_flops (FLOP/s), uplink_mbps, downlink_mbps (Mbit/s),
-    latency_ms, availability (0..1, optional, default 1). Rows are numbered
-    from 1 as a spreadsheet shows data rows (the header is not counted).
+    latency_ms, availability (0..1, optional, default 1), and optionally the
+    energy columns joules_per_flop, joules_per_byte_up, joules_per_byte_down and
+    wait_watts (default: the median device's). Rows are numbered from 1 as a
+    spreadsheet shows data rows (the header is not counted).
     """
     path = Path(path)
     if not path.exists():
@@ -165,5 +195,8 @@ def read_trace(path: str | Path) -> list[DeviceProfile]:
             availability=_number(path, i, "availability",
                                  rec.get("availability") if rec.get("availability") not in
                                  (None, "") else 1.0, low=0, high=1, open_low=False),
+            **{column: _number(path, i, column, rec[column], low=0, open_low=False)
+               if rec.get(column) not in (None, "") else getattr(MEDIAN_DEVICE, column)
+               for column in ENERGY_COLUMNS},
         ))
     return profiles
