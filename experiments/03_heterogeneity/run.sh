@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Experiment 3: heterogeneity (Dirichlet alpha 0.1 and 1, and experiment 2's
 # iid runs) at the reference code's CIFAR setting.
-# Expected runtime: about 2.5 hours on 2 CPU cores (18 runs of 40 rounds).
+# Expected runtime: about 25 minutes on 2 CPU cores (4 runs of 20 rounds).
 # For the full-scale version use experiment 1, whose grid includes more alphas.
 set -euo pipefail
 DATA=${DATA:-../shared/data/cifar10_subset.npz}
