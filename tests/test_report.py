@@ -169,8 +169,9 @@ def test_write_report_writes_figures_and_markdown(tmp_path):
 
     text = (tmp_path / "report" / "report.md").read_text()
     assert "10 runs" in text
-    assert "| CSE-FSL (clients=10) | 1 | 55.00% | 55.00% | 6 | 2.5000 | 2.50x | 50.0 | 2.50x |" \
-        in text
+    # no energy or leakage columns in these runs: shown as not measured
+    assert ("| CSE-FSL (clients=10) | 1 | 55.00% | 55.00% | 6 | 2.5000 | 2.50x | 50.0 | 2.50x "
+            "| not reached | - | - | - | - |") in text
     assert "### partition=dirichlet, alpha=0.1" in text and "## Scalability: workers" in text
     assert "![accuracy vs communication](accuracy_vs_communication.png)" in text
     cse = [row for row in summary["table"] if row["algorithm"] == "cse_fsl"]
@@ -194,6 +195,40 @@ def test_write_report_default_target_and_no_optional_figures(tmp_path):
     assert {row["target"] for row in summary["table"]} == {0.55}
     text = (tmp_path / "out" / "report.md").read_text()
     assert "accuracy >= 55.00% (lowest best accuracy in the facet" in text
+
+
+def with_energy_and_leakage(rows, joules_per_round, dcor=NAN, smashed=NAN, grad=NAN):
+    for r, row in enumerate(rows):
+        row.update(cumulative_energy_j=(r + 1) * joules_per_round, leak_input_dcor=dcor + r / 10,
+                   leak_label_smashed=smashed, leak_label_grad=grad)
+    return rows
+
+
+def test_energy_to_target_and_leakage_in_table_and_figures(tmp_path):
+    # FSL-SAGE reaches 0.5 in round 1 (2 x 300 J), CSE-FSL in round 4 (5 x 100 J);
+    # FedAvg sends no smashed data or gradients: its leakage stays unmeasured.
+    make_run(tmp_path / "runs", "a", with_energy_and_leakage(curve(FSL), 300.0, 0.5, 0.4, 0.9),
+             algorithm="fsl_sage")
+    make_run(tmp_path / "runs", "b", with_energy_and_leakage(curve(CSE), 100.0, 0.7, 0.3),
+             algorithm="cse_fsl")
+    make_run(tmp_path / "runs", "c", with_energy_and_leakage(curve([0.1, 0.2]), 50.0),
+             algorithm="fedavg")
+    summary = write_report(tmp_path / "runs", tmp_path / "out", target=0.5)
+    by_alg = {row["algorithm"]: row for row in summary["table"]}
+    assert by_alg["fsl_sage"]["energy_to_target"] == pytest.approx(600.0)
+    assert by_alg["cse_fsl"]["energy_to_target"] == pytest.approx(500.0)
+    assert by_alg["cse_fsl"]["energy_ratio"] == pytest.approx(500 / 600)
+    assert by_alg["fedavg"]["energy_to_target"] is None       # never reached 0.5
+    # dCor means over rounds 0..n-1 of base + r/10
+    assert by_alg["fsl_sage"]["leak_input_dcor"] == pytest.approx(0.5 + 0.1)
+    assert by_alg["cse_fsl"]["leak_input_dcor"] == pytest.approx(0.7 + 0.25)
+    assert by_alg["cse_fsl"]["leak_label_grad"] is None
+    assert by_alg["fedavg"]["leak_label_smashed"] is None
+    assert {"accuracy_vs_energy.png", "leakage_vs_round.png"} <= set(summary["figures"])
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| FSL-SAGE | 1 | 60.00% | 60.00% | 3 | 1.0000 | 1.00x | 20.0 | 1.00x | 0.6 | 1.00x " \
+        "| 0.600 | 0.400 | 0.900 |" in text
+    assert "| 0.5 | 0.83x | 0.950 | 0.300 | - |" in text
 
 
 def test_loss_report_names_figures_after_the_metric(tmp_path):

@@ -357,6 +357,17 @@ def _default_target(bests: list[float], m: Metric) -> float | None:
     return target if target >= worst else math.ceil(worst * 100) / 100
 
 
+def _at_round(rounds: list[dict[str, Any]], rnd: int, column: str) -> float | None:
+    value = next((_num(row.get(column)) for row in rounds if row["round"] == rnd), math.nan)
+    return None if math.isnan(value) else value
+
+
+def _leakage(rounds: list[dict[str, Any]], column: str) -> float | None:
+    """Mean over the rounds that measured it; None when nothing of the kind was measured."""
+    values = [v for v in (_num(row.get(column)) for row in rounds) if not math.isnan(v)]
+    return sum(values) / len(values) if values else None
+
+
 def _ratio(value: float | None, reference: float | None) -> float | None:
     if value is None or reference is None or not reference > 0:
         return None
@@ -365,8 +376,9 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
 
 def target_table(series: list[Series], target: float | None = None,
                  metric: str = "accuracy") -> list[dict[str, Any]]:
-    """Per facet and algorithm: best/final metric and the cost of reaching the target,
-    also as a ratio to FSL-SAGE's cost (> 1: FSL-SAGE needed less)."""
+    """Per facet and algorithm: best/final metric and the cost of reaching the target
+    (bytes, simulated time, client energy), also as a ratio to FSL-SAGE's cost (> 1:
+    FSL-SAGE needed less), and the mean leakage measured over the run."""
     m = _metric(metric)
     line_fields = _line_fields(series)
     rows = []
@@ -384,6 +396,9 @@ def target_table(series: list[Series], target: float | None = None,
             ref = next((r for r in facet.series if r.algorithm == "fsl_sage"
                         and _line_values(r, line_fields) == _line_values(s, line_fields)), None)
             hit, ref_hit = hits[id(s)], hits[id(ref)] if ref is not None else None
+            energy = _at_round(s.rounds, hit[0], "cumulative_energy_j") if hit else None
+            ref_energy = (_at_round(ref.rounds, ref_hit[0], "cumulative_energy_j")
+                          if ref_hit else None)
             rows.append({
                 "facet": facet.label, "algorithm": s.algorithm, "label": _line_label(s, line_fields),
                 "runs": len(s.runs), "best": _best(s.rounds, m), "final": _final(s.rounds, m),
@@ -393,6 +408,9 @@ def target_table(series: list[Series], target: float | None = None,
                 "gib_ratio": _ratio(hit[1], ref_hit[1]) if hit and ref_hit else None,
                 "time_to_target": hit[2] if hit else None,
                 "time_ratio": _ratio(hit[2], ref_hit[2]) if hit and ref_hit else None,
+                "energy_to_target": energy,
+                "energy_ratio": _ratio(energy, ref_energy),
+                **{column: _leakage(s.rounds, column) for column in LEAKAGE_PANELS},
             })
     return rows
 
@@ -450,6 +468,13 @@ CURVE_AXES = {  # x name -> (axis label, value of a round row)
     "communication": ("communication (GiB)", lambda row: _num(row.get("cumulative_bytes")) / GIB),
     "sim_time": ("simulated time (s)", lambda row: _num(row.get("sim_time"))),
     "round": ("round", lambda row: float(row["round"])),
+    "energy": ("energy of all clients (kJ)", lambda row: _num(row.get("cumulative_energy_j")) / 1e3),
+}
+# The leakage observer's columns (raysage/leakage.py): panel titles of the leakage figure.
+LEAKAGE_PANELS = {
+    "leak_input_dcor": "input leakage: dCor(inputs, smashed data)",
+    "leak_label_smashed": "label leakage: attack accuracy on smashed data",
+    "leak_label_grad": "label leakage: attack accuracy on cut-layer gradients",
 }
 SCALING_PANELS = (  # cost, panel title, y label
     ("wall_per_round", "host wall time per round", "wall time / round (s, rounds >= 1)"),
@@ -543,6 +568,32 @@ def _estimate_figure(series: list[Series]):
     return fig
 
 
+def _leakage_figure(series: list[Series]):
+    """The leakage observer's measurements against round: one panel per kind of
+    leakage that any run measured, per facet."""
+    columns = [c for c in LEAKAGE_PANELS
+               if any(not math.isnan(_num(r.get(c))) for s in series for r in s.rounds)]
+    if not columns:
+        return None
+    facets, line_fields = _facets(series), _line_fields(series)
+    fig, axes = _grid(len(columns) * len(facets), "Leakage vs round" + _context(series),
+                      ncols=len(columns))
+    for i, facet in enumerate(facets):
+        for j, column in enumerate(columns):
+            ax = axes[i * len(columns) + j]
+            for s in facet.series:
+                points = [(r["round"], _num(r.get(column))) for r in s.rounds]
+                points = [p for p in points if not math.isnan(p[1])]
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points],
+                            marker="o" if len(points) <= 20 else None, markersize=3,
+                            color=s.colour, label=_line_label(s, line_fields))
+            _finish(ax, f"{facet.label}: {LEAKAGE_PANELS[column]}" if len(facets) > 1
+                    else LEAKAGE_PANELS[column], "round",
+                    "distance correlation" if column == "leak_input_dcor" else "attack accuracy")
+    return fig
+
+
 def _positive_decades(ax) -> bool:
     values = [v for line in ax.get_lines() for v in line.get_ydata() if v > 0]
     return bool(values) and max(values) / min(values) > 100
@@ -627,6 +678,14 @@ def _times(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _kilojoules(value: float | None) -> str:
+    return "not reached" if value is None else f"{value / 1e3:.3g}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: Metric,
               scaling: dict[str, list[ScalingLine]], figures: list[str]) -> str:
     out = [f"# raysage report: {metric.title.split(' (')[0]}", "",
@@ -643,7 +702,11 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
         out.append(f"- `{run.path}`: {run.label}, seed "
                    f"{run.config.get('seed')}, {done}")
     out += ["", "## Cost to reach the target", "",
-            "Ratios are the algorithm's cost over FSL-SAGE's (above 1x: FSL-SAGE needed less)."]
+            "Ratios are the algorithm's cost over FSL-SAGE's (above 1x: FSL-SAGE needed less). "
+            "Energy is all clients' simulated energy up to the round that reached the target. "
+            "Leakage columns are means over the run's rounds of the leakage observer's "
+            "measurements (`-`: nothing of that kind crosses the link, or not measured); "
+            "see the README's \"Leakage and energy\" for what they mean and their limits."]
     compare = ">=" if metric.higher_is_better else "<="
     for facet in dict.fromkeys(row["facet"] for row in table):
         rows = [row for row in table if row["facet"] == facet]
@@ -652,13 +715,16 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
                 f"Target: {metric.name} {compare} {metric.show(goal)} ({rows[0]['target_rule']})."
                 if goal is not None else "No target: no algorithm has an evaluated round.", "",
                 ("| algorithm | runs | best | final | rounds | GiB to target | vs FSL-SAGE "
-                 "| sim time to target (s) | vs FSL-SAGE |"),
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                 "| sim time to target (s) | vs FSL-SAGE | client energy to target (kJ) "
+                 "| vs FSL-SAGE | input dCor | label attack, smashed | label attack, gradients |"),
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in rows:
             out.append(f"| {row['label']} | {row['runs']} | {metric.show(row['best'])} | "
                        f"{metric.show(row['final'])} | {row['rounds']} | "
                        f"{_gib(row['gib_to_target'])} | {_times(row['gib_ratio'])} | "
-                       f"{_seconds(row['time_to_target'])} | {_times(row['time_ratio'])} |")
+                       f"{_seconds(row['time_to_target'])} | {_times(row['time_ratio'])} | "
+                       f"{_kilojoules(row['energy_to_target'])} | {_times(row['energy_ratio'])} | "
+                       + " | ".join(_share(row[c]) for c in LEAKAGE_PANELS) + " |")
     for axis, lines in scaling.items():
         out += ["", f"## Scalability: {axis}", "",
                 "Per-round means leave out round 0 (one-off setup) when a run has more rounds.", "",
@@ -703,14 +769,19 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
         _save_figure(fig, out / name)
         figures.append(name)
 
-    for x in CURVE_AXES:
-        save(_curve_figure(series, m, x, targets), f"{m.name}_vs_{x}.png")
+    for x, (_, x_of) in CURVE_AXES.items():
+        # Runs written before a column existed (energy) get no empty figure.
+        if any(not math.isnan(x_of(r)) for s in series for r in s.rounds):
+            save(_curve_figure(series, m, x, targets), f"{m.name}_vs_{x}.png")
     alphas = {s.config.get("alpha") for s in series if s.config.get("partition") == "dirichlet"}
     if m.name == "accuracy" and len(alphas) >= 2:
         save(_alpha_figure(series, m), "best_accuracy_vs_alpha.png")
     quality = _estimate_figure(series)
     if quality is not None:
         save(quality, "estimate_quality_vs_round.png")
+    leakage = _leakage_figure(series)
+    if leakage is not None:
+        save(leakage, "leakage_vs_round.png")
     scaling = {axis: lines for axis in SCALING_AXES if (lines := scaling_lines(runs, axis))}
     for axis, lines in scaling.items():
         save(_scaling_figure(lines, axis), f"scalability_{axis}.png")
