@@ -211,7 +211,8 @@ class Config(BaseModel):
         "worker and in the server, in MiB; the rest spills to disk under the run folder")
     dashboard: bool = Field(
         False,
-        description="start Ray's dashboard with a local cluster (about 160 MiB more; off by default)")
+        description="start Ray's dashboard with a local cluster (its extra processes cost "
+        "memory; off by default)")
     eval_clients: int = Field(
         10, ge=1,
         description="clients whose own models are evaluated when client models are unshared (SGLR)")
