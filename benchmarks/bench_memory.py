@@ -111,7 +111,9 @@ class Sampler:
 
 def measure(flags: list[str], python: str = sys.executable) -> dict:
     """Run ``raysage simulate FLAGS`` and measure it; returns the figures."""
-    with tempfile.TemporaryDirectory(dir=".") as tmp:
+    # Beside the repository, not in /tmp: spilled state and checkpoints should land
+    # on the disk a user's run folder would (and stay out of git: .gitignore).
+    with tempfile.TemporaryDirectory(dir=".", prefix=".bench-") as tmp:
         out = Path(tmp) / "run"
         cmd = [python, "-m", "raysage.cli", "simulate", *flags, "--out", str(out)]
         t0 = time.perf_counter()
