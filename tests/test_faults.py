@@ -101,6 +101,35 @@ def test_a_killed_actor_is_replaced_and_the_results_do_not_change(tmp_path, ray_
     assert dropped  # the deadline really dropped someone
 
 
+def test_a_worker_that_dies_during_a_checkpoint_is_recovered_like_one_mid_round(
+        tmp_path, ray_session, monkeypatch):
+    # Round 1's rows are written when its checkpoint meets a dead worker: the round,
+    # checkpoint included, runs again from round 0's checkpoint, and nothing differs.
+    fields = dict(algorithm="fsl_sage", clients=4, samples_per_client=30, rounds=3,
+                  workers=2, cpus_per_worker=1, checkpoint_every=1, test_samples=60,
+                  backend="ray", align_interval=2, align_epochs=2)
+    simulate(build_config(fields | {"out": str(tmp_path / "calm")}), announce=lambda _: None)
+
+    original = orch.Orchestrator.checkpoint_actors
+    killed = []
+
+    def checkpoint_with_a_kill(self, location, tag):
+        if tag.endswith("r1") and not killed:
+            pid = self.backend.get(self.backend.call(self.workers[0], "pid"))
+            os.kill(pid, signal.SIGKILL)
+            psutil.Process(pid).wait(timeout=10) if psutil.pid_exists(pid) else None
+            killed.append(pid)
+        return original(self, location, tag)
+
+    monkeypatch.setattr(orch.Orchestrator, "checkpoint_actors", checkpoint_with_a_kill)
+    lines = []
+    simulate(build_config(fields | {"out": str(tmp_path / "stormy")}), announce=lines.append)
+    assert killed and any("re-running from round 1" in line for line in lines), lines
+    for table in ("rounds.parquet", "clients.parquet"):
+        assert comparable(tmp_path / "stormy" / table) == comparable(tmp_path / "calm" / table)
+    assert read_manifest(RunFolder(str(tmp_path / "stormy")))["next_round"] == 3
+
+
 def test_a_diverging_loss_stops_naming_round_and_client_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "nan"
     fields = {"algorithm": "fedavg", "clients": 3, "samples_per_client": 40, "rounds": 6,
