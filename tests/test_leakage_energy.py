@@ -50,6 +50,38 @@ def test_the_label_attack_reads_labels_the_rows_carry_and_not_others():
     assert cluster_attack(np.ones((400, 5)), labels, seed=1) == pytest.approx(chance)
 
 
+def attack_on_raw_rows(rows, labels, seed):
+    """The attack as its docstring says, on the rows as they are (no projection)."""
+    from scipy.cluster.vq import kmeans2
+    from scipy.optimize import linear_sum_assignment
+
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    classes = np.unique(labels)
+    best, assigned = np.inf, None
+    for start in range(10):
+        centres, found = kmeans2(unit, len(classes), minit="++", seed=seed + start, iter=30)
+        inertia = ((unit - centres[found]) ** 2).sum()
+        if inertia < best:
+            best, assigned = inertia, found
+    counts = np.zeros((len(classes), len(classes)))
+    np.add.at(counts, (assigned, np.searchsorted(classes, labels)), 1)
+    r, c = linear_sum_assignment(counts, maximize=True)
+    return counts[r, c].sum() / len(labels)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_label_attack_on_wide_rows_equals_the_attack_on_the_raw_rows(seed):
+    # A batch of 40 smashed rows of 4,096 values (simple_conv's cut) that carry
+    # their labels weakly: the attack works in the rows' span, which must not
+    # change what it finds.
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, 40)
+    rows = rng.normal(0, 1, (10, 4096))[labels] * 0.5 + rng.normal(0, 1, (40, 4096))
+    expected = attack_on_raw_rows(rows, labels, seed=7)
+    assert 0.2 < expected < 1.0
+    assert cluster_attack(rows, labels, seed=7) == expected
+
+
 # ---------------------------------------------------------------- energy
 
 def test_energy_of_a_one_client_round_by_hand():

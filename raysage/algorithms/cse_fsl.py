@@ -15,8 +15,8 @@ from pydantic import Field
 from .base import (AUX_DOWN, AUX_UP, CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, LABELS_UP, SERVER_LOSS,
                    SMASHED_UP, TRAIN_LOSS, Algorithm, ClientRoundPlan, Keeps, Section)
 from .state import load_state, to_state
-from .steps import (ESTIMATE_COSINE, ESTIMATE_NMSE, local_loss_training,
-                    log_agreement_at_server, server_step, smashed_exchange)
+from .steps import (ESTIMATE_COSINE, ESTIMATE_NMSE, local_loss_training, smashed_exchange,
+                    step_and_compare)
 
 
 class CSEFSLParams(Section):
@@ -65,6 +65,4 @@ class CSEFSL(Algorithm):
     def serve(self, server, rnd, upload):
         x_s = server.models["server"]
         h, y = self.tensor(upload["smashed"]), self.tensor(upload["y"])
-        if "estimate" in upload:
-            log_agreement_at_server(self, server, x_s, upload, h, y)
-        server_step(server, x_s, server.optimizers["server"], h, y)
+        step_and_compare(server, x_s, server.optimizers["server"], upload, h, y, self.tensor)

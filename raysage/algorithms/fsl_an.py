@@ -14,7 +14,7 @@ from .base import (AUX_DOWN, AUX_UP, CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, LABELS_
 from .state import load_state, to_state
 from .steps import (ESTIMATE_COSINE, ESTIMATE_NMSE, average_server_copies,
                     copies_server_model_bytes, copies_state_bytes, local_loss_training,
-                    log_agreement_at_server, server_copy, server_step, smashed_exchange)
+                    server_copy, smashed_exchange, step_and_compare)
 
 
 class FSLAN(Algorithm):
@@ -59,9 +59,7 @@ class FSLAN(Algorithm):
     def serve(self, server, rnd, upload):
         x_s, optimizer = server_copy(self, server, upload.cid)
         h, y = self.tensor(upload["smashed"]), self.tensor(upload["y"])
-        if "estimate" in upload:
-            log_agreement_at_server(self, server, x_s, upload, h, y)
-        server_step(server, x_s, optimizer, h, y)
+        step_and_compare(server, x_s, optimizer, upload, h, y, self.tensor)
 
     def end_server_round(self, server, rnd, global_state, weights):
         average_server_copies(server, weights)

@@ -55,7 +55,7 @@ from .base import (AUX_DOWN, CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, LABELS_UP, SERV
                    stream_seed)
 from .state import load_state, to_state
 from .steps import (ESTIMATE_COSINE, ESTIMATE_NMSE, cross_entropy_grad, gradient_of,
-                    log_agreement, server_step, smashed_exchange)
+                    log_agreement, smashed_exchange, step_and_measure)
 
 
 class FSLSageParams(Section):
@@ -191,13 +191,13 @@ class FSLSage(Algorithm):
         blocking_alignment = self.aligns_at(rnd, upload.k) and self.params.align_blocking
         # Estimate quality: the true gradient for this batch, with x_s as it stands
         # when the upload is served (the client's estimate came with it, or is
-        # measured by the client after the alignment it waits for).
+        # measured by the client after the alignment it waits for); x_s's step
+        # computes it anyway.
         measure = self.cfg.estimate_quality and ("estimate" in upload or blocking_alignment)
-        z_batch = gradient_of(x_s, h, y) if measure else None
+        z_batch = step_and_measure(server, x_s, server.optimizers["server"], h, y, measure)
         if "estimate" in upload:
             log_agreement(partial(server.log_client, upload.cid),
                           self.tensor(upload["estimate"]), z_batch)
-        server_step(server, x_s, server.optimizers["server"], h, y)
 
         # Client i's buffer: its last align_buffer uploaded samples. Targets are
         # (N,) labels or (N, T) tokens.

@@ -42,12 +42,22 @@ def server_step(server: ServerState, x_s: nn.Module, optimizer: Optimizer,
     server.log("server_loss", loss.item(), len(y))
 
 
+def step_and_measure(server: ServerState, x_s: nn.Module, optimizer: Optimizer,
+                     smashed: torch.Tensor, y: torch.Tensor, measure: bool) -> torch.Tensor | None:
+    """Step x_s on (h, y); with ``measure``, also return dL/dh, the true cut-layer
+    gradient of x_s as it stood before the step (the step's backward computes it:
+    no second pass, and nothing in training changes)."""
+    leaf = smashed.detach().requires_grad_() if measure else smashed
+    server_step(server, x_s, optimizer, leaf, y)
+    return leaf.grad if measure else None
+
+
 def serve_with_gradient(algo, server: ServerState, x_s: nn.Module, optimizer: Optimizer,
                         upload: Upload):
     """Step x_s on the upload and return dL/dh for the client (SplitFed, SL)."""
-    smashed = algo.tensor(upload["smashed"]).requires_grad_()
-    server_step(server, x_s, optimizer, smashed, algo.tensor(upload["y"]))
-    return smashed.grad.cpu().numpy()
+    grad = step_and_measure(server, x_s, optimizer, algo.tensor(upload["smashed"]),
+                            algo.tensor(upload["y"]), measure=True)
+    return grad.cpu().numpy()
 
 
 # ------------------------------------------------------------ clients
@@ -191,9 +201,11 @@ def log_agreement(log, used: torch.Tensor, true: torch.Tensor) -> None:
     log("estimate_nmse", float((u - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-300)))
 
 
-def log_agreement_at_server(algo, server: ServerState, x_s: nn.Module, upload: Upload,
-                            h: torch.Tensor, y: torch.Tensor) -> None:
-    """Compare the estimate that came with an upload of (h, y) with x_s's gradient
-    for it, as x_s stands when the upload is served."""
-    log_agreement(partial(server.log_client, upload.cid), algo.tensor(upload["estimate"]),
-                  gradient_of(x_s, h, y))
+def step_and_compare(server: ServerState, x_s: nn.Module, optimizer: Optimizer,
+                     upload: Upload, h: torch.Tensor, y: torch.Tensor, tensor) -> None:
+    """Step x_s on an upload of (h, y); where the client sent the estimate it trained
+    on, compare it with x_s's gradient for the batch, as x_s stood when served."""
+    measure = "estimate" in upload
+    true = step_and_measure(server, x_s, optimizer, h, y, measure)
+    if measure:
+        log_agreement(partial(server.log_client, upload.cid), tensor(upload["estimate"]), true)
