@@ -16,6 +16,7 @@ from raysage.studies.report import (
     GIB,
     group_series,
     load_runs,
+    scaling_lines,
     target_table,
     time_to_target,
     write_report,
@@ -184,6 +185,19 @@ def test_write_report_writes_figures_and_markdown(tmp_path):
     clients_lines = summary["scalability"]["clients"]
     # only the iid points at workers=0 have two client counts; labels need nothing but the name
     assert [label for label, _ in clients_lines] == ["FSL-SAGE", "CSE-FSL"]
+
+
+def test_scaling_lines_never_average_two_layouts(tmp_path):
+    # One worker of half a CPU and one of two CPUs: the same science, different costs.
+    for workers, cpus, wall in ((1, 0.5, 2.0), (2, 0.5, 1.0), (1, 2.0, 0.5), (2, 2.0, 0.25)):
+        make_run(tmp_path, f"w{workers}c{cpus}", curve(FSL, wall=(3.0, wall)), workers=workers,
+                 cpus_per_worker=cpus)
+    lines = scaling_lines(load_runs(tmp_path), "workers")
+    assert [line.label for line in lines] == ["FSL-SAGE (cpus_per_worker=0.5)",
+                                              "FSL-SAGE (cpus_per_worker=2)"]
+    # 50 client steps a round over the round's wall time; each point is one run
+    assert [[(x, runs, costs["steps_per_s"]) for x, runs, costs in line.points]
+            for line in lines] == [[(1, 1, 25.0), (2, 1, 50.0)], [(1, 1, 100.0), (2, 1, 200.0)]]
 
 
 def test_write_report_default_target_and_no_optional_figures(tmp_path):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Experiment 5: scalability over clients (10 ... 10,000) and over workers (1, 2, 4;
 # threads).
-# Expected runtime: about 90 minutes on 2 CPU cores (FSL-SAGE's round 0 at 10,000
+# Expected runtime: about 75 minutes on 2 CPU cores (FSL-SAGE's round 0 at 10,000
 # clients aligns 10,000 auxiliary models). Run it on an otherwise
 # idle machine: it measures host wall time and memory.
 set -euo pipefail

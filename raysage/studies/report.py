@@ -45,6 +45,7 @@ CONDITIONAL_FIELDS = {
         "e2e_max_slots", "seq_len", "tokenizer", "tokenizer_dir", "weights_dir")},
 }
 SCALING_AXES = ("clients", "workers")
+LAYOUT_FIELDS = ("workers", "cpus_per_worker", "gpus_per_worker", "threads")
 DEFAULTS = {name: f.default for name, f in FIELDS.items()}
 
 _OTHER_COLOUR = "#17becf"
@@ -443,12 +444,13 @@ def scaling_lines(runs: list[Run], axis: str) -> list[ScalingLine]:
     only lines with at least two axis values."""
     if len({_key(run.config.get(axis)) for run in runs}) < 2:
         return []
-    other = "workers" if axis == "clients" else "clients"
     groups: dict[str, tuple[dict, dict[Any, list[dict]], Run]] = {}
     for run in runs:
         cfg = scientific_config(run.config)
         cfg.pop(axis, None)
-        cfg[other] = run.config.get(other)   # workers change costs though not results
+        # The layout changes costs though not results: runs of different layouts
+        # are different lines, never averaged.
+        cfg |= {f: run.config.get(f) for f in LAYOUT_FIELDS if f != axis}
         points = groups.setdefault(_key(cfg), (cfg, defaultdict(list), run))[1]
         points[run.config.get(axis)].append(_run_costs(run))
     kept = [group for group in groups.values() if len(group[1]) >= 2]
@@ -641,7 +643,11 @@ def _scaling_figure(lines: list[ScalingLine], axis: str):
         for line in lines:
             ax.plot([p[0] for p in line.points], [p[2][cost] for p in line.points], "-o",
                     color=line.colour, label=line.label)
-        _finish(ax, title, xlabel, ylabel)
+        xs = [float(p[0]) for line in lines for p in line.points if _num(p[0]) > 0]
+        if xs and max(xs) >= 100 * min(xs):   # 10 to 10,000 clients: each decade readable
+            ax.set_xscale("log")
+        _finish(ax, title, xlabel.replace("clients", "clients (log scale)") if
+                ax.get_xscale() == "log" else xlabel, ylabel)
     return fig
 
 
