@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Experiment 7: FSL-SAGE vs CSE-FSL over batch size {20, 64, 128} and FSL-SAGE's
-# alignment interval {1, 10}, with estimate quality between alignments.
-# Expected runtime: about 50 minutes on 2 CPU cores (5 runs of 20 rounds; batch
-# 128 is experiment 2's).
+# Experiment 7: FSL-SAGE vs CSE-FSL over batch size {20, 64, 128}, FSL-SAGE's
+# alignment interval {1, 5, 10}, and at batch 20 the server stepping on every
+# batch (q = 1) and the client learning rate scaled with the batch, with
+# estimate quality between alignments.
+# Expected runtime: about 1.5 hours on 2 CPU cores (14 runs of 20 rounds,
+# 5-9 minutes each; batch 128 at l = 10 is experiment 2's).
 set -euo pipefail
 DATA=${DATA:-../shared/data/cifar10_subset.npz}
 OUT=${OUT:-runs/07_sensitivity}
