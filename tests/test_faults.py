@@ -68,6 +68,36 @@ def test_resume_cli_refuses_other_flags_and_foreign_folders(tmp_path):
     assert out.exit_code == 2 and "cannot be read" in out.output and "Traceback" not in out.output
 
 
+def kill_actor(orchestrator, actor) -> int:
+    """SIGKILL a Ray actor of this run (by its pid) and wait until it is gone."""
+    pid = orchestrator.backend.get(orchestrator.backend.call(actor, "pid"))
+    os.kill(pid, signal.SIGKILL)
+    psutil.Process(pid).wait(timeout=10) if psutil.pid_exists(pid) else None
+    return pid
+
+
+def assert_recovered_like_calm(tmp_path, fields, monkeypatch, method, kill_when):
+    """Run ``fields`` undisturbed ("calm"), then again with an actor killed inside
+    Orchestrator.<method> when ``kill_when(orchestrator, *args)`` names one
+    ("stormy"): the run must say it re-runs round 1 and its tables must equal calm's."""
+    simulate(build_config(fields | {"out": str(tmp_path / "calm")}), announce=lambda _: None)
+    original = getattr(orch.Orchestrator, method)
+    killed = []
+
+    def with_a_kill(self, *args):
+        actor = kill_when(self, *args)
+        if actor is not None and not killed:
+            killed.append(kill_actor(self, actor))
+        return original(self, *args)
+
+    monkeypatch.setattr(orch.Orchestrator, method, with_a_kill)
+    lines = []
+    simulate(build_config(fields | {"out": str(tmp_path / "stormy")}), announce=lines.append)
+    assert killed and any("re-running from round 1" in line for line in lines), lines
+    for table in ("rounds.parquet", "clients.parquet"):
+        assert comparable(tmp_path / "stormy" / table) == comparable(tmp_path / "calm" / table)
+
+
 @pytest.mark.parametrize("victim", ["worker", "server"])
 def test_a_killed_actor_is_replaced_and_the_results_do_not_change(tmp_path, ray_session,
                                                                   monkeypatch, victim):
@@ -76,26 +106,13 @@ def test_a_killed_actor_is_replaced_and_the_results_do_not_change(tmp_path, ray_
                   backend="ray",
                   align_interval=2, align_epochs=3, profile="heterogeneous",
                   round_policy="deadline", deadline=0.15)
-    simulate(build_config(fields | {"out": str(tmp_path / "calm")}), announce=lambda _: None)
 
-    original = orch.Orchestrator.run_round
-    killed = []
+    def in_round_1(self, rnd, global_state, start):   # the round's work then meets a dead actor
+        if rnd == 1:
+            return self.workers[0] if victim == "worker" else self.server
+        return None
 
-    def run_round_with_a_kill(self, rnd, global_state, start):
-        if rnd == 1 and not killed:
-            actor = self.workers[0] if victim == "worker" else self.server
-            pid = self.backend.get(self.backend.call(actor, "pid"))
-            os.kill(pid, signal.SIGKILL)   # the round's work then meets a dead worker
-            psutil.Process(pid).wait(timeout=10) if psutil.pid_exists(pid) else None
-            killed.append(pid)
-        return original(self, rnd, global_state, start)
-
-    monkeypatch.setattr(orch.Orchestrator, "run_round", run_round_with_a_kill)
-    lines = []
-    simulate(build_config(fields | {"out": str(tmp_path / "stormy")}), announce=lines.append)
-    assert killed and any("re-running from round 1" in line for line in lines), lines
-    for table in ("rounds.parquet", "clients.parquet"):
-        assert comparable(tmp_path / "stormy" / table) == comparable(tmp_path / "calm" / table)
+    assert_recovered_like_calm(tmp_path, fields, monkeypatch, "run_round", in_round_1)
     dropped = [r for r in pq.read_table(tmp_path / "calm/clients.parquet").to_pylist()
                if r["dropped"]]
     assert dropped  # the deadline really dropped someone
@@ -108,25 +125,12 @@ def test_a_worker_that_dies_during_a_checkpoint_is_recovered_like_one_mid_round(
     fields = dict(algorithm="fsl_sage", clients=4, samples_per_client=30, rounds=3,
                   workers=2, cpus_per_worker=1, checkpoint_every=1, test_samples=60,
                   backend="ray", align_interval=2, align_epochs=2)
-    simulate(build_config(fields | {"out": str(tmp_path / "calm")}), announce=lambda _: None)
 
-    original = orch.Orchestrator.checkpoint_actors
-    killed = []
+    def at_round_1s_checkpoint(self, location, tag):
+        return self.workers[0] if tag.endswith("r1") else None
 
-    def checkpoint_with_a_kill(self, location, tag):
-        if tag.endswith("r1") and not killed:
-            pid = self.backend.get(self.backend.call(self.workers[0], "pid"))
-            os.kill(pid, signal.SIGKILL)
-            psutil.Process(pid).wait(timeout=10) if psutil.pid_exists(pid) else None
-            killed.append(pid)
-        return original(self, location, tag)
-
-    monkeypatch.setattr(orch.Orchestrator, "checkpoint_actors", checkpoint_with_a_kill)
-    lines = []
-    simulate(build_config(fields | {"out": str(tmp_path / "stormy")}), announce=lines.append)
-    assert killed and any("re-running from round 1" in line for line in lines), lines
-    for table in ("rounds.parquet", "clients.parquet"):
-        assert comparable(tmp_path / "stormy" / table) == comparable(tmp_path / "calm" / table)
+    assert_recovered_like_calm(tmp_path, fields, monkeypatch, "checkpoint_actors",
+                               at_round_1s_checkpoint)
     assert read_manifest(RunFolder(str(tmp_path / "stormy")))["next_round"] == 3
 
 

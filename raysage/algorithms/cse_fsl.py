@@ -63,6 +63,5 @@ class CSEFSL(Algorithm):
                 "aux": to_state(client.models["aux"])}
 
     def serve(self, server, rnd, upload):
-        x_s = server.models["server"]
-        h, y = self.tensor(upload["smashed"]), self.tensor(upload["y"])
-        step_and_compare(server, x_s, server.optimizers["server"], upload, h, y, self.tensor)
+        step_and_compare(self, server, server.models["server"], server.optimizers["server"],
+                         upload)

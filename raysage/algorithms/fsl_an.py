@@ -58,8 +58,7 @@ class FSLAN(Algorithm):
 
     def serve(self, server, rnd, upload):
         x_s, optimizer = server_copy(self, server, upload.cid)
-        h, y = self.tensor(upload["smashed"]), self.tensor(upload["y"])
-        step_and_compare(server, x_s, optimizer, upload, h, y, self.tensor)
+        step_and_compare(self, server, x_s, optimizer, upload)
 
     def end_server_round(self, server, rnd, global_state, weights):
         average_server_copies(server, weights)

@@ -201,11 +201,13 @@ def log_agreement(log, used: torch.Tensor, true: torch.Tensor) -> None:
     log("estimate_nmse", float((u - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-300)))
 
 
-def step_and_compare(server: ServerState, x_s: nn.Module, optimizer: Optimizer,
-                     upload: Upload, h: torch.Tensor, y: torch.Tensor, tensor) -> None:
+def step_and_compare(algo, server: ServerState, x_s: nn.Module, optimizer: Optimizer,
+                     upload: Upload) -> None:
     """Step x_s on an upload of (h, y); where the client sent the estimate it trained
     on, compare it with x_s's gradient for the batch, as x_s stood when served."""
     measure = "estimate" in upload
-    true = step_and_measure(server, x_s, optimizer, h, y, measure)
+    true = step_and_measure(server, x_s, optimizer, algo.tensor(upload["smashed"]),
+                            algo.tensor(upload["y"]), measure)
     if measure:
-        log_agreement(partial(server.log_client, upload.cid), tensor(upload["estimate"]), true)
+        log_agreement(partial(server.log_client, upload.cid), algo.tensor(upload["estimate"]),
+                      true)

@@ -637,17 +637,19 @@ def _alpha_figure(series: list[Series], metric: Metric):
 
 def _scaling_figure(lines: list[ScalingLine], axis: str):
     xlabel = "number of clients" if axis == "clients" else "number of client workers"
+    xs = [float(p[0]) for line in lines for p in line.points if _num(p[0]) > 0]
+    log_x = bool(xs) and max(xs) >= 100 * min(xs)   # 10 to 10,000 clients: each decade readable
+    if log_x:
+        xlabel += " (log scale)"
     fig, axes = _grid(4, f"Scalability vs {axis} (round 0 left out of per-round means: "
                       "it includes one-off setup)", ncols=2)
     for ax, (cost, title, ylabel) in zip(axes, SCALING_PANELS):
         for line in lines:
             ax.plot([p[0] for p in line.points], [p[2][cost] for p in line.points], "-o",
                     color=line.colour, label=line.label)
-        xs = [float(p[0]) for line in lines for p in line.points if _num(p[0]) > 0]
-        if xs and max(xs) >= 100 * min(xs):   # 10 to 10,000 clients: each decade readable
+        if log_x:
             ax.set_xscale("log")
-        _finish(ax, title, xlabel.replace("clients", "clients (log scale)") if
-                ax.get_xscale() == "log" else xlabel, ylabel)
+        _finish(ax, title, xlabel, ylabel)
     return fig
 
 
