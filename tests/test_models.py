@@ -133,3 +133,29 @@ def test_bad_num_classes(bad):
     with pytest.raises(ModelError) as e:
         get_architecture("cnn", bad)
     assert repr(bad) in str(e.value)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,side", [(2, 2, 0, 8), (2, 2, 0, 16), (3, 2, 1, 9),
+                                                        (3, 2, 1, 16), (3, 2, 1, 20)])
+def test_the_zoo_max_pool_gives_the_same_bits_as_torch_s_including_ties_and_nan(kernel, stride,
+                                                                                padding, side):
+    """Small planes take the channels-last kernel (side 20 does not): its output, and the
+    gradient it routes back, equal nn.MaxPool2d's to the bit, on integer-valued input whose
+    windows tie, with NaNs (which win a window) and a tie of two NaNs in one."""
+    from raysage.models.layers import MaxPool2d
+
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 3, (3, 4, side, side), generator=g).float()
+        if seed % 2:
+            x[0, 0, 2, 3] = x[1, 2, 4, 4] = x[1, 2, 4, 5] = float("nan")
+        ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        a = MaxPool2d(kernel, stride, padding)(ours)
+        b = nn.MaxPool2d(kernel, stride, padding)(theirs)
+        assert a.is_contiguous() and a.shape == b.shape
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+        weights = torch.randn(a.shape, generator=g)
+        (a.nan_to_num() * weights).sum().backward()
+        (b.nan_to_num() * weights).sum().backward()
+        assert torch.equal(ours.grad, theirs.grad)
+        assert int((ours.grad != 0).sum()) > 0

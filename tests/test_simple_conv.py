@@ -73,7 +73,7 @@ def test_registered_for_users():
 
 def test_layer_order_and_hyperparameters():
     client = simple_conv_client()
-    kinds = [type(m) for m in client]
+    kinds = [nn.MaxPool2d if isinstance(m, nn.MaxPool2d) else type(m) for m in client]
     assert kinds == [nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.LocalResponseNorm, nn.Conv2d,
                      nn.ReLU, nn.LocalResponseNorm, nn.MaxPool2d, nn.Flatten]
     for conv, in_channels in ((client[0], 3), (client[4], 64)):

@@ -13,6 +13,8 @@ is the same, but ReLU then runs on a quarter of the elements.
 
 from torch import nn
 
+from raysage.models.layers import MaxPool2d
+
 
 def cnn_client() -> nn.Module:
     """x_c: 3x32x32 -> smashed 32x8x8 (8 KB per sample in fp32)."""
@@ -20,7 +22,7 @@ def cnn_client() -> nn.Module:
         nn.Conv2d(3, 16, 3, stride=2, padding=1),
         nn.ReLU(),
         nn.Conv2d(16, 32, 3, padding=1),
-        nn.MaxPool2d(2),
+        MaxPool2d(2),
         nn.ReLU(),
     )
 
@@ -29,7 +31,7 @@ def cnn_server(num_classes: int) -> nn.Module:
     """x_s: 32x8x8 -> logits."""
     return nn.Sequential(
         nn.Conv2d(32, 64, 3, padding=1),
-        nn.MaxPool2d(2),
+        MaxPool2d(2),
         nn.ReLU(),
         nn.Flatten(),
         nn.Linear(64 * 4 * 4, 128),

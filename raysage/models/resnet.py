@@ -7,6 +7,8 @@ depend on it.
 
 from torch import nn
 
+from raysage.models.layers import MaxPool2d
+
 
 class BasicBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int):
@@ -56,7 +58,7 @@ def resnet18_client() -> nn.Module:
         nn.Conv2d(3, 64, 7, 2, 3, bias=False),
         nn.BatchNorm2d(64),
         nn.ReLU(inplace=True),
-        nn.MaxPool2d(3, 2, 1),
+        MaxPool2d(3, 2, 1),
         resnet_layer(64, 64, 1),
         resnet_layer(64, 128, 2),
     ))

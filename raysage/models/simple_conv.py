@@ -37,6 +37,8 @@ Choices, and why:
 
 from torch import nn
 
+from raysage.models.layers import MaxPool2d
+
 CUT_CHANNELS, CUT_SIDE = 64, 8
 CUT_FEATURES = CUT_CHANNELS * CUT_SIDE * CUT_SIDE  # 4,096 values per sample
 INIT_STD = 0.05
@@ -60,12 +62,12 @@ def simple_conv_client() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 64, 5, padding=2),          # 32x32
         nn.ReLU(),
-        nn.MaxPool2d(3, stride=2, padding=1),    # 16x16
+        MaxPool2d(3, stride=2, padding=1),    # 16x16
         response_norm(),
         nn.Conv2d(64, 64, 5, padding=2),         # 16x16
         nn.ReLU(),
         response_norm(),
-        nn.MaxPool2d(3, stride=2, padding=1),    # 8x8
+        MaxPool2d(3, stride=2, padding=1),    # 8x8
         nn.Flatten(),
     )
 
