@@ -331,12 +331,15 @@ def report_command(
                                            "algorithm's best, so every one reaches it)"),
     metric: str = typer.Option("auto", "--metric", help="accuracy, test_loss or perplexity "
                                "(default auto: test_loss for language models, else accuracy)"),
+    lines: list[str] = typer.Option([], "--lines", help="a config field whose values are drawn "
+                                    "as lines within a panel rather than as panels of their own "
+                                    "(repeatable), e.g. --lines align_interval"),
 ) -> None:
     """Plots and a Markdown table from run folders' Parquet files."""
     from .studies.report import write_report
 
     try:
-        summary = write_report(run_dirs, out, target=target, metric=metric)
+        summary = write_report(run_dirs, out, target=target, metric=metric, lines=lines)
     except RaysageError as exc:
         _fail(str(exc))
     typer.echo(f"report of {summary['runs']} run(s): {summary['report']} and "

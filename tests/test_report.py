@@ -311,6 +311,55 @@ def test_sweep_folder_names_do_not_leak_into_the_config(tmp_path):
     assert run.config["alpha"] == 0.1 and run.config["partition"] == "dirichlet"
 
 
+def _sensitivity(root):
+    """A sensitivity study: FSL-SAGE's l over two batch sizes, CSE-FSL (no l) at each."""
+    for batch in (20, 128):
+        for l, acc in ((10, FSL), (1, [0.3, 0.4, 0.45])):
+            make_run(root, f"fsl-b{batch}-l{l}", curve(acc), algorithm="fsl_sage",
+                     batch_size=batch, align_interval=l)
+        make_run(root, f"cse-b{batch}", curve(CSE), algorithm="cse_fsl", batch_size=batch)
+
+
+def test_fields_drawn_as_lines_leave_the_panels_to_the_rest(tmp_path):
+    _sensitivity(tmp_path / "runs")
+    series = group_series(load_runs(tmp_path / "runs"))
+    assert len(series) == 6
+    # By default every distinct config is a facet of its own, even CSE-FSL (which has
+    # no l) apart from FSL-SAGE ...
+    assert len({row["facet"] for row in target_table(series, target=0.5)}) == 6
+    # ... with the alignment interval drawn as lines, one panel per batch size.
+    rows = target_table(series, target=0.5, lines=("align_interval",))
+    assert [row["facet"] for row in rows] == ["batch_size=20"] * 3 + ["batch_size=128"] * 3
+    # Labels name a line field only where it departs from its default (l = 10).
+    assert [row["label"] for row in rows[:3]] == ["FSL-SAGE (align_interval=1)", "FSL-SAGE",
+                                                  "CSE-FSL"]
+    by_label = {row["label"]: row for row in rows[:3]}
+    # CSE-FSL has no l: it is compared with FSL-SAGE at its default l = 10, which reaches
+    # 0.5 in round 1 (1 GiB) against CSE-FSL's round 4 (2.5 GiB); l = 1 never does.
+    assert by_label["CSE-FSL"]["gib_ratio"] == pytest.approx(2.5)
+    assert by_label["FSL-SAGE (align_interval=1)"]["gib_to_target"] is None
+
+    summary = write_report(tmp_path / "runs", tmp_path / "report", target=0.5,
+                           lines=["align_interval"])
+    assert "accuracy_vs_round.png" in summary["figures"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "### batch_size=20\n" in text and "| FSL-SAGE (align_interval=1) | 1 |" in text
+    assert "align_interval=10" not in text.split("## Cost to reach the target")[1]
+
+
+def test_an_unknown_line_field_is_refused_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from raysage.cli import app
+
+    _sensitivity(tmp_path / "runs")
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--out",
+                                      str(tmp_path / "rep"), "--lines", "align_intervall"])
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1
+    assert "align_intervall" in result.output and not (tmp_path / "rep").exists()
+
+
 def test_report_command_writes_the_report_and_fails_in_one_line(tmp_path):
     from typer.testing import CliRunner
 

@@ -11,5 +11,7 @@ OUT=${OUT:-runs/07_sensitivity}
 raysage sweep experiments/07_sensitivity/sweep.yaml --data-dir "$DATA" --out "$OUT" "$@"
 # Batch 128 comes from experiment 2 (run it first).
 BATCH128=${BATCH128:-runs/02_paper_scaled}
+# One panel per batch size, the variants of each as lines.
 raysage report "$OUT" "$BATCH128/algorithm=fsl_sage" "$BATCH128/algorithm=cse_fsl" \
+    --lines align_interval --lines server_update_interval --lines client_lr \
     --out docs/results/07_sensitivity

@@ -8,7 +8,10 @@ Runs whose configs differ only in ``seed`` and in execution settings are one
 *series*, averaged round by round. The scientific fields that still vary
 between series (other than the algorithm) split every figure into *facets*,
 one subplot each, with one line per algorithm; the number of clients, when
-swept, is a scalability axis instead and tells lines apart within a facet.
+swept, is a scalability axis instead and tells lines apart within a facet, as
+do the fields a report is asked to draw as lines (``lines``): a sensitivity
+study of one algorithm's parameters reads best as variants side by side in the
+panel of the setting they share, not as a panel per run.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ DEFAULTS = {name: f.default for name, f in FIELDS.items()}
 
 _OTHER_COLOUR = "#17becf"
 _LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _DPI = 120
 
 
@@ -289,13 +293,15 @@ class Facet:
     series: list[Series]
 
 
-def _line_fields(series: list[Series]) -> list[str]:
-    return [f for f in SCALING_AXES if f in _varying([s.config for s in series])]
+def _line_fields(series: list[Series], lines: tuple[str, ...] = ()) -> list[str]:
+    varying = _varying([s.config for s in series])
+    return [f for f in dict.fromkeys((*SCALING_AXES, *lines)) if f in varying]
 
 
-def _facets(series: list[Series], exclude: tuple[str, ...] = ()) -> list[Facet]:
+def _facets(series: list[Series], lines: tuple[str, ...] = (),
+            exclude: tuple[str, ...] = ()) -> list[Facet]:
     fields = [f for f in _varying([s.config for s in series])
-              if f not in ("algorithm", *SCALING_AXES, *exclude)]
+              if f not in ("algorithm", *SCALING_AXES, *lines, *exclude)]
     if "alpha" in fields and "partition" not in fields:
         fields.insert(fields.index("alpha"), "partition")   # "alpha=0.1" alone hides the partition
     groups: dict[tuple, list[Series]] = defaultdict(list)
@@ -314,8 +320,33 @@ def _line_values(s: Series, line_fields: list[str]) -> tuple:
 
 
 def _line_label(s: Series, line_fields: list[str]) -> str:
-    extra = ", ".join(f"{f}={_show(s.config.get(f))}" for f in line_fields)
+    # A scaling axis is always named; any other line field only where the series
+    # departs from its default, so a sensitivity study's variants read as what
+    # they change ("FSL-SAGE (align_interval=1)") and its baseline as the algorithm.
+    extra = ", ".join(f"{f}={_show(s.config[f])}" for f in line_fields if f in s.config
+                      and (f in SCALING_AXES or s.config[f] != _default(s.algorithm, f)))
     return s.label + (f" ({extra})" if extra else "")
+
+
+def _default(algorithm: str, field: str) -> Any:
+    """A field's default: the config's, or the algorithm's own parameter's."""
+    if field in DEFAULTS:
+        return DEFAULTS[field]
+    cls = _builtin(algorithm)
+    spec = cls.Params.model_fields.get(field) if cls is not None else None
+    return spec.default if spec is not None else None
+
+
+def _reference(s: Series, facet: Facet, line_fields: list[str]) -> Series | None:
+    """FSL-SAGE's series to compare s with: in the same facet, with s's values of the
+    line fields, and FSL-SAGE's defaults for those s's algorithm does not have (CSE-FSL
+    is compared with FSL-SAGE at its default alignment interval)."""
+    for r in facet.series:
+        if r.algorithm == "fsl_sage" and all(
+                r.config.get(f) == (s.config[f] if f in s.config else _default("fsl_sage", f))
+                for f in line_fields):
+            return r
+    return None
 
 
 # ---------------------------------------------------------------- targets
@@ -376,14 +407,14 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
 
 
 def target_table(series: list[Series], target: float | None = None,
-                 metric: str = "accuracy") -> list[dict[str, Any]]:
+                 metric: str = "accuracy", lines: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Per facet and algorithm: best/final metric and the cost of reaching the target
     (bytes, simulated time, client energy), also as a ratio to FSL-SAGE's cost (> 1:
     FSL-SAGE needed less), and the mean leakage measured over the run."""
     m = _metric(metric)
-    line_fields = _line_fields(series)
+    line_fields = _line_fields(series, lines)
     rows = []
-    for facet in _facets(series):
+    for facet in _facets(series, lines):
         if target is not None:
             goal, rule = target, "given"
         else:
@@ -394,8 +425,7 @@ def target_table(series: list[Series], target: float | None = None,
         hits = {id(s): time_to_target(s.rounds, goal, metric) if goal is not None else None
                 for s in facet.series}
         for s in facet.series:
-            ref = next((r for r in facet.series if r.algorithm == "fsl_sage"
-                        and _line_values(r, line_fields) == _line_values(s, line_fields)), None)
+            ref = _reference(s, facet, line_fields)
             hit, ref_hit = hits[id(s)], hits[id(ref)] if ref is not None else None
             energy = _at_round(s.rounds, hit[0], "cumulative_energy_j") if hit else None
             ref_energy = (_at_round(ref.rounds, ref_hit[0], "cumulative_energy_j")
@@ -504,7 +534,10 @@ def _finish(ax, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
+    handles = ax.get_legend_handles_labels()[0]
+    if len(handles) > 4:    # inside, that many would hide the curves
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    elif handles:
         ax.legend(fontsize="small")
 
 
@@ -515,9 +548,9 @@ def _context(series: list[Series]) -> str:
 
 
 def _curve_figure(series: list[Series], metric: Metric, x: str,
-                  targets: dict[str, float | None] | None = None):
+                  targets: dict[str, float | None] | None = None, lines: tuple[str, ...] = ()):
     xlabel, x_of = CURVE_AXES[x]
-    facets, line_fields = _facets(series), _line_fields(series)
+    facets, line_fields = _facets(series, lines), _line_fields(series, lines)
     variants = sorted({_line_values(s, line_fields) for s in series},
                       key=lambda v: tuple(map(_sort_value, v)))
     fig, axes = _grid(len(facets), f"{metric.title.split(' (')[0]} vs {x.replace('_', ' ')}"
@@ -526,10 +559,11 @@ def _curve_figure(series: list[Series], metric: Metric, x: str,
         for s in facet.series:
             points = [(x_of(r), metric.value(r) * metric.scale) for r in s.rounds]
             points = [p for p in points if not (math.isnan(p[0]) or math.isnan(p[1]))]
-            style = _LINESTYLES[variants.index(_line_values(s, line_fields)) % len(_LINESTYLES)]
-            ax.plot([p[0] for p in points], [p[1] for p in points], style,
-                    marker="o" if len(points) <= 20 else None, markersize=3,
-                    color=s.colour, label=_line_label(s, line_fields))
+            variant = variants.index(_line_values(s, line_fields))
+            ax.plot([p[0] for p in points], [p[1] for p in points],
+                    _LINESTYLES[variant % len(_LINESTYLES)],
+                    marker=_MARKERS[variant % len(_MARKERS)] if len(points) <= 20 else None,
+                    markersize=3, color=s.colour, label=_line_label(s, line_fields))
         wide = x != "round" and _spans_decades(ax)
         goal = (targets or {}).get(facet.label)
         if goal is not None:
@@ -545,14 +579,16 @@ def _curve_figure(series: list[Series], metric: Metric, x: str,
     return fig
 
 
-def _estimate_figure(series: list[Series]):
+def _estimate_figure(series: list[Series], lines: tuple[str, ...] = ()):
     """How close the gradient a client trains on is to the server's true cut-layer
     gradient, at the uploads of each round: cosine (1 is exact) and NMSE (0 is)."""
     measured = [s for s in series
                 if any(not math.isnan(_num(r.get("estimate_cosine"))) for r in s.rounds)]
     if not measured:
         return None
-    facets, line_fields = _facets(measured), _line_fields(measured)
+    facets, line_fields = _facets(measured, lines), _line_fields(measured, lines)
+    variants = sorted({_line_values(s, line_fields) for s in measured},
+                      key=lambda v: tuple(map(_sort_value, v)))
     fig, axes = _grid(2 * len(facets), "Gradient estimate quality vs round"
                       + _context(measured), ncols=2)
     for i, facet in enumerate(facets):
@@ -560,9 +596,11 @@ def _estimate_figure(series: list[Series]):
             for s in facet.series:
                 points = [(r["round"], _num(r.get(column))) for r in s.rounds]
                 points = [p for p in points if not math.isnan(p[1])]
+                variant = variants.index(_line_values(s, line_fields))
                 ax.plot([p[0] for p in points], [p[1] for p in points],
-                        marker="o" if len(points) <= 20 else None, markersize=3,
-                        color=s.colour, label=_line_label(s, line_fields))
+                        _LINESTYLES[variant % len(_LINESTYLES)],
+                        marker=_MARKERS[variant % len(_MARKERS)] if len(points) <= 20 else None,
+                        markersize=3, color=s.colour, label=_line_label(s, line_fields))
             if column == "estimate_nmse" and _positive_decades(ax):
                 ax.set_yscale("log")
             _finish(ax, facet.label, "round", {"estimate_cosine": "cosine with the true gradient",
@@ -570,14 +608,14 @@ def _estimate_figure(series: list[Series]):
     return fig
 
 
-def _leakage_figure(series: list[Series]):
+def _leakage_figure(series: list[Series], lines: tuple[str, ...] = ()):
     """The leakage observer's measurements against round: one panel per kind of
     leakage that any run measured, per facet."""
     columns = [c for c in LEAKAGE_PANELS
                if any(not math.isnan(_num(r.get(c))) for s in series for r in s.rounds)]
     if not columns:
         return None
-    facets, line_fields = _facets(series), _line_fields(series)
+    facets, line_fields = _facets(series, lines), _line_fields(series, lines)
     fig, axes = _grid(len(columns) * len(facets), "Leakage vs round" + _context(series),
                       ncols=len(columns))
     for i, facet in enumerate(facets):
@@ -608,9 +646,9 @@ def _spans_decades(ax) -> bool:
     return bool(ends and starts) and max(ends) / min(starts) > 100
 
 
-def _alpha_figure(series: list[Series], metric: Metric):
-    line_fields = _line_fields(series)
-    facets = [f for f in _facets(series, exclude=("partition", "alpha"))
+def _alpha_figure(series: list[Series], metric: Metric, lines: tuple[str, ...] = ()):
+    line_fields = _line_fields(series, lines)
+    facets = [f for f in _facets(series, lines, exclude=("partition", "alpha"))
               if any(s.config.get("partition") == "dirichlet" for s in f.series)]
     fig, axes = _grid(len(facets), "Best test accuracy vs Dirichlet alpha" + _context(series))
     for ax, facet in zip(axes, facets):
@@ -751,18 +789,26 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
 
 
 def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str | os.PathLike,
-                 target: float | None = None, metric: str = "auto") -> dict[str, Any]:
+                 target: float | None = None, metric: str = "auto",
+                 lines: Iterable[str] = ()) -> dict[str, Any]:
     """Figures and report.md for the given runs in out_dir; returns a summary.
 
     ``metric="auto"`` is test loss when every run is a language model, else accuracy.
+    ``lines`` are config fields that tell lines apart within a panel instead of
+    splitting the figures into panels.
     """
     runs = load_runs(paths)
+    lines = tuple(lines)
+    for name in lines:
+        if not any(name in run.config for run in runs):
+            raise ConfigError(f"--lines {name}: no run has a config field {name!r}; give a field "
+                              "of run.parquet's config, such as align_interval or client_lr")
     if metric == "auto":
         language = all(run.config.get("model") == "gpt2" for run in runs)
         metric = "test_loss" if language else "accuracy"
     m = _metric(metric)
     series = group_series(runs)
-    table = target_table(series, target, metric)
+    table = target_table(series, target, metric, lines)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -780,14 +826,14 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
     for x, (_, x_of) in CURVE_AXES.items():
         # Runs written before a column existed (energy) get no empty figure.
         if any(not math.isnan(x_of(r)) for s in series for r in s.rounds):
-            save(_curve_figure(series, m, x, targets), f"{m.name}_vs_{x}.png")
+            save(_curve_figure(series, m, x, targets, lines), f"{m.name}_vs_{x}.png")
     alphas = {s.config.get("alpha") for s in series if s.config.get("partition") == "dirichlet"}
     if m.name == "accuracy" and len(alphas) >= 2:
-        save(_alpha_figure(series, m), "best_accuracy_vs_alpha.png")
-    quality = _estimate_figure(series)
+        save(_alpha_figure(series, m, lines), "best_accuracy_vs_alpha.png")
+    quality = _estimate_figure(series, lines)
     if quality is not None:
         save(quality, "estimate_quality_vs_round.png")
-    leakage = _leakage_figure(series)
+    leakage = _leakage_figure(series, lines)
     if leakage is not None:
         save(leakage, "leakage_vs_round.png")
     scaling = {axis: lines for axis in SCALING_AXES if (lines := scaling_lines(runs, axis))}
