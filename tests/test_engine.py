@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -168,29 +165,3 @@ def test_a_communication_budget_ends_the_run_after_the_round_that_reaches_it(tmp
     assert [r["cumulative_bytes"] for r in result.rounds] == [per_round, 2 * per_round,
                                                                 3 * per_round]
     assert result.summary["rounds"] == 3
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator only")
-def test_workers_give_large_freed_blocks_back_to_the_os():
-    """After a large block is freed, glibc serves blocks of that size from the heap and
-    keeps them when freed; a worker's process bounds that. In a fresh process: ten 5 MiB
-    blocks, each followed by a small one (so the heap cannot shrink), freed again."""
-    script = textwrap.dedent("""
-        import sys, numpy as np, psutil
-        if sys.argv[1] == "bounded":
-            from raysage.engine.runtime import bound_freed_memory
-            bound_freed_memory()
-        big = np.ones(6 * 2**20 // 8); del big
-        blocks, pins = [], []
-        for _ in range(10):
-            blocks.append(np.ones(5 * 2**20 // 8))
-            pins.append(np.ones(1000))
-        before = psutil.Process().memory_info().rss
-        del blocks
-        print((before - psutil.Process().memory_info().rss) / 2**20)
-    """)
-    returned = {how: float(subprocess.run([sys.executable, "-c", script, how], check=True,
-                                          capture_output=True, text=True).stdout)
-                for how in ("plain", "bounded")}
-    assert returned["plain"] < 5           # glibc alone keeps the 50 MiB
-    assert returned["bounded"] >= 49       # bounded: all ten blocks go back

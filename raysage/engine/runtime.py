@@ -230,31 +230,6 @@ def process_memory() -> dict[str, int]:
     return {"rss": rss, "pss": pss}
 
 
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def bound_freed_memory(mmap_threshold: int = 4 * 2**20) -> None:
-    """Keep glibc from holding on to large freed blocks for the rest of the run.
-
-    glibc serves blocks above its mmap threshold with their own mappings, but
-    raises that threshold to the size of every such block freed (up to 32
-    MiB): after one evaluation batch or one segment of synthetic images, blocks
-    of that size come from the heap, and freed ones stay in it. A client worker
-    grew by about 50 MiB over W1's three rounds that way. A fixed threshold
-    turns that off; 4 MiB is above the activations of a small-batch step, so
-    those still come from the heap, as fast as before.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold)
-    except (OSError, AttributeError):   # not glibc: nothing to do
-        pass
-
-
 def return_freed_memory() -> None:
     """Give memory that was freed back to the OS (glibc keeps it otherwise).
 
@@ -300,7 +275,6 @@ class _Process:
         self.setup = setup
         self.cfg = build_config(setup.config)
         torch.set_num_threads(self.cfg.torch_threads)
-        bound_freed_memory()
         self.algo: Algorithm = setup.algorithm()
         self.algo.device = pick_device(gpus)
 
