@@ -319,6 +319,19 @@ def _line_values(s: Series, line_fields: list[str]) -> tuple:
     return tuple(s.config.get(f) for f in line_fields)
 
 
+def _line_styles(series: list[Series], line_fields: list[str]):
+    """A series' line style and marker: one pair per combination of the line fields'
+    values, the same in every panel (the colour is the algorithm's)."""
+    variants = sorted({_line_values(s, line_fields) for s in series},
+                      key=lambda v: tuple(map(_sort_value, v)))
+
+    def style(s: Series, points: int) -> dict[str, Any]:
+        i = variants.index(_line_values(s, line_fields))
+        return {"linestyle": _LINESTYLES[i % len(_LINESTYLES)],
+                "marker": _MARKERS[i % len(_MARKERS)] if points <= 20 else None}
+    return style
+
+
 def _line_label(s: Series, line_fields: list[str]) -> str:
     # A scaling axis is always named; any other line field only where the series
     # departs from its default, so a sensitivity study's variants read as what
@@ -551,18 +564,14 @@ def _curve_figure(series: list[Series], metric: Metric, x: str,
                   targets: dict[str, float | None] | None = None, lines: tuple[str, ...] = ()):
     xlabel, x_of = CURVE_AXES[x]
     facets, line_fields = _facets(series, lines), _line_fields(series, lines)
-    variants = sorted({_line_values(s, line_fields) for s in series},
-                      key=lambda v: tuple(map(_sort_value, v)))
+    style = _line_styles(series, line_fields)
     fig, axes = _grid(len(facets), f"{metric.title.split(' (')[0]} vs {x.replace('_', ' ')}"
                       + _context(series))
     for ax, facet in zip(axes, facets):
         for s in facet.series:
             points = [(x_of(r), metric.value(r) * metric.scale) for r in s.rounds]
             points = [p for p in points if not (math.isnan(p[0]) or math.isnan(p[1]))]
-            variant = variants.index(_line_values(s, line_fields))
-            ax.plot([p[0] for p in points], [p[1] for p in points],
-                    _LINESTYLES[variant % len(_LINESTYLES)],
-                    marker=_MARKERS[variant % len(_MARKERS)] if len(points) <= 20 else None,
+            ax.plot([p[0] for p in points], [p[1] for p in points], **style(s, len(points)),
                     markersize=3, color=s.colour, label=_line_label(s, line_fields))
         wide = x != "round" and _spans_decades(ax)
         goal = (targets or {}).get(facet.label)
@@ -587,8 +596,7 @@ def _estimate_figure(series: list[Series], lines: tuple[str, ...] = ()):
     if not measured:
         return None
     facets, line_fields = _facets(measured, lines), _line_fields(measured, lines)
-    variants = sorted({_line_values(s, line_fields) for s in measured},
-                      key=lambda v: tuple(map(_sort_value, v)))
+    style = _line_styles(measured, line_fields)
     fig, axes = _grid(2 * len(facets), "Gradient estimate quality vs round"
                       + _context(measured), ncols=2)
     for i, facet in enumerate(facets):
@@ -596,10 +604,7 @@ def _estimate_figure(series: list[Series], lines: tuple[str, ...] = ()):
             for s in facet.series:
                 points = [(r["round"], _num(r.get(column))) for r in s.rounds]
                 points = [p for p in points if not math.isnan(p[1])]
-                variant = variants.index(_line_values(s, line_fields))
-                ax.plot([p[0] for p in points], [p[1] for p in points],
-                        _LINESTYLES[variant % len(_LINESTYLES)],
-                        marker=_MARKERS[variant % len(_MARKERS)] if len(points) <= 20 else None,
+                ax.plot([p[0] for p in points], [p[1] for p in points], **style(s, len(points)),
                         markersize=3, color=s.colour, label=_line_label(s, line_fields))
             if column == "estimate_nmse" and _positive_decades(ax):
                 ax.set_yscale("log")
@@ -836,9 +841,10 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
     leakage = _leakage_figure(series, lines)
     if leakage is not None:
         save(leakage, "leakage_vs_round.png")
-    scaling = {axis: lines for axis in SCALING_AXES if (lines := scaling_lines(runs, axis))}
-    for axis, lines in scaling.items():
-        save(_scaling_figure(lines, axis), f"scalability_{axis}.png")
+    # (The walrus would bind in this function's scope: it must not reuse ``lines``.)
+    scaling = {axis: found for axis in SCALING_AXES if (found := scaling_lines(runs, axis))}
+    for axis, found in scaling.items():
+        save(_scaling_figure(found, axis), f"scalability_{axis}.png")
 
     _save_text(_markdown(runs, series, table, m, scaling, figures), out / "report.md")
     return {"runs": len(runs), "series": len(series), "figures": figures, "table": table,
