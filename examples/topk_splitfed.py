@@ -23,7 +23,9 @@ What the file shows of the contract (see raysage/algorithms/base.py):
   the sparse gradient keeps, logged by the server for each client;
 * ``plan_client_round``: the schedule, stated once; ``client_round`` reads it
   from its steps;
-* ``serve``: one upload in, one reply out.
+* ``serve``: one upload in, one reply out: a dict whose arrays (``values``,
+  ``indices``) are what ``sparse_grad_down`` carries; the engine measures
+  them against the plan.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ from raysage.algorithms.base import (CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, LABELS_
                                      SMASHED_UP, Algorithm, ByteKind, ClientRoundPlan, Keeps,
                                      Metric, Section)
 from raysage.algorithms.state import load_state, to_state
-from raysage.algorithms.steps import server_step, smashed_exchange, split_training
+from raysage.algorithms.steps import server_step, smashed_exchange
 
 SPARSE_GRAD_DOWN = ByteKind("sparse_grad_down",
-                            "top-k cut-layer gradient entries, fp32 value and int32 index each")
+                            "top-k cut-layer gradient entries, fp32 value and int32 index each",
+                            carries=("values", "indices"), direction="down")
 KEPT_ENERGY = Metric("kept_energy", "share of the cut-layer gradient's squared norm that the "
                      "top-k entries keep, per batch", count="sparsified_batches")
 
@@ -86,11 +89,18 @@ class TopKSplitFed(Algorithm):
         client.optimizers["client"] = self.client_optimizer(x_c)
 
     def client_round(self, client, rnd):
-        load_state(client.models["client"], client.start["client"])
-        # The client's step is SplitFed's: the reply is a dense array with zeros
-        # where the server sent nothing.
-        yield from split_training(self, client)
-        return {"client": to_state(client.models["client"])}
+        x_c, optimizer = client.models["client"], client.optimizers["client"]
+        load_state(x_c, client.start["client"])
+        for step in client.steps():
+            smashed = x_c(step.x)
+            sparse = yield step.upload(smashed=smashed, y=step.y)
+            # SplitFed's step, on a dense gradient with zeros where nothing was sent.
+            grad = torch.zeros_like(smashed).flatten(1).scatter_(
+                1, self.tensor(sparse["indices"]).long(), self.tensor(sparse["values"]))
+            optimizer.zero_grad()
+            smashed.backward(grad.view_as(smashed))
+            optimizer.step()
+        return {"client": to_state(x_c)}
 
     def serve(self, server, rnd, upload):
         smashed = self.tensor(upload["smashed"]).requires_grad_()
@@ -98,8 +108,9 @@ class TopKSplitFed(Algorithm):
                     self.tensor(upload["y"]))
         grad = smashed.grad.flatten(1)
         keep = grad.abs().topk(self.kept_entries(), dim=1).indices
-        sparse = torch.zeros_like(grad).scatter_(1, keep, grad.gather(1, keep))
+        values = grad.gather(1, keep)
         total = grad.pow(2).sum()
         if total > 0:
-            server.log_client(upload.cid, "kept_energy", float(sparse.pow(2).sum() / total))
-        return sparse.view_as(smashed.grad).cpu().numpy()
+            server.log_client(upload.cid, "kept_energy", float(values.pow(2).sum() / total))
+        # What travels: each sample's kept entries as (value, index) pairs.
+        return {"values": values.cpu().numpy(), "indices": keep.to(torch.int32).cpu().numpy()}

@@ -24,8 +24,8 @@ FEDPROX = '''
 """FedProx (Li et al. 2020) on the split model: FedAvg plus mu/2 ||w - w_t||^2."""
 from pydantic import Field
 
-from raysage.algorithms.base import (CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, TRAIN_LOSS, Algorithm,
-                                     ClientRoundPlan, Keeps, Metric, Section)
+from raysage.algorithms.base import TRAIN_LOSS, Algorithm, ClientRoundPlan, Keeps, Metric, Section
+from raysage.algorithms.fedavg import MODEL_DOWN, MODEL_UP
 from raysage.algorithms.state import load_state, to_state
 from raysage.lazy import nn
 from raysage.models import split_loss
@@ -41,7 +41,7 @@ class FedProx(Algorithm):
     colour = "#000000"
     description = "FedAvg with a proximal term"
     Params = ProxParams
-    byte_kinds = (CLIENT_MODEL_DOWN, CLIENT_MODEL_UP)
+    byte_kinds = (MODEL_DOWN, MODEL_UP)
     metrics = (TRAIN_LOSS, Metric("proximal", "the proximal term, per step"))
     aggregated = ("client", "server")
     client_keeps = Keeps(optimizers=("full",))

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from .base import Algorithm, ClientState, Keeps, ModelSizes, ServerState, Setup
+from .base import Algorithm, ClientState, Keeps, ModelSizes, ServerState, Setup, check_contract
 from .cse_fsl import CSEFSL
 from .fedavg import FedAvg
 from .fsl_an import FSLAN
@@ -55,6 +55,7 @@ def algorithm_class(name: str) -> type[Algorithm]:
     if cls.name in ALGORITHMS:
         raise ConfigError(f"algorithm '{name}': its name '{cls.name}' is a built-in "
                           "algorithm's; give it a name of its own")
+    check_contract(cls)
     _LOADED[name] = cls
     return cls
 

@@ -3,7 +3,9 @@
 An algorithm is one class, in plain torch and without Ray, that reads like
 its paper's pseudocode. The engine gives it clients, a server, the simulated
 world and the bookkeeping (bytes, time, determinism, checkpoints, results);
-the algorithm says what happens in a round through six hooks:
+the algorithm says what happens in a round through its hooks. Every
+algorithm defines the first three; the others as its shape needs them
+(``check_contract`` says which, when the algorithm is loaded):
 
 ``plan_client_round(rnd, p)``
     What client ``p.cid`` sends in round ``rnd``, and when: the bytes by kind
@@ -51,8 +53,14 @@ the algorithm says what happens in a round through six hooks:
 
 ``serve(server, rnd, upload)``
     The server handling one upload, in simulated arrival order; returns the
-    reply (None when the plan has none). Uploads whose exchanges share a
-    ``group`` are a barrier, served together by ``serve_group``.
+    reply (None when the plan has none): a dict of arrays named as the byte
+    kinds' ``carries`` say, a single array (the reply's one planned kind), or
+    a :class:`StandIn`. Uploads whose exchanges share a ``group`` are a
+    barrier, served together by ``serve_group``. Needed when plans exchange.
+
+``fresh_client_models(cid)`` / ``fresh_client_tensors(cid)``
+    A client's first kept models and tensors (see :class:`Keeps`), needed
+    when ``client_keeps`` names any.
 
 ``aggregate(rnd, results, total, global_state)``
     The new global state. The default is FedAvg, with weights n_i / sum n_j
@@ -61,7 +69,21 @@ the algorithm says what happens in a round through six hooks:
 ``init_global()`` / ``init_server()``
     The first global state (by default the initial models named in
     ``aggregated``) and the server's models; optional hooks cover the rest
-    (``end_server_round``, evaluation, memory estimates).
+    (``end_server_round``, evaluation, memory estimates). The global state is
+    also where an algorithm without a server process keeps server state
+    across rounds (SCAFFOLD's control variate): what a client reads of it is
+    what it downloads.
+
+``eval_model(server, global_state)``
+    The model whose test accuracy is reported: by default the global x_c
+    below the server's x_s, or, without a server process, the whole model of
+    the global state.
+
+Bytes are measured, not only declared: the engine holds what each client's
+round moves (the broadcast parts it reads, its uploads, the replies, its
+end-of-round upload) against its plan, kind by kind, and stops the run at a
+difference (see :mod:`raysage.engine.traffic`). Sizes come from the engine
+(:class:`ModelSizes`), never counted by hand.
 
 Each algorithm owns its vocabulary: its parameters as a typed config section
 (:attr:`Params`, a pydantic model: ``cfg.params``), the byte kinds its plans
@@ -120,6 +142,11 @@ class ModelSizes:
     client_frozen: int = 0
     server_frozen: int = 0
     aux_frozen: int = 0
+    # Trainable parameters only (no buffers): what a tensor shaped like a model's
+    # parameters costs, e.g. SCAFFOLD's control variates.
+    client_parameters: int = 0
+    server_parameters: int = 0
+    aux_parameters: int = 0
 
     @classmethod
     def of(cls, arch: SplitArchitecture) -> "ModelSizes":
@@ -128,7 +155,8 @@ class ModelSizes:
         return cls(transfer_bytes(client), transfer_bytes(server), transfer_bytes(aux),
                    arch.smashed_bytes_per_sample, arch.label_bytes,
                    math.prod(arch.cut_shape) * 4, frozen_bytes(client), frozen_bytes(server),
-                   frozen_bytes(aux))
+                   frozen_bytes(aux), parameter_bytes(client), parameter_bytes(server),
+                   parameter_bytes(aux))
 
     def __post_init__(self):
         if not self.grad_per_sample:
@@ -162,12 +190,21 @@ class Setup:
 
 @dataclass(frozen=True)
 class ByteKind:
-    """A kind of traffic: one column of bytes per client and round."""
+    """A kind of traffic: one column of bytes per client and round.
+
+    ``carries`` names what travels as this kind, in ``direction`` ("up": client
+    to server, "down": server to client, "both"): arrays of an upload or a
+    reply by their names, parts of the broadcast and of the end-of-round upload
+    by theirs. The engine measures those and stops the run when they differ
+    from the plan, so every byte that travels belongs to a kind.
+    """
 
     name: str
     description: str
     # The FSL-SAGE paper counts every byte but the labels sent with smashed data.
     in_paper_total: bool = True
+    carries: tuple[str, ...] = ()
+    direction: Literal["up", "down", "both"] = "both"
 
 
 @dataclass(frozen=True)
@@ -190,15 +227,22 @@ class Metric:
 
 
 # What most algorithms send; an algorithm lists the kinds it uses in byte_kinds.
-SMASHED_UP = ByteKind("smashed_up", "smashed activations h, client to server")
+SMASHED_UP = ByteKind("smashed_up", "smashed activations h, client to server",
+                      carries=("smashed",), direction="up")
 LABELS_UP = ByteKind("labels_up", "labels sent with the smashed activations",
-                     in_paper_total=False)
-GRAD_DOWN = ByteKind("grad_down", "cut-layer gradients dL/dh, server to client")
-CLIENT_MODEL_DOWN = ByteKind("client_model_down", "the global client model x_c, broadcast")
-CLIENT_MODEL_UP = ByteKind("client_model_up", "the client's x_c, uploaded for averaging")
-AUX_DOWN = ByteKind("aux_down", "an auxiliary model x_a, server to client")
-AUX_UP = ByteKind("aux_up", "the client's x_a, uploaded for averaging")
-HAND_OVER = ByteKind("server_model", "x_c handed to the next client through the server")
+                     in_paper_total=False, carries=("y",), direction="up")
+GRAD_DOWN = ByteKind("grad_down", "cut-layer gradients dL/dh, server to client",
+                     carries=("grad",), direction="down")
+CLIENT_MODEL_DOWN = ByteKind("client_model_down", "the global client model x_c, broadcast",
+                             carries=("client",), direction="down")
+CLIENT_MODEL_UP = ByteKind("client_model_up", "the client's x_c, uploaded for averaging",
+                           carries=("client",), direction="up")
+AUX_DOWN = ByteKind("aux_down", "an auxiliary model x_a, server to client", carries=("aux",),
+                    direction="down")
+AUX_UP = ByteKind("aux_up", "the client's x_a, uploaded for averaging", carries=("aux",),
+                  direction="up")
+HAND_OVER = ByteKind("server_model", "x_c handed to the next client through the server",
+                     carries=("client",))
 
 TRAIN_LOSS = Metric("train_loss", "training loss of the client's batches, per sample")
 SERVER_LOSS = Metric("server_loss", "loss of the server model's steps, per sample",
@@ -211,12 +255,16 @@ class Keeps:
 
     ``models`` are kept whole (their state dicts, frozen weights aside);
     ``optimizers`` keep their per-parameter state (Adam's moments and step
-    count, SGD's momentum). Anything not named is overwritten at the start of
+    count, SGD's momentum); ``tensors`` are plain tensors of the client's own
+    (``client.tensors[name]``: SCAFFOLD's control variate c_i). A client's first
+    models and tensors come from ``fresh_client_models`` and
+    ``fresh_client_tensors``. Anything not named is overwritten at the start of
     every round, by the broadcast or a hand-over, and is never stored.
     """
 
     models: tuple[str, ...] = ()
     optimizers: tuple[str, ...] = ()
+    tensors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -232,10 +280,39 @@ class Participant:
 
 @dataclass
 class Upload:
-    """Arrays a client sends to the server at local iteration ``k``."""
+    """Arrays a client sends to the server at local iteration ``k``.
+
+    ``observed`` rides along for a measurement (an observer's copy, which the
+    simulated system would not send): it is not traffic and is never counted.
+    """
 
     cid: int
     k: int
+    arrays: dict[str, np.ndarray]
+    observed: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.arrays:
+            return self.arrays[name]
+        return self.observed[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.arrays or name in self.observed
+
+
+@dataclass
+class StandIn:
+    """A reply the simulator moves in place of what the simulated system sends.
+
+    FSL-SAGE's server sends the aligned x_a,i; raysage aligns in the client's
+    worker, so the buffer and its targets travel instead. ``kind`` is the byte
+    kind the real message has, and its bytes are measured as the transfer
+    bytes of the client's working model ``model`` (the one the real message
+    would replace), not as the arrays that stand in for it.
+    """
+
+    kind: str
+    model: str
     arrays: dict[str, np.ndarray]
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -250,6 +327,11 @@ class Wait:
     """Yielded by ``arrivals()``: the client needs replies that arrive before iteration k."""
 
     k: int
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    """Bytes of a model's trainable parameters."""
+    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
 
 
 def _array(value: Any) -> np.ndarray:
@@ -288,9 +370,12 @@ class Step:
             self._batch = self._round.batch(self.k)
         return self._batch
 
-    def upload(self, **arrays: Any) -> Upload:
-        """What to ``yield`` to send these tensors or arrays to the server."""
-        return Upload(self._round.cid, self.k, {name: _array(v) for name, v in arrays.items()})
+    def upload(self, observed: dict[str, Any] | None = None, **arrays: Any) -> Upload:
+        """What to ``yield`` to send these tensors or arrays to the server (each named
+        as a byte kind's ``carries`` says); ``observed``: arrays for a measurement
+        only, not sent in the simulated system."""
+        return Upload(self._round.cid, self.k, {name: _array(v) for name, v in arrays.items()},
+                      {name: _array(v) for name, v in (observed or {}).items()})
 
     def arrivals(self) -> Generator[Wait, Any, dict[int, Any]]:
         """Replies that arrive before this iteration starts, by the iteration that sent
@@ -312,6 +397,7 @@ class ClientState:
     num_samples: int
     models: dict[str, nn.Module] = field(default_factory=dict)
     optimizers: dict[str, Optimizer] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # Keeps.tensors
     start: dict[str, State] = field(default_factory=dict)
     metrics: dict[str, list[float]] = field(default_factory=dict)   # name -> [sum, weight]
     round: Any = None             # the engine's view of this round (steps, replies)
@@ -463,8 +549,14 @@ class Algorithm:
         raise NotImplementedError(f"{self.name} must define build_client")
 
     def fresh_client_models(self, cid: int) -> dict[str, nn.Module]:
-        """Kept models of a client that has never taken part, seeded by its id."""
-        return {}
+        """Kept models (Keeps.models) of a client that has never taken part, seeded by
+        its id. Required when client_keeps names models."""
+        raise NotImplementedError
+
+    def fresh_client_tensors(self, cid: int) -> dict[str, torch.Tensor]:
+        """Kept tensors (Keeps.tensors) of a client that has never taken part. Required
+        when client_keeps names tensors."""
+        raise NotImplementedError
 
     def client_round(self, client: ClientState, rnd: int
                      ) -> Generator[Upload | Wait, Any, dict[str, State]]:
@@ -515,7 +607,14 @@ class Algorithm:
 
     # -- evaluation
     def eval_model(self, server: ServerState, global_state: dict[str, State]) -> nn.Module:
-        """The model whose test accuracy is reported: the global x_c below the server's x_s."""
+        """The model whose test accuracy is reported: the global x_c below the server's
+        x_s, or, without a server process, the global x_c below the global x_s (a
+        whole-model algorithm such as FedAvg averages both)."""
+        if not self.has_server:
+            model = self._eval_part("full", self.arch.make_full)
+            load_state(model[0], global_state["client"])
+            load_state(model[1], global_state["server"])
+            return model
         lower = self._eval_part("client", self.arch.make_client)
         load_state(lower, global_state["client"])
         return nn.Sequential(lower, server.models["server"])
@@ -562,3 +661,49 @@ class Algorithm:
         self.build_client(client)
         load_kept(self, client, None)
         return client
+
+
+# ------------------------------------------------------ checking the contract
+
+def defines_hook(cls: type, hook: str) -> bool:
+    return getattr(cls, hook) is not getattr(Algorithm, hook)
+
+
+def check_contract(cls: type[Algorithm]) -> None:
+    """The hooks an algorithm's shape needs, checked when it is loaded: a missing one is
+    one line here, not a traceback in the middle of a run."""
+    from ..errors import ContractError
+
+    def need(hook: str, why: str) -> None:
+        if not defines_hook(cls, hook):
+            raise ContractError(f"algorithm {cls.__name__} ({cls.name}) must define {hook}() "
+                                f"{why}")
+
+    need("plan_client_round", "(every algorithm: what a client sends in a round, and when)")
+    need("build_client", "(every algorithm: the working models a worker trains clients in)")
+    need("client_round", "(every algorithm: a client's local round)")
+    if cls.client_keeps.models:
+        need("fresh_client_models", f"because client_keeps keeps models "
+             f"{list(cls.client_keeps.models)}: a client's first state of them")
+    if cls.client_keeps.tensors:
+        need("fresh_client_tensors", f"because client_keeps keeps tensors "
+             f"{list(cls.client_keeps.tensors)}: a client's first value of them")
+    if cls.evaluate_on_clients:
+        need("client_eval_model", "because evaluate_on_clients is set")
+        if not cls.has_server:
+            raise ContractError(f"algorithm {cls.__name__} ({cls.name}) sets "
+                                "evaluate_on_clients, which takes the server's part from the "
+                                "server process, and has_server = False; set has_server = True "
+                                "or evaluate the global model")
+    if (not cls.has_server and not defines_hook(cls, "eval_model")
+            and not defines_hook(cls, "init_global")
+            and not {"client", "server"} <= set(cls.aggregated)):
+        raise ContractError(
+            f"algorithm {cls.__name__} ({cls.name}) has no server process, so by default it "
+            "is evaluated as the whole model from the global state, but aggregated = "
+            f"{list(cls.aggregated)} lacks 'client' or 'server'; aggregate both or define "
+            "eval_model()")
+    for kind in cls.byte_kinds:
+        if kind.direction not in ("up", "down", "both"):
+            raise ContractError(f"algorithm {cls.__name__}: byte kind '{kind.name}' has "
+                                f"direction {kind.direction!r}; use 'up', 'down' or 'both'")

@@ -15,9 +15,14 @@ from __future__ import annotations
 
 from ..lazy import nn
 from ..models import split_loss
-from .base import (CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, TRAIN_LOSS, Algorithm, ClientRoundPlan,
-                   Keeps)
+from .base import TRAIN_LOSS, Algorithm, ByteKind, ClientRoundPlan, Keeps
 from .state import load_state, to_state
+
+# The whole model travels, both halves, in the columns of the client model.
+MODEL_DOWN = ByteKind("client_model_down", "the global model (x_c and x_s), broadcast",
+                      carries=("client", "server"), direction="down")
+MODEL_UP = ByteKind("client_model_up", "the client's model (x_c and x_s), uploaded for "
+                    "averaging", carries=("client", "server"), direction="up")
 
 
 class FedAvg(Algorithm):
@@ -25,7 +30,7 @@ class FedAvg(Algorithm):
     label = "FedAvg"
     colour = "#1f77b4"
     description = "each client trains the whole model locally; the server averages (McMahan 2017)"
-    byte_kinds = (CLIENT_MODEL_DOWN, CLIENT_MODEL_UP)
+    byte_kinds = (MODEL_DOWN, MODEL_UP)
     metrics = (TRAIN_LOSS,)
     aggregated = ("client", "server")
     # The whole model comes with every broadcast; only the optimizer's state is the client's.
@@ -38,11 +43,11 @@ class FedAvg(Algorithm):
         whole = self.sizes.client + self.sizes.server
         return ClientRoundPlan(
             p.cid,
-            download={CLIENT_MODEL_DOWN.name: whole},
+            download={MODEL_DOWN.name: whole},
             forward_flops=[self.costs.full_step * b for b in p.batch_sizes],
             backward_flops=[0.0] * len(p.batch_sizes),
             exchanges={},
-            upload={CLIENT_MODEL_UP.name: whole},
+            upload={MODEL_UP.name: whole},
         )
 
     def build_client(self, client):
@@ -66,9 +71,3 @@ class FedAvg(Algorithm):
 
     def server_model_bytes(self, live_clients):
         return 0
-
-    def eval_model(self, server, global_state):
-        model = self._eval_part("full", self.arch.make_full)
-        load_state(model[0], global_state["client"])
-        load_state(model[1], global_state["server"])
-        return model

@@ -52,7 +52,7 @@ from ..lazy import nn, torch
 from ..models import split_loss
 from .base import (AUX_DOWN, CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, LABELS_UP, SERVER_LOSS,
                    SMASHED_UP, TRAIN_LOSS, Algorithm, ClientRoundPlan, Keeps, Metric, Section,
-                   stream_seed)
+                   StandIn, stream_seed)
 from .state import load_state, to_state
 from .steps import (ESTIMATE_COSINE, ESTIMATE_NMSE, cross_entropy_grad, gradient_of,
                     log_agreement, smashed_exchange, step_and_measure)
@@ -156,13 +156,12 @@ class FSLSage(Algorithm):
             smashed = x_c(x)
             z_batch = None
             if step.uploads:
-                arrays = {"smashed": smashed, "y": y}
+                observed = {}
                 if self.cfg.estimate_quality and not step.waits:
                     # The estimate this batch will train on (x_a does not change before
-                    # it is used), for the server to compare with its own (an observer's
-                    # copy: no bytes are counted for it).
-                    arrays["estimate"] = gradient_of(x_a, smashed, y)
-                reply = yield step.upload(**arrays)
+                    # it is used), for the server to compare with its own.
+                    observed["estimate"] = gradient_of(x_a, smashed, y)
+                reply = yield step.upload(smashed=smashed, y=y, observed=observed)
                 if reply is not None:           # the aligned x_a, waited for
                     z_batch = self.receive_alignment(client, rnd, reply)
             loss, g_hat = cross_entropy_grad(x_a, smashed.detach(), y)
@@ -212,10 +211,11 @@ class FSLSage(Algorithm):
         # The targets must see x_s as it stands now; the aux training that
         # follows does not touch x_s (see "Where alignment runs").
         z = self.true_gradients(x_s, self.tensor(buffer["smashed"]), self.tensor(buffer["y"]))
-        reply = {"smashed": buffer["smashed"], "y": buffer["y"], "z": z.cpu().numpy()}
+        arrays = {"smashed": buffer["smashed"], "y": buffer["y"], "z": z.cpu().numpy()}
         if z_batch is not None and "estimate" not in upload:
-            reply["z_batch"] = z_batch.cpu().numpy()
-        return reply
+            arrays["z_batch"] = z_batch.cpu().numpy()
+        # What travels here stands in for the aligned x_a,i the real server sends.
+        return StandIn(AUX_DOWN.name, "aux", arrays)
 
     # ----------------------------------------------------------- alignment
     def true_gradients(self, x_s: nn.Module, smashed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -2,39 +2,27 @@
 
 For unit tests of an algorithm and for notebooks: the client's uploads go
 straight to a ``serve`` callable, and its reply comes back at once (a
-blocking exchange) or at the client's next iteration (a non-blocking one).
-There is no simulated clock, no Ray and no byte accounting here; the engine
-adds those (see :mod:`raysage.engine.runtime`).
+blocking exchange) or before the client's next iteration (a non-blocking
+one). The round is driven by the engine's own driver
+(:class:`raysage.engine.runtime.ClientRound`) on a world where the server
+and the links take no time, so the client code meets exactly the checks it
+meets in a run; there is no Ray, and the bytes are not held against the plan
+(``serve`` may be a stub that answers nothing).
 """
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import replace
 from typing import Any, Callable
 
-from .base import Algorithm, ClientState, Participant, Step, Upload
+from ..netsim.planner import Segment, plan_round
+from ..netsim.profiles import DeviceProfile
+from .base import Algorithm, ClientState, Participant, Upload
 from .state import State
 
-
-class _LocalRound:
-    def __init__(self, algo: Algorithm, client: ClientState, rnd: int, batches: list):
-        plan = algo.plan_client_round(rnd, Participant(client.cid, [len(y) for _, y in batches]))
-        self.cid = client.cid
-        self.exchanges = {k: exchange.blocking for k, exchange in plan.exchanges.items()}
-        self.batches = batches
-        self.pending: dict[int, Any] = {}
-
-    def steps(self):
-        for k in range(len(self.batches)):
-            yield Step(self, k)
-
-    def batch(self, k: int):
-        return self.batches[k]
-
-    def arrivals(self, k):
-        yield from ()          # the server answered at once: nothing to wait for
-        replies, self.pending = self.pending, {}
-        return replies
+# Replies arrive the moment their upload is sent; iterations take a second each.
+_INSTANT = DeviceProfile(compute_flops=1.0, uplink=float("inf"), downlink=float("inf"),
+                         latency=0.0)
 
 
 def run_client_round(algo: Algorithm, client: ClientState, rnd: int, batches: list,
@@ -42,24 +30,28 @@ def run_client_round(algo: Algorithm, client: ClientState, rnd: int, batches: li
                      start: dict[str, State] | None = None) -> dict[str, State]:
     """Run ``client``'s round ``rnd`` on ``batches`` [(x, y), ...]; returns its uploaded
     states. ``serve(upload)`` answers each upload (None: nothing is answered)."""
+    from ..engine.runtime import ClientRound
+
     if start is not None:
         client.start = start
-    local = client.round = _LocalRound(algo, client, rnd, batches)
+    plan = algo.plan_client_round(rnd, Participant(client.cid, [len(y) for _, y in batches]))
+    # Every iteration takes one FLOP's second, so a reply precedes the next iteration.
+    plan = replace(plan, forward_flops=[1.0] * plan.iterations,
+                   backward_flops=[1.0] * plan.iterations, after=None)
+    schedule = plan_round([plan], {client.cid: _INSTANT}, server_flops=float("inf"))
+    driver, uploads, replies = None, {}, {}
     try:
-        body = algo.client_round(client, rnd)
-        if not inspect.isgenerator(body):
-            return body
-        value = None
-        while True:
-            out = body.send(value)
-            value = None
-            if isinstance(out, Upload):
-                reply = serve(out) if serve is not None else None
-                if local.exchanges[out.k]:
-                    value = reply
-                elif reply is not None:
-                    local.pending[out.k] = reply
-    except StopIteration as end:
-        return end.value
+        for action in schedule.actions:
+            if isinstance(action, Segment):
+                if driver is None:
+                    driver = ClientRound(algo, client, rnd, action, lambda k: batches[k],
+                                         check_bytes=False)
+                reply = replies.pop(action.reply_of, None) if action.reply_of else None
+                uploads.update(driver.run(action, reply))
+            else:
+                (cid, k), = action.uploads
+                answer = serve(uploads.pop(k)) if serve is not None else None
+                replies[(cid, k)] = answer
+        return driver.result
     finally:
         client.round = None

@@ -4,8 +4,8 @@ One x_c, one x_s. Clients take turns in a seeded order each round: for each
 of its batches the client sends (h, y), the server steps x_s and returns
 dL/dh, and the client steps x_c. Then the client hands x_c to the next
 client through the server (|x_c| up, |x_c| down, counted as
-``server_model``: the hand-over; a round with a single client hands
-nothing over). Nothing runs in parallel, so the simulated round time is the
+``server_model``: the hand-over; a lone participant too receives x_c from
+the server and returns it). Nothing runs in parallel, so the simulated round time is the
 sum of the clients' times.
 """
 
@@ -48,8 +48,9 @@ class SplitLearning(Algorithm):
             upload={})
 
     def plan_round(self, rnd, participants):
-        # A lone client keeps x_c: there is nobody to hand it to.
-        hand_over = {HAND_OVER.name: self.sizes.client} if len(participants) > 1 else {}
+        # Every client receives x_c from the server and returns it there: also a lone
+        # participant, whose x_c the server held since another client's turn.
+        hand_over = {HAND_OVER.name: self.sizes.client}
         by_id = {p.cid: p for p in participants}
         plans, previous = [], None
         for cid in self.order(rnd, sorted(by_id)):

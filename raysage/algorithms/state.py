@@ -140,6 +140,8 @@ def save_kept(algo: "Algorithm", client: "ClientState") -> State:
     for name in keeps.optimizers:
         out.update({f"optimizer.{name}.{k}": v
                     for k, v in client.optimizers[name].state_arrays().items()})
+    for name in keeps.tensors:
+        out[f"tensor.{name}"] = client.tensors[name].detach().cpu().numpy().copy()
     return out
 
 
@@ -147,11 +149,13 @@ def load_kept(algo: "Algorithm", client: "ClientState", state: State | None) -> 
     """Load a client's kept state into the working set; None: its first round."""
     keeps = algo.client_keeps
     if state is None:
-        fresh = algo.fresh_client_models(client.cid)
+        fresh = algo.fresh_client_models(client.cid) if keeps.models else {}
         for name in keeps.models:
             client.models[name].load_state_dict(fresh[name].state_dict())
         for name in keeps.optimizers:
             client.optimizers[name].load_state_arrays(None)
+        tensors = algo.fresh_client_tensors(client.cid) if keeps.tensors else {}
+        client.tensors = {name: tensors[name].to(algo.device) for name in keeps.tensors}
         return
     for name in keeps.models:
         prefix = f"model.{name}."
@@ -161,3 +165,6 @@ def load_kept(algo: "Algorithm", client: "ClientState", state: State | None) -> 
         prefix = f"optimizer.{name}."
         client.optimizers[name].load_state_arrays(
             {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    # (A copy: the store's arrays must not change when the client's tensors do.)
+    client.tensors = {name: torch.from_numpy(np.array(state[f"tensor.{name}"])).to(algo.device)
+                      for name in keeps.tensors}

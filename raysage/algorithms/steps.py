@@ -83,12 +83,12 @@ def local_loss_training(algo, client: ClientState) -> Generator:
         x, y = step.x, step.y
         smashed = x_c(x)
         if step.uploads:
-            arrays = {"smashed": smashed, "y": y}
+            observed = {}
             if algo.cfg.estimate_quality:
                 # The local loss's gradient at the cut, which x_c trains on instead of
                 # the server's (x_a steps only below), for the server to compare.
-                arrays["estimate"] = gradient_of(x_a, smashed, y)
-            yield step.upload(**arrays)
+                observed["estimate"] = gradient_of(x_a, smashed, y)
+            yield step.upload(smashed=smashed, y=y, observed=observed)
         loss = split_loss(x_a(smashed), y)
         for optimizer in client.optimizers.values():
             optimizer.zero_grad()

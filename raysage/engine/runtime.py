@@ -33,6 +33,7 @@ from ..leakage import LeakageProbe, sampled_uploads
 from ..lazy import nn, torch
 from ..models import correct_predictions, count_targets, split_loss
 from ..netsim.planner import Segment
+from .traffic import Reads, Traffic
 from ..results import RunFolder
 from ..store import StateStore, from_safetensors, to_safetensors
 from ..streams import seeded, stream_seed, unseeded
@@ -79,7 +80,7 @@ class ClientRound:
     """
 
     def __init__(self, algo: Algorithm, client: ClientState, rnd: int, first: Segment,
-                 batch):
+                 batch, check_bytes: bool = True):
         self.algo, self.client, self.rnd = algo, client, rnd
         self.cid = client.cid
         self.iterations = first.iterations
@@ -93,6 +94,8 @@ class ClientRound:
         measured = sampled_uploads(cfg.seed, self.cid, rnd, sorted(self.exchanges),
                                    cfg.leakage_uploads)
         self.probe = LeakageProbe(cfg.seed, self.cid, rnd, measured) if measured else None
+        self.traffic = Traffic(algo, self.cid, rnd, first.plan) if check_bytes else None
+        client.start = Reads(client.start)
         client.round = self
         body = algo.client_round(client, rnd)
         self.gen = body if inspect.isgenerator(body) else None
@@ -150,6 +153,8 @@ class ClientRound:
             if k in self.sent:
                 self._fail(f"client_round uploaded twice at iteration {k}")
             self._check_waited(k)
+            if self.traffic is not None:
+                self.traffic.upload(k, out.arrays)
             self.sent.add(k)
             self.uploads[k] = out
             if self.probe is not None and self.step is not None and self.step.k == k:
@@ -160,12 +165,21 @@ class ClientRound:
         self._fail(f"client_round yielded {type(out).__name__}; yield step.upload(...) "
                    "or `yield from step.arrivals()`")
 
+    def _check_result(self) -> None:
+        if not isinstance(self.result, dict):
+            self._fail(f"client_round returned {type(self.result).__name__}; return a "
+                       "dict of uploaded states by name ({} when none)")
+        if self.traffic is not None:
+            self.traffic.broadcast(self.client.start.read)
+            self.traffic.result(self.result)
+
     # -------------------------------------------------- the engine's side
     def run(self, segment: Segment, reply: Any) -> dict[int, Upload]:
         """Run one segment; returns the uploads it made, by iteration."""
         self.segment, self.uploads = segment, {}
         if self.gen is None:                  # a plain function: ran whole already
             self._check_before(self.iterations)
+            self._check_result()
             return {}
         if not self.primed:
             self.primed, value = True, None
@@ -173,8 +187,11 @@ class ClientRound:
             value = reply                     # the reply to the upload it waits on
         else:
             value = {segment.reply_of[1]: reply}   # a reply it takes before iteration `first`
-        if self.probe is not None and segment.reply_of is not None:
-            self.probe.reply(segment.reply_of[1], reply)
+        if segment.reply_of is not None:
+            if self.traffic is not None:
+                self.traffic.reply(segment.reply_of[1], reply, self.client.models)
+            if self.probe is not None:
+                self.probe.reply(segment.reply_of[1], reply)
         try:
             while True:
                 out = self.gen.send(value)
@@ -189,9 +206,7 @@ class ClientRound:
                 self._fail("client_round returned before the plan's last iteration "
                            f"({self.iterations}) or before a reply it should take")
             self._check_before(self.iterations)
-            if not isinstance(self.result, dict):
-                self._fail(f"client_round returned {type(self.result).__name__}; return a "
-                           "dict of uploaded states by name ({} when none)")
+            self._check_result()
             return self.uploads
         if segment.is_last:
             self._fail("client_round waits for a server reply after the plan's last one")

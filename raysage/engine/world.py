@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..algorithms import algorithm_class
-from ..algorithms.base import Algorithm, ClientState, ModelSizes, Participant, Setup, State
+from ..algorithms.base import (Algorithm, ClientState, ModelSizes, Participant, Setup, State,
+                               defines_hook)
 from ..config import LANGUAGE_DATASETS, Config, build_config
 from ..data import ArrayDataset, batch_sizes, load_dataset, partition
 from ..netsim.cost import ModelCosts
@@ -60,7 +61,8 @@ def count_model_facts(config: dict, num_classes: int) -> ModelFacts:
 
     keeps = algo.client_keeps
     kept = (sum(state_bytes(transfer_state(probe.models[m])) for m in keeps.models)
-            + sum(moments(probe.optimizers[o]) for o in keeps.optimizers))
+            + sum(moments(probe.optimizers[o]) for o in keeps.optimizers)
+            + (state_nbytes(algo.fresh_client_tensors(0)) if keeps.tensors else 0))
     gradients = sum(p.numel() * p.element_size() for m in probe.models.values()
                     for p in m.parameters() if p.requires_grad)
     working = (state_nbytes(probe.models) + gradients
@@ -263,7 +265,20 @@ def build_world(cfg: Config) -> World:
     profiles = client_profiles(cfg.profile, cfg.clients, cfg.seed, trace=cfg.profile_trace,
                                stragglers=cfg.stragglers, straggler_param=cfg.straggler_param,
                                availability=cfg.availability)
-    return World(cfg, data, indices, setup.algorithm(), setup, profiles, facts)
+    algorithm = setup.algorithm()
+    check_evaluated(algorithm, facts.initial_global)
+    return World(cfg, data, indices, algorithm, setup, profiles, facts)
+
+
+def check_evaluated(algo: Algorithm, initial_global: dict[str, State]) -> None:
+    """Without a server process the default evaluation reads the whole model from the
+    global state: it must be there (an own init_global may leave a half out)."""
+    if (not algo.has_server and not defines_hook(type(algo), "eval_model")
+            and not {"client", "server"} <= set(initial_global)):
+        raise ContractError(
+            f"{algo.name} has no server process, so it is evaluated as the whole model of "
+            f"the global state, but init_global returns {sorted(initial_global)}; keep "
+            "'client' and 'server' there or define eval_model()")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,8 @@ class Segment:
     # which the worker hands to the algorithm's steps.
     iterations: int = 0
     exchanges: dict[int, bool] | None = None
+    # First segment only: the client's plan, which the worker holds its traffic against.
+    plan: ClientRoundPlan | None = None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -353,6 +355,7 @@ def _segments(client: _Client, replies: dict[tuple[int, int], float]) -> list[Se
     segments[0].is_first = True
     segments[0].iterations = n
     segments[0].exchanges = {k: ex.blocking for k, ex in plan.exchanges.items()}
+    segments[0].plan = plan
     segments[-1].is_last = True
     return segments
 
