@@ -334,12 +334,16 @@ def report_command(
     lines: list[str] = typer.Option([], "--lines", help="a config field whose values are drawn "
                                     "as lines within a panel rather than as panels of their own "
                                     "(repeatable), e.g. --lines align_interval"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="the algorithm whose cost "
+                                           "to the target the others' are divided by in the "
+                                           "table, e.g. --baseline fsl_sage (default: no ratios)"),
 ) -> None:
     """Plots and a Markdown table from run folders' Parquet files."""
     from .studies.report import write_report
 
     try:
-        summary = write_report(run_dirs, out, target=target, metric=metric, lines=lines)
+        summary = write_report(run_dirs, out, target=target, metric=metric, lines=lines,
+                               baseline=baseline)
     except RaysageError as exc:
         _fail(str(exc))
     typer.echo(f"report of {summary['runs']} run(s): {summary['report']} and "

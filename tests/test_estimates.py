@@ -14,7 +14,7 @@ from raysage.algorithms import ALGORITHMS
 from raysage.algorithms.base import Upload
 from raysage.algorithms.local import run_client_round
 from raysage.algorithms.state import load_state
-from raysage.algorithms.steps import gradient_of
+from raysage.observers import gradient_of
 from raysage.config import build_config
 from raysage.engine.orchestrator import simulate
 
@@ -31,8 +31,7 @@ def make(name, **fields):
 def served_agreement(algo, client, x, y, rnd=1):
     """Upload iteration 0 of a round without alignment; what the server measured."""
     server = algo.init_server()
-    run_client_round(algo, client, rnd, [(x, y)], serve=lambda u: algo.serve(server, rnd, u),
-                     start=algo.init_global())
+    run_client_round(algo, client, rnd, [(x, y)], server=server, start=algo.init_global())
     sums = server.client_metrics[client.cid]
     (cosine, measured), (nmse, _) = sums["estimate_cosine"], sums["estimate_nmse"]
     return cosine, nmse, measured

@@ -79,10 +79,13 @@ def test_time_to_target_for_losses_goes_down():
 
 
 # ---------------------------------------------------------------- series and target table
-def test_target_table_ratios_to_fsl_sage(tmp_path):
+def test_target_table_ratios_to_the_baseline(tmp_path):
     make_run(tmp_path, "a", curve(FSL), algorithm="fsl_sage")
     make_run(tmp_path, "b", curve(CSE), algorithm="cse_fsl")
-    rows = target_table(group_series(load_runs(tmp_path)), target=0.5)
+    series = group_series(load_runs(tmp_path))
+    # No baseline named: costs, but no ratios.
+    assert all(row["gib_ratio"] is None for row in target_table(series, target=0.5))
+    rows = target_table(series, target=0.5, baseline="fsl_sage")
     by_alg = {row["algorithm"]: row for row in rows}
     assert by_alg["fsl_sage"]["gib_to_target"] == pytest.approx(1.0)
     assert by_alg["cse_fsl"]["gib_to_target"] == pytest.approx(2.5)
@@ -103,16 +106,17 @@ def test_default_target_is_the_weakest_best_floored(tmp_path):
 def test_default_target_for_losses_is_the_weakest_best_ceiled(tmp_path):
     make_run(tmp_path, "a", curve([NAN] * 2, loss=[2.0, 1.0]), algorithm="fsl_sage")
     make_run(tmp_path, "b", curve([NAN] * 2, loss=[2.0, 1.2345]), algorithm="fedavg")
-    rows = target_table(group_series(load_runs(tmp_path)), metric="test_loss")
+    rows = target_table(group_series(load_runs(tmp_path)), metric="test_loss",
+                        baseline="fsl_sage")
     assert {row["target"] for row in rows} == {1.24}
     by_alg = {row["algorithm"]: row for row in rows}
     assert by_alg["fedavg"]["gib_ratio"] == pytest.approx(1.0)
 
 
-def test_missing_fsl_sage_or_unreached_target_gives_no_ratio(tmp_path):
+def test_missing_baseline_or_unreached_target_gives_no_ratio(tmp_path):
     make_run(tmp_path, "a", curve([0.2, 0.3]), algorithm="fedavg")
     make_run(tmp_path, "b", curve([0.2, 0.6]), algorithm="sl")
-    rows = target_table(group_series(load_runs(tmp_path)), target=0.5)
+    rows = target_table(group_series(load_runs(tmp_path)), target=0.5, baseline="fedavg")
     assert all(row["gib_ratio"] is None and row["time_ratio"] is None for row in rows)
     assert {row["algorithm"]: row["gib_to_target"] for row in rows}["fedavg"] is None
 
@@ -156,7 +160,8 @@ def _study(root):
 
 def test_write_report_writes_figures_and_markdown(tmp_path):
     _study(tmp_path / "runs")
-    summary = write_report(tmp_path / "runs", tmp_path / "report", target=0.5)
+    summary = write_report(tmp_path / "runs", tmp_path / "report", target=0.5,
+                           baseline="fsl_sage")
 
     assert summary["runs"] == 10
     expected = {"accuracy_vs_communication.png", "accuracy_vs_sim_time.png",
@@ -227,7 +232,8 @@ def test_energy_to_target_and_leakage_in_table_and_figures(tmp_path):
              algorithm="cse_fsl")
     make_run(tmp_path / "runs", "c", with_energy_and_leakage(curve([0.1, 0.2]), 50.0),
              algorithm="fedavg")
-    summary = write_report(tmp_path / "runs", tmp_path / "out", target=0.5)
+    summary = write_report(tmp_path / "runs", tmp_path / "out", target=0.5,
+                           baseline="fsl_sage")
     by_alg = {row["algorithm"]: row for row in summary["table"]}
     assert by_alg["fsl_sage"]["energy_to_target"] == pytest.approx(600.0)
     assert by_alg["cse_fsl"]["energy_to_target"] == pytest.approx(500.0)
@@ -328,7 +334,7 @@ def test_fields_drawn_as_lines_leave_the_panels_to_the_rest(tmp_path):
     # no l) apart from FSL-SAGE ...
     assert len({row["facet"] for row in target_table(series, target=0.5)}) == 6
     # ... with the alignment interval drawn as lines, one panel per batch size.
-    rows = target_table(series, target=0.5, lines=("align_interval",))
+    rows = target_table(series, target=0.5, lines=("align_interval",), baseline="fsl_sage")
     assert [row["facet"] for row in rows] == ["batch_size=20"] * 3 + ["batch_size=128"] * 3
     # Labels name a line field only where it departs from its default (l = 10).
     assert [row["label"] for row in rows[:3]] == ["FSL-SAGE (align_interval=1)", "FSL-SAGE",
@@ -340,11 +346,33 @@ def test_fields_drawn_as_lines_leave_the_panels_to_the_rest(tmp_path):
     assert by_label["FSL-SAGE (align_interval=1)"]["gib_to_target"] is None
 
     summary = write_report(tmp_path / "runs", tmp_path / "report", target=0.5,
-                           lines=["align_interval"])
+                           lines=["align_interval"], baseline="fsl_sage")
     assert "accuracy_vs_round.png" in summary["figures"]
     text = (tmp_path / "report" / "report.md").read_text()
     assert "### batch_size=20\n" in text and "| FSL-SAGE (align_interval=1) | 1 |" in text
     assert "align_interval=10" not in text.split("## Cost to reach the target")[1]
+
+
+def test_the_baseline_column_is_named_and_an_absent_baseline_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from raysage.cli import app
+
+    _sensitivity(tmp_path / "runs")
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", str(tmp_path / "runs"), "--out",
+                                 str(tmp_path / "rep"), "--baseline", "fedavg"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "--baseline fedavg: no run is of that algorithm; give one of cse_fsl, fsl_sage" \
+        in result.output
+    result = runner.invoke(app, ["report", str(tmp_path / "runs"), "--out",
+                                 str(tmp_path / "rep"), "--baseline", "cse_fsl"])
+    assert result.exit_code == 0, result.output
+    assert "| GiB to target | vs CSE-FSL |" in (tmp_path / "rep" / "report.md").read_text()
+    result = runner.invoke(app, ["report", str(tmp_path / "runs"), "--out",
+                                 str(tmp_path / "plain")])
+    assert "vs " not in (tmp_path / "plain" / "report.md").read_text().split(
+        "## Cost to reach the target")[1].split("\n\n## ")[0]
 
 
 def test_an_unknown_line_field_is_refused_in_one_line(tmp_path):
@@ -370,7 +398,8 @@ def test_report_command_writes_the_report_and_fails_in_one_line(tmp_path):
              algorithm="cse_fsl")
     runner = CliRunner()
     result = runner.invoke(app, ["report", str(tmp_path / "runs"), "--out",
-                                 str(tmp_path / "rep"), "--target", "0.5"])
+                                 str(tmp_path / "rep"), "--target", "0.5",
+                                 "--baseline", "fsl_sage"])
     assert result.exit_code == 0, result.output
     text = (tmp_path / "rep" / "report.md").read_text()
     # FSL-SAGE reaches 0.5 after 2 rounds (1 GiB), CSE-FSL after 3 (3 GiB): 3x.

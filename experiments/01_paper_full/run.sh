@@ -12,4 +12,4 @@ set -euo pipefail
 : "${DATA_DIR:?set DATA_DIR to the folder holding cifar-10-batches-py/ and cifar-100-python/}"
 OUT=${OUT:-runs/01_paper_full}
 raysage sweep experiments/01_paper_full/sweep.yaml --data-dir "$DATA_DIR" --out "$OUT" "$@"
-raysage report "$OUT" --out docs/results/01_paper_full
+raysage report "$OUT" --baseline fsl_sage --out docs/results/01_paper_full

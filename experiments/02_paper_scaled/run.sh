@@ -8,4 +8,4 @@ set -euo pipefail
 DATA=${DATA:-../shared/data/cifar10_subset.npz}
 OUT=${OUT:-runs/02_paper_scaled}
 raysage sweep experiments/02_paper_scaled/sweep.yaml --data-dir "$DATA" --out "$OUT" "$@"
-raysage report "$OUT" --out docs/results/02_paper_scaled
+raysage report "$OUT" --baseline fsl_sage --out docs/results/02_paper_scaled

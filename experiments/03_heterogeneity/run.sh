@@ -8,4 +8,4 @@ DATA=${DATA:-../shared/data/cifar10_subset.npz}
 OUT=${OUT:-runs/03_heterogeneity}
 IID=${IID:-runs/02_paper_scaled}
 raysage sweep experiments/03_heterogeneity/sweep.yaml --data-dir "$DATA" --out "$OUT" "$@"
-raysage report "$OUT" "$IID" --out docs/results/03_heterogeneity
+raysage report "$OUT" "$IID" --baseline fsl_sage --out docs/results/03_heterogeneity

@@ -6,4 +6,4 @@ set -euo pipefail
 DATA=${DATA:-../shared/data/cifar10_subset.npz}
 OUT=${OUT:-runs/04_network}
 raysage sweep experiments/04_network/sweep.yaml --data-dir "$DATA" --out "$OUT" "$@"
-raysage report "$OUT" --out docs/results/04_network
+raysage report "$OUT" --baseline fsl_sage --out docs/results/04_network

@@ -8,4 +8,4 @@ set -euo pipefail
 OUT=${OUT:-runs/05_scalability}
 raysage sweep experiments/05_scalability/clients.yaml --out "$OUT/clients" --parallel 1 "$@"
 raysage sweep experiments/05_scalability/workers.yaml --out "$OUT/workers" "$@"
-raysage report "$OUT" --out docs/results/05_scalability
+raysage report "$OUT" --baseline fsl_sage --out docs/results/05_scalability

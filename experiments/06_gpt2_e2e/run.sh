@@ -11,9 +11,9 @@ if [[ "${FULL:-0}" == 1 ]]; then
   OUT=${OUT:-runs/06_gpt2_e2e_full}
   raysage sweep experiments/06_gpt2_e2e/full.yaml --weights-dir "$WEIGHTS" --data-dir "$E2E" \
     --out "$OUT" "$@"
-  raysage report "$OUT" --metric test_loss --out docs/results/06_gpt2_e2e_full
+  raysage report "$OUT" --metric test_loss --baseline fsl_sage --out docs/results/06_gpt2_e2e_full
 else
   OUT=${OUT:-runs/06_gpt2_e2e}
   raysage sweep experiments/06_gpt2_e2e/scaled.yaml --out "$OUT" "$@"
-  raysage report "$OUT" --metric test_loss --out docs/results/06_gpt2_e2e
+  raysage report "$OUT" --metric test_loss --baseline fsl_sage --out docs/results/06_gpt2_e2e
 fi

@@ -14,4 +14,4 @@ BATCH128=${BATCH128:-runs/02_paper_scaled}
 # One panel per batch size, the variants of each as lines.
 raysage report "$OUT" "$BATCH128/algorithm=fsl_sage" "$BATCH128/algorithm=cse_fsl" \
     --lines align_interval --lines server_update_interval --lines client_lr \
-    --out docs/results/07_sensitivity
+    --baseline fsl_sage --out docs/results/07_sensitivity

@@ -7,4 +7,4 @@ DATA=${DATA:-../shared/data/cifar10_subset.npz}
 OUT=${OUT:-runs/08_resnet18}
 raysage sweep experiments/08_resnet18/sweep.yaml --data-dir "$DATA" --out "$OUT" \
     --parallel 2 --workers 1 --cpus-per-worker 1 "$@"
-raysage report "$OUT" --out docs/results/08_resnet18
+raysage report "$OUT" --baseline fsl_sage --out docs/results/08_resnet18

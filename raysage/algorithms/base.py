@@ -103,7 +103,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar, Generator, Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generator, Iterable, Iterator, Literal
 
 import numpy as np
 
@@ -469,6 +469,10 @@ class Algorithm:
     evaluate_on_clients: ClassVar[bool] = False
     # Whether it runs GPT-2 on E2E (the paper's language-model comparison).
     runs_language_task: ClassVar[bool] = False
+    # The working model whose cross-entropy gradient at the cut the client trains on
+    # in place of the server's (an auxiliary model), if any: observers compare the
+    # two (raysage.observers.EstimateQuality).
+    estimator: ClassVar[str | None] = None
 
     def __init__(self, setup: Setup):
         self.setup = setup
@@ -487,7 +491,7 @@ class Algorithm:
 
         arch = architecture(cfg, num_classes)
         setup = Setup(cfg.to_dict(), num_classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
-                      ModelSizes.of(arch), measure_costs(arch))
+                      ModelSizes.of(arch), measure_costs(arch, cls))
         return cls(setup)
 
     @cached_property
@@ -534,6 +538,13 @@ class Algorithm:
             return self.arch.make_aux()
 
     # ============================================================ the hooks
+    # -- the cost model: FLOPs per sample of the algorithm's own pieces of work,
+    #    counted once per architecture (``self.costs.of(name)``); a piece is a
+    #    function of raysage.netsim.cost.Pieces that runs it on an example batch.
+    @classmethod
+    def costed_work(cls) -> dict[str, Callable[[Any], None]]:
+        return {}
+
     # -- the schedule (pure: no tensors)
     def plan_client_round(self, rnd: int, p: Participant) -> ClientRoundPlan:
         raise NotImplementedError(f"{self.name} must define plan_client_round")
@@ -571,6 +582,11 @@ class Algorithm:
 
     def serve(self, server: ServerState, rnd: int, upload: Upload) -> Any | None:
         raise NotImplementedError(f"{self.name} plans uploads but defines no serve()")
+
+    def server_model_for(self, server: ServerState, upload: Upload) -> nn.Module:
+        """The server model this upload will step (an observer's question): the one
+        x_s, unless the algorithm keeps a copy per client."""
+        return server.models["server"]
 
     def serve_group(self, server: ServerState, rnd: int, uploads: list[Upload]) -> list[Any]:
         """A barrier group of uploads, in client-id order; one reply each."""

@@ -15,8 +15,7 @@ from pydantic import Field
 from .base import (AUX_DOWN, AUX_UP, CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, LABELS_UP, SERVER_LOSS,
                    SMASHED_UP, TRAIN_LOSS, Algorithm, ClientRoundPlan, Keeps, Section)
 from .state import load_state, to_state
-from .steps import (ESTIMATE_COSINE, ESTIMATE_NMSE, local_loss_training, smashed_exchange,
-                    step_and_compare)
+from .steps import local_loss_training, local_loss_work, serve_smashed, smashed_exchange
 
 
 class CSEFSLParams(Section):
@@ -32,11 +31,16 @@ class CSEFSL(Algorithm):
                    "(Mu 2023)")
     Params = CSEFSLParams
     byte_kinds = (SMASHED_UP, LABELS_UP, CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, AUX_DOWN, AUX_UP)
-    metrics = (TRAIN_LOSS, SERVER_LOSS, ESTIMATE_COSINE, ESTIMATE_NMSE)
+    metrics = (TRAIN_LOSS, SERVER_LOSS)
     aggregated = ("client", "aux")
+    estimator = "aux"          # x_c trains on the local loss's gradient at the cut
     # x_c and x_a come with every broadcast; their optimizers' state is the client's.
     client_keeps = Keeps(optimizers=("client", "aux"))
     runs_language_task = True
+
+    @classmethod
+    def costed_work(cls):
+        return {"aux_step": local_loss_work}
 
     def plan_client_round(self, rnd, p):
         c, s, q = self.costs, self.sizes, self.params.server_update_interval
@@ -44,7 +48,8 @@ class CSEFSL(Algorithm):
             p.cid,
             download={CLIENT_MODEL_DOWN.name: s.client, AUX_DOWN.name: s.aux},
             forward_flops=[c.client_forward * b for b in p.batch_sizes],
-            backward_flops=[(c.aux_step + c.client_backward) * b for b in p.batch_sizes],
+            backward_flops=[(c.of("aux_step") + c.client_backward) * b
+                            for b in p.batch_sizes],
             exchanges={k: smashed_exchange(self, k, b)
                        for k, b in enumerate(p.batch_sizes) if k % q == 0},
             upload={CLIENT_MODEL_UP.name: s.client, AUX_UP.name: s.aux},
@@ -63,5 +68,4 @@ class CSEFSL(Algorithm):
                 "aux": to_state(client.models["aux"])}
 
     def serve(self, server, rnd, upload):
-        step_and_compare(self, server, server.models["server"], server.optimizers["server"],
-                         upload)
+        serve_smashed(self, server, server.models["server"], server.optimizers["server"], upload)

@@ -12,9 +12,8 @@ from __future__ import annotations
 from .base import (AUX_DOWN, AUX_UP, CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, LABELS_UP, SERVER_LOSS,
                    SMASHED_UP, TRAIN_LOSS, Algorithm, ClientRoundPlan, Keeps, ServerState)
 from .state import load_state, to_state
-from .steps import (ESTIMATE_COSINE, ESTIMATE_NMSE, average_server_copies,
-                    copies_server_model_bytes, copies_state_bytes, local_loss_training,
-                    server_copy, smashed_exchange, step_and_compare)
+from .steps import (average_server_copies, copies_server_model_bytes, copies_state_bytes,
+                    local_loss_training, local_loss_work, serve_smashed, server_copy, smashed_exchange)
 
 
 class FSLAN(Algorithm):
@@ -24,10 +23,15 @@ class FSLAN(Algorithm):
     description = ("clients train on a local auxiliary loss and upload smashed data every step "
                    "(Han 2021)")
     byte_kinds = (SMASHED_UP, LABELS_UP, CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, AUX_DOWN, AUX_UP)
-    metrics = (TRAIN_LOSS, SERVER_LOSS, ESTIMATE_COSINE, ESTIMATE_NMSE)
+    metrics = (TRAIN_LOSS, SERVER_LOSS)
     aggregated = ("client", "aux")
+    estimator = "aux"          # x_c trains on the local loss's gradient at the cut
     # x_c and x_a come with every broadcast; their optimizers' state is the client's.
     client_keeps = Keeps(optimizers=("client", "aux"))
+
+    @classmethod
+    def costed_work(cls):
+        return {"aux_step": local_loss_work}
 
     def plan_client_round(self, rnd, p):
         c, s = self.costs, self.sizes
@@ -35,7 +39,8 @@ class FSLAN(Algorithm):
             p.cid,
             download={CLIENT_MODEL_DOWN.name: s.client, AUX_DOWN.name: s.aux},
             forward_flops=[c.client_forward * b for b in p.batch_sizes],
-            backward_flops=[(c.aux_step + c.client_backward) * b for b in p.batch_sizes],
+            backward_flops=[(c.of("aux_step") + c.client_backward) * b
+                            for b in p.batch_sizes],
             exchanges={k: smashed_exchange(self, k, b) for k, b in enumerate(p.batch_sizes)},
             upload={CLIENT_MODEL_UP.name: s.client, AUX_UP.name: s.aux},
         )
@@ -58,7 +63,10 @@ class FSLAN(Algorithm):
 
     def serve(self, server, rnd, upload):
         x_s, optimizer = server_copy(self, server, upload.cid)
-        step_and_compare(self, server, x_s, optimizer, upload)
+        serve_smashed(self, server, x_s, optimizer, upload)
+
+    def server_model_for(self, server, upload):
+        return server_copy(self, server, upload.cid)[0]
 
     def end_server_round(self, server, rnd, global_state, weights):
         average_server_copies(server, weights)

@@ -42,7 +42,6 @@ instead of one after another in the server process.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -54,8 +53,7 @@ from .base import (AUX_DOWN, CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, LABELS_UP, SERV
                    SMASHED_UP, TRAIN_LOSS, Algorithm, ClientRoundPlan, Keeps, Metric, Section,
                    StandIn, stream_seed)
 from .state import load_state, to_state
-from .steps import (ESTIMATE_COSINE, ESTIMATE_NMSE, cross_entropy_grad, gradient_of,
-                    log_agreement, smashed_exchange, step_and_measure)
+from .steps import cross_entropy_grad, serve_smashed, smashed_exchange
 
 
 class FSLSageParams(Section):
@@ -89,19 +87,36 @@ class FSLSage(Algorithm):
                    "periodically aligns them (Nair et al. ICML 2025)")
     Params = FSLSageParams
     byte_kinds = (SMASHED_UP, LABELS_UP, AUX_DOWN, CLIENT_MODEL_DOWN, CLIENT_MODEL_UP)
-    metrics = (TRAIN_LOSS, SERVER_LOSS, NMSE_BEFORE, NMSE_AFTER, ESTIMATE_COSINE, ESTIMATE_NMSE)
+    metrics = (TRAIN_LOSS, SERVER_LOSS, NMSE_BEFORE, NMSE_AFTER)
     aggregated = ("client",)
+    estimator = "aux"          # x_c trains on x_a,i's estimate of the server's gradient
     # x_a,i is the client's own and never averaged; x_c comes with every broadcast.
     client_keeps = Keeps(models=("aux",), optimizers=("client",))
     runs_language_task = True
 
     # ------------------------------------------------------------ schedule
+    @classmethod
+    def costed_work(cls):
+        def aux_estimate(m):
+            """x_a forward and the gradient w.r.t. h only (g_hat)."""
+            leaf = m.smashed()
+            torch.autograd.grad(split_loss(m.aux(leaf), m.y), leaf)
+
+        def align_step(m):
+            """One alignment sample: g_hat with create_graph, then backward."""
+            leaf = m.smashed()
+            (g_hat,) = torch.autograd.grad(split_loss(m.aux(leaf), m.y), leaf,
+                                           create_graph=True)
+            g_hat.pow(2).sum().backward()
+
+        return {"aux_estimate": aux_estimate, "align_step": align_step}
+
     def aligns_at(self, rnd: int, k: int) -> bool:
         return rnd % self.params.align_interval == 0 and k == 0
 
     def alignment_flops(self, buffered: int) -> float:
         targets = self.costs.server_step * buffered
-        return targets + self.params.align_epochs * buffered * self.costs.align_step
+        return targets + self.params.align_epochs * buffered * self.costs.of("align_step")
 
     def plan_client_round(self, rnd, p):
         c, s, q = self.costs, self.sizes, self.params.server_update_interval
@@ -121,7 +136,8 @@ class FSLSage(Algorithm):
             p.cid,
             download={CLIENT_MODEL_DOWN.name: s.client},
             forward_flops=[c.client_forward * b for b in p.batch_sizes],
-            backward_flops=[(c.aux_estimate + c.client_backward) * b for b in p.batch_sizes],
+            backward_flops=[(c.of("aux_estimate") + c.client_backward) * b
+                            for b in p.batch_sizes],
             exchanges=exchanges,
             upload={CLIENT_MODEL_UP.name: s.client},
         )
@@ -154,19 +170,11 @@ class FSLSage(Algorithm):
                 self.receive_alignment(client, rnd, reply)
             x, y = step.x, step.y
             smashed = x_c(x)
-            z_batch = None
             if step.uploads:
-                observed = {}
-                if self.cfg.estimate_quality and not step.waits:
-                    # The estimate this batch will train on (x_a does not change before
-                    # it is used), for the server to compare with its own.
-                    observed["estimate"] = gradient_of(x_a, smashed, y)
-                reply = yield step.upload(smashed=smashed, y=y, observed=observed)
+                reply = yield step.upload(smashed=smashed, y=y)
                 if reply is not None:           # the aligned x_a, waited for
-                    z_batch = self.receive_alignment(client, rnd, reply)
+                    self.receive_alignment(client, rnd, reply)
             loss, g_hat = cross_entropy_grad(x_a, smashed.detach(), y)
-            if z_batch is not None:
-                log_agreement(client.log, g_hat, z_batch)
             optimizer.zero_grad()
             smashed.backward(g_hat)
             optimizer.step()
@@ -176,27 +184,15 @@ class FSLSage(Algorithm):
         return {"client": to_state(x_c)}
 
     def receive_alignment(self, client, rnd, reply):
-        """The aligned x_a,i arrives (computed here, see "Where alignment runs");
-        returns the true gradient of the upload's batch, when the server measured it."""
+        """The aligned x_a,i arrives (computed here, see "Where alignment runs")."""
         before, after = self.align(client.models["aux"], client.cid, rnd, reply)
         client.log("nmse_before", before)
         client.log("nmse_after", after)
-        return self.tensor(reply["z_batch"]) if "z_batch" in reply else None
 
     # -------------------------------------------------------------- server
     def serve(self, server, rnd, upload):
         x_s = server.models["server"]
-        h, y = self.tensor(upload["smashed"]), self.tensor(upload["y"])
-        blocking_alignment = self.aligns_at(rnd, upload.k) and self.params.align_blocking
-        # Estimate quality: the true gradient for this batch, with x_s as it stands
-        # when the upload is served (the client's estimate came with it, or is
-        # measured by the client after the alignment it waits for); x_s's step
-        # computes it anyway.
-        measure = self.cfg.estimate_quality and ("estimate" in upload or blocking_alignment)
-        z_batch = step_and_measure(server, x_s, server.optimizers["server"], h, y, measure)
-        if "estimate" in upload:
-            log_agreement(partial(server.log_client, upload.cid),
-                          self.tensor(upload["estimate"]), z_batch)
+        serve_smashed(self, server, x_s, server.optimizers["server"], upload)
 
         # Client i's buffer: its last align_buffer uploaded samples. Targets are
         # (N,) labels or (N, T) tokens.
@@ -211,11 +207,9 @@ class FSLSage(Algorithm):
         # The targets must see x_s as it stands now; the aux training that
         # follows does not touch x_s (see "Where alignment runs").
         z = self.true_gradients(x_s, self.tensor(buffer["smashed"]), self.tensor(buffer["y"]))
-        arrays = {"smashed": buffer["smashed"], "y": buffer["y"], "z": z.cpu().numpy()}
-        if z_batch is not None and "estimate" not in upload:
-            arrays["z_batch"] = z_batch.cpu().numpy()
         # What travels here stands in for the aligned x_a,i the real server sends.
-        return StandIn(AUX_DOWN.name, "aux", arrays)
+        return StandIn(AUX_DOWN.name, "aux",
+                       {"smashed": buffer["smashed"], "y": buffer["y"], "z": z.cpu().numpy()})
 
     # ----------------------------------------------------------- alignment
     def true_gradients(self, x_s: nn.Module, smashed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ blocking exchange) or before the client's next iteration (a non-blocking
 one). The round is driven by the engine's own driver
 (:class:`raysage.engine.runtime.ClientRound`) on a world where the server
 and the links take no time, so the client code meets exactly the checks it
-meets in a run; there is no Ray, and the bytes are not held against the plan
-(``serve`` may be a stub that answers nothing).
+meets in a run, observers included; there is no Ray, and the bytes are not
+held against the plan (``serve`` may be a stub that answers nothing).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from ..netsim.planner import Segment, plan_round
 from ..netsim.profiles import DeviceProfile
-from .base import Algorithm, ClientState, Participant, Upload
+from .base import Algorithm, ClientState, Participant, ServerState, Upload
 from .state import State
 
 # Replies arrive the moment their upload is sent; iterations take a second each.
@@ -27,10 +27,20 @@ _INSTANT = DeviceProfile(compute_flops=1.0, uplink=float("inf"), downlink=float(
 
 def run_client_round(algo: Algorithm, client: ClientState, rnd: int, batches: list,
                      serve: Callable[[Upload], Any] | None = None,
-                     start: dict[str, State] | None = None) -> dict[str, State]:
+                     start: dict[str, State] | None = None,
+                     server: ServerState | None = None) -> dict[str, State]:
     """Run ``client``'s round ``rnd`` on ``batches`` [(x, y), ...]; returns its uploaded
-    states. ``serve(upload)`` answers each upload (None: nothing is answered)."""
+    states. ``serve(upload)`` answers each upload (None: nothing is answered); or, with
+    ``server``, the algorithm serves it there as in a run, observers included."""
     from ..engine.runtime import ClientRound
+    from ..observers import serve as observed_serve
+    from ..observers import server_observers
+
+    if server is not None:
+        observers = server_observers(algo)
+
+        def serve(upload):
+            return observed_serve(algo, server, rnd, [upload], observers)[0]
 
     if start is not None:
         client.start = start

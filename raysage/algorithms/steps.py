@@ -8,13 +8,12 @@ here, and each algorithm's file still reads on its own.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Generator
 
 from ..lazy import nn, torch
 from ..models import split_loss
-from ..streams import global_rng, unseeded
-from .base import LABELS_UP, SMASHED_UP, ClientState, Exchange, Metric, ServerState, Upload
+from ..streams import unseeded
+from .base import LABELS_UP, SMASHED_UP, ClientState, Exchange, ServerState, Upload
 from .optim import Optimizer
 from .state import load_state, state_nbytes, to_state, weighted_average
 
@@ -42,22 +41,21 @@ def server_step(server: ServerState, x_s: nn.Module, optimizer: Optimizer,
     server.log("server_loss", loss.item(), len(y))
 
 
-def step_and_measure(server: ServerState, x_s: nn.Module, optimizer: Optimizer,
-                     smashed: torch.Tensor, y: torch.Tensor, measure: bool) -> torch.Tensor | None:
-    """Step x_s on (h, y); with ``measure``, also return dL/dh, the true cut-layer
-    gradient of x_s as it stood before the step (the step's backward computes it:
-    no second pass, and nothing in training changes)."""
-    leaf = smashed.detach().requires_grad_() if measure else smashed
-    server_step(server, x_s, optimizer, leaf, y)
-    return leaf.grad if measure else None
-
-
 def serve_with_gradient(algo, server: ServerState, x_s: nn.Module, optimizer: Optimizer,
                         upload: Upload):
-    """Step x_s on the upload and return dL/dh for the client (SplitFed, SL)."""
-    grad = step_and_measure(server, x_s, optimizer, algo.tensor(upload["smashed"]),
-                            algo.tensor(upload["y"]), measure=True)
-    return grad.cpu().numpy()
+    """Step x_s on the upload and return dL/dh for the client (SplitFed, SL): the
+    cut-layer gradient of x_s as it stood before the step, which the step's
+    backward computes."""
+    leaf = algo.tensor(upload["smashed"]).requires_grad_()
+    server_step(server, x_s, optimizer, leaf, algo.tensor(upload["y"]))
+    return leaf.grad.cpu().numpy()
+
+
+def serve_smashed(algo, server: ServerState, x_s: nn.Module, optimizer: Optimizer,
+                  upload: Upload) -> None:
+    """Step x_s on an upload of (h, y); nothing goes back (FSL_AN, CSE-FSL, FSL-SAGE)."""
+    server_step(server, x_s, optimizer, algo.tensor(upload["smashed"]),
+                algo.tensor(upload["y"]))
 
 
 # ------------------------------------------------------------ clients
@@ -83,12 +81,7 @@ def local_loss_training(algo, client: ClientState) -> Generator:
         x, y = step.x, step.y
         smashed = x_c(x)
         if step.uploads:
-            observed = {}
-            if algo.cfg.estimate_quality:
-                # The local loss's gradient at the cut, which x_c trains on instead of
-                # the server's (x_a steps only below), for the server to compare.
-                observed["estimate"] = gradient_of(x_a, smashed, y)
-            yield step.upload(smashed=smashed, y=y, observed=observed)
+            yield step.upload(smashed=smashed, y=y)
         loss = split_loss(x_a(smashed), y)
         for optimizer in client.optimizers.values():
             optimizer.zero_grad()
@@ -96,6 +89,12 @@ def local_loss_training(algo, client: ClientState) -> Generator:
         for optimizer in client.optimizers.values():
             optimizer.step()
         client.log("train_loss", loss.item(), len(y))
+
+
+def local_loss_work(m) -> None:
+    """The cost model's piece ``aux_step``: x_a forward and full backward on the smashed
+    data (local-loss training of x_a)."""
+    split_loss(m.aux(m.h.detach()), m.y).backward()
 
 
 def cross_entropy_grad(model: nn.Module, h: torch.Tensor, y: torch.Tensor,
@@ -162,52 +161,3 @@ def copies_state_bytes(server: ServerState) -> int:
     model = state_nbytes(server.models["server"])
     return (state_nbytes([server.models, server.optimizers, server.clients])
             + len(server.clients) * model)
-
-
-# ------------------------------------------------------- estimate quality
-#
-# FSL-SAGE, CSE-FSL and FSL_AN train the client on a stand-in for the server's
-# gradient at the cut: x_a's gradient estimate, or a local loss. How close that
-# stand-in is, at each upload, is measured as an observer: with the cut-layer
-# gradient the server's x_s would return for the same batch right then. The
-# measurement draws nothing from the training's random streams and moves no
-# model, so results are the same with it on or off.
-
-ESTIMATE_COSINE = Metric(
-    "estimate_cosine", "cosine of the gradient the client trained on with the true "
-    "cut-layer gradient, per upload", count="estimate_uploads")
-ESTIMATE_NMSE = Metric(
-    "estimate_nmse", "NMSE of the gradient the client trained on against the true "
-    "cut-layer gradient, per upload", count="estimate_uploads")
-
-
-def gradient_of(model: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """d/dh of model's batch-mean cross-entropy on (h, y), leaving model untouched:
-    no parameter gradients, BatchNorm statistics restored, torch's generator too."""
-    with global_rng():
-        saved = {name: buf.clone() for name, buf in model.named_buffers()}
-        _, grad = cross_entropy_grad(model, h.detach(), y)
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                buf.copy_(saved[name])
-    return grad
-
-
-def log_agreement(log, used: torch.Tensor, true: torch.Tensor) -> None:
-    """Log the cosine and NMSE of the gradient a client used against the true one
-    (over the whole batch)."""
-    u, t = used.detach().flatten().double(), true.detach().flatten().double()
-    log("estimate_cosine", float(u @ t / (u.norm() * t.norm()).clamp_min(1e-300)))
-    log("estimate_nmse", float((u - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-300)))
-
-
-def step_and_compare(algo, server: ServerState, x_s: nn.Module, optimizer: Optimizer,
-                     upload: Upload) -> None:
-    """Step x_s on an upload of (h, y); where the client sent the estimate it trained
-    on, compare it with x_s's gradient for the batch, as x_s stood when served."""
-    measure = "estimate" in upload
-    true = step_and_measure(server, x_s, optimizer, algo.tensor(upload["smashed"]),
-                            algo.tensor(upload["y"]), measure)
-    if measure:
-        log_agreement(partial(server.log_client, upload.cid), algo.tensor(upload["estimate"]),
-                      true)

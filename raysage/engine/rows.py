@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from ..algorithms.base import Algorithm, Metric
-from ..leakage import leakage_metrics
 from ..netsim.energy import client_energy
+from ..observers import observer_metrics
 from ..netsim.planner import RoundSchedule, Segment
 from .world import World
 
@@ -83,7 +83,7 @@ def round_rows(world: World, rnd: int, schedule: RoundSchedule, results: dict[in
                server_out: dict[str, Any], owner: list[int]) -> tuple[dict, list[dict]]:
     """Turn a round's schedule and outcomes into one round row and its client rows."""
     algo = world.algorithm
-    metrics = (*algo.metrics, *leakage_metrics())
+    metrics = (*algo.metrics, *observer_metrics(algo))
     per_client = [m for m in metrics if m.per_client]
     at_server: dict[int, Sums] = server_out["client_metrics"]
     client_rows = []

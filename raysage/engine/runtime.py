@@ -29,7 +29,8 @@ from ..config import build_config
 from ..data import client_batch, make_batch
 from ..data.batches import client_images
 from ..errors import ContractError, RaysageError
-from ..leakage import LeakageProbe, sampled_uploads
+from ..observers import Observed, round_observers, server_observers
+from ..observers import serve as observed_serve
 from ..lazy import nn, torch
 from ..models import correct_predictions, count_targets, split_loss
 from ..netsim.planner import Segment
@@ -90,10 +91,7 @@ class ClientRound:
         self.sent: set[int] = set()
         self.uploads: dict[int, Upload] = {}
         self.step: Step | None = None
-        cfg = algo.cfg
-        measured = sampled_uploads(cfg.seed, self.cid, rnd, sorted(self.exchanges),
-                                   cfg.leakage_uploads)
-        self.probe = LeakageProbe(cfg.seed, self.cid, rnd, measured) if measured else None
+        self.observers = round_observers(algo, client, rnd, self.exchanges)
         self.traffic = Traffic(algo, self.cid, rnd, first.plan) if check_bytes else None
         client.start = Reads(client.start)
         client.round = self
@@ -157,8 +155,8 @@ class ClientRound:
                 self.traffic.upload(k, out.arrays)
             self.sent.add(k)
             self.uploads[k] = out
-            if self.probe is not None and self.step is not None and self.step.k == k:
-                self.probe.upload(k, self.step.x, self.step.y, out.arrays)
+            for observer in self.observers:
+                observer.upload(k, out, self.step)
             return k == self.segment.blocked_at
         if isinstance(out, Wait):
             return True
@@ -181,6 +179,9 @@ class ClientRound:
             self._check_before(self.iterations)
             self._check_result()
             return {}
+        observed = {}
+        if isinstance(reply, Observed):       # what observers at the server sent along
+            reply, observed = reply.reply, reply.data
         if not self.primed:
             self.primed, value = True, None
         elif segment.resume is not None:
@@ -190,18 +191,21 @@ class ClientRound:
         if segment.reply_of is not None:
             if self.traffic is not None:
                 self.traffic.reply(segment.reply_of[1], reply, self.client.models)
-            if self.probe is not None:
-                self.probe.reply(segment.reply_of[1], reply)
+            for observer in self.observers:
+                observer.reply(segment.reply_of[1], reply, observed)
         try:
             while True:
                 out = self.gen.send(value)
+                for observer in self.observers:
+                    observer.resumed()
                 if self._take(out):
                     break
                 value = None
         except StopIteration as end:
             self.result = end.value
-            if self.probe is not None:
-                self.client.metrics.update(self.probe.metrics())
+            for observer in self.observers:
+                observer.resumed()
+                self.client.metrics.update(observer.metrics())
             if not segment.is_last:
                 self._fail("client_round returned before the plan's last iteration "
                            f"({self.iterations}) or before a reply it should take")
@@ -471,6 +475,7 @@ class ServerRuntime(_Process):
         self.spill_dir = spill_dir
         self.state = self._fresh_state()
         self.test = test
+        self.observers = server_observers(self.algo)
 
     def _fresh_state(self) -> ServerState:
         state = self.algo.init_server()
@@ -481,13 +486,8 @@ class ServerRuntime(_Process):
         """Serve one upload, or a barrier group at once (one reply per upload)."""
         payloads = [out[k] for (cid, k), out in zip(uploads, produced)]
         with seeded(self.cfg.seed, "serve", rnd, *uploads[0]):
-            if len(payloads) == 1:
-                return self.algo.serve(self.state, rnd, payloads[0])
-            replies = self.algo.serve_group(self.state, rnd, payloads)
-        if len(replies) != len(payloads):
-            raise ContractError(f"{self.algo.name}: serve_group returned {len(replies)} "
-                                f"replies for {len(payloads)} uploads; return one per upload")
-        return tuple(replies)
+            replies = observed_serve(self.algo, self.state, rnd, payloads, self.observers)
+        return replies[0] if len(replies) == 1 else tuple(replies)
 
     def end_round(self, rnd: int, global_state: dict[str, State],
                   weights: dict[int, float]) -> dict[str, Any]:

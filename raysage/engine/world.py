@@ -51,7 +51,7 @@ def count_model_facts(config: dict, num_classes: int) -> ModelFacts:
 
     cfg = build_config(config)
     arch = architecture(cfg, num_classes)
-    sizes, costs = ModelSizes.of(arch), measure_costs(arch)
+    sizes, costs = ModelSizes.of(arch), measure_costs(arch, algorithm_class(cfg.algorithm))
     algo = Setup(config, num_classes, (0.0,) * 3, (1.0,) * 3, sizes, costs).algorithm()
     probe = ClientState(0, 0)
     algo.build_client(probe)

@@ -8,8 +8,9 @@ instead of timing keeps simulated time identical on every host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 from ..lazy import torch
 from ..models.losses import split_loss
@@ -23,13 +24,33 @@ class ModelCosts:
     client_forward: float
     client_backward: float     # parameter and activation gradients of x_c
     server_step: float         # x_s forward + backward, including dL/dh
-    aux_estimate: float        # x_a forward + gradient w.r.t. h only (FSL-SAGE's g_hat)
-    aux_step: float            # x_a forward + full backward (local-loss training of x_a)
-    align_step: float          # one alignment sample: g_hat with create_graph, then backward
+    # The algorithm's own pieces of work (``Algorithm.costed_work``), by name.
+    work: dict[str, float] = field(default_factory=dict)
 
     @property
     def full_step(self) -> float:
         return self.client_forward + self.client_backward + self.server_step
+
+    def of(self, name: str) -> float:
+        """FLOPs per sample of one of the algorithm's own pieces of work."""
+        return self.work[name]
+
+
+@dataclass
+class Pieces:
+    """What an algorithm's piece of work runs on when its FLOPs are counted: the three
+    models and an example batch of smashed data with its labels."""
+
+    client: Any
+    server: Any
+    aux: Any
+    h: Any
+    y: Any
+
+    def smashed(self):
+        """h as a non-leaf that requires grad: autograd.grad w.r.t. a leaf is not
+        supported under the FLOP counter, so gradients are taken w.r.t. this copy."""
+        return self.h.detach().requires_grad_() + 0.0
 
 
 def _count(fn) -> float:
@@ -41,8 +62,9 @@ def _count(fn) -> float:
 
 
 @lru_cache(maxsize=None)
-def measure_costs(arch) -> ModelCosts:
-    """Count FLOPs of one architecture's pieces (cached per architecture)."""
+def measure_costs(arch, algorithm: type | None = None) -> ModelCosts:
+    """Count FLOPs of one architecture's pieces, and of the algorithm's own
+    (``algorithm.costed_work()``), cached per architecture and algorithm."""
     n = 2
     with global_rng(0):
         client, server, aux = arch.make_client(), arch.make_server(), arch.make_aux()
@@ -56,28 +78,11 @@ def measure_costs(arch) -> ModelCosts:
         leaf = h.detach().requires_grad_()
         split_loss(server(leaf), y).backward()
 
-    # autograd.grad w.r.t. a leaf is not supported under the flop counter,
-    # so gradients are taken w.r.t. a (free) non-leaf copy of h.
-    def smashed_input():
-        return h.detach().requires_grad_() + 0.0
-
-    def aux_estimate():
-        leaf = smashed_input()
-        torch.autograd.grad(split_loss(aux(leaf), y), leaf)
-
-    def aux_step():
-        split_loss(aux(h.detach()), y).backward()
-
-    def align_step():
-        leaf = smashed_input()
-        (g_hat,) = torch.autograd.grad(split_loss(aux(leaf), y), leaf, create_graph=True)
-        g_hat.pow(2).sum().backward()
-
+    pieces = Pieces(client, server, aux, h, y)
+    work = algorithm.costed_work() if algorithm is not None else {}
     return ModelCosts(
         client_forward=client_fwd / n,
         client_backward=client_bwd / n,
         server_step=_count(server_step) / n,
-        aux_estimate=_count(aux_estimate) / n,
-        aux_step=_count(aux_step) / n,
-        align_step=_count(align_step) / n,
+        work={name: _count(lambda run=run: run(pieces)) / n for name, run in work.items()},
     )

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..config import FIELDS
 from ..errors import ConfigError, DataError
+from ..observers import OBSERVERS, Figure, Leakage
 from .sweep import EXECUTION_FIELDS
 
 GIB = 2 ** 30
@@ -350,13 +351,16 @@ def _default(algorithm: str, field: str) -> Any:
     return spec.default if spec is not None else None
 
 
-def _reference(s: Series, facet: Facet, line_fields: list[str]) -> Series | None:
-    """FSL-SAGE's series to compare s with: in the same facet, with s's values of the
-    line fields, and FSL-SAGE's defaults for those s's algorithm does not have (CSE-FSL
-    is compared with FSL-SAGE at its default alignment interval)."""
+def _reference(s: Series, facet: Facet, line_fields: list[str],
+               baseline: str | None) -> Series | None:
+    """The baseline algorithm's series to compare s with: in the same facet, with s's
+    values of the line fields, and the baseline's defaults for those s's algorithm does
+    not have (CSE-FSL is compared with FSL-SAGE at its default alignment interval)."""
+    if baseline is None:
+        return None
     for r in facet.series:
-        if r.algorithm == "fsl_sage" and all(
-                r.config.get(f) == (s.config[f] if f in s.config else _default("fsl_sage", f))
+        if r.algorithm == baseline and all(
+                r.config.get(f) == (s.config[f] if f in s.config else _default(baseline, f))
                 for f in line_fields):
             return r
     return None
@@ -420,10 +424,12 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
 
 
 def target_table(series: list[Series], target: float | None = None,
-                 metric: str = "accuracy", lines: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+                 metric: str = "accuracy", lines: tuple[str, ...] = (),
+                 baseline: str | None = None) -> list[dict[str, Any]]:
     """Per facet and algorithm: best/final metric and the cost of reaching the target
-    (bytes, simulated time, client energy), also as a ratio to FSL-SAGE's cost (> 1:
-    FSL-SAGE needed less), and the mean leakage measured over the run."""
+    (bytes, simulated time, client energy), also as a ratio to the baseline
+    algorithm's cost (> 1: the baseline needed less), and the mean leakage measured
+    over the run."""
     m = _metric(metric)
     line_fields = _line_fields(series, lines)
     rows = []
@@ -438,7 +444,7 @@ def target_table(series: list[Series], target: float | None = None,
         hits = {id(s): time_to_target(s.rounds, goal, metric) if goal is not None else None
                 for s in facet.series}
         for s in facet.series:
-            ref = _reference(s, facet, line_fields)
+            ref = _reference(s, facet, line_fields, baseline)
             hit, ref_hit = hits[id(s)], hits[id(ref)] if ref is not None else None
             energy = _at_round(s.rounds, hit[0], "cumulative_energy_j") if hit else None
             ref_energy = (_at_round(ref.rounds, ref_hit[0], "cumulative_energy_j")
@@ -516,11 +522,8 @@ CURVE_AXES = {  # x name -> (axis label, value of a round row)
     "energy": ("energy of all clients (kJ)", lambda row: _num(row.get("cumulative_energy_j")) / 1e3),
 }
 # The leakage observer's columns (raysage/leakage.py): panel titles of the leakage figure.
-LEAKAGE_PANELS = {
-    "leak_input_dcor": "input leakage: dCor(inputs, smashed data)",
-    "leak_label_smashed": "label leakage: attack accuracy on smashed data",
-    "leak_label_grad": "label leakage: attack accuracy on cut-layer gradients",
-}
+# The leakage observer's columns, also tabulated (their means over a run).
+LEAKAGE_PANELS = {panel.column: panel.title for panel in Leakage.figure.panels}
 SCALING_PANELS = (  # cost, panel title, y label
     ("wall_per_round", "host wall time per round", "wall time / round (s, rounds >= 1)"),
     ("steps_per_s", "client throughput", "client steps / s of host time"),
@@ -588,54 +591,31 @@ def _curve_figure(series: list[Series], metric: Metric, x: str,
     return fig
 
 
-def _estimate_figure(series: list[Series], lines: tuple[str, ...] = ()):
-    """How close the gradient a client trains on is to the server's true cut-layer
-    gradient, at the uploads of each round: cosine (1 is exact) and NMSE (0 is)."""
-    measured = [s for s in series
-                if any(not math.isnan(_num(r.get("estimate_cosine"))) for r in s.rounds)]
-    if not measured:
-        return None
-    facets, line_fields = _facets(measured, lines), _line_fields(measured, lines)
-    style = _line_styles(measured, line_fields)
-    fig, axes = _grid(2 * len(facets), "Gradient estimate quality vs round"
-                      + _context(measured), ncols=2)
-    for i, facet in enumerate(facets):
-        for column, ax in (("estimate_cosine", axes[2 * i]), ("estimate_nmse", axes[2 * i + 1])):
-            for s in facet.series:
-                points = [(r["round"], _num(r.get(column))) for r in s.rounds]
-                points = [p for p in points if not math.isnan(p[1])]
-                ax.plot([p[0] for p in points], [p[1] for p in points], **style(s, len(points)),
-                        markersize=3, color=s.colour, label=_line_label(s, line_fields))
-            if column == "estimate_nmse" and _positive_decades(ax):
-                ax.set_yscale("log")
-            _finish(ax, facet.label, "round", {"estimate_cosine": "cosine with the true gradient",
-                                               "estimate_nmse": "NMSE to the true gradient"}[column])
-    return fig
-
-
-def _leakage_figure(series: list[Series], lines: tuple[str, ...] = ()):
-    """The leakage observer's measurements against round: one panel per kind of
-    leakage that any run measured, per facet."""
-    columns = [c for c in LEAKAGE_PANELS
-               if any(not math.isnan(_num(r.get(c))) for s in series for r in s.rounds)]
-    if not columns:
+def _observer_figure(series: list[Series], figure: Figure, lines: tuple[str, ...] = ()):
+    """An observer's measurements against round: one panel per column that any run
+    measured, per facet (see raysage.observers)."""
+    panels = [p for p in figure.panels
+              if any(not math.isnan(_num(r.get(p.column))) for s in series for r in s.rounds)]
+    if not panels:
         return None
     facets, line_fields = _facets(series, lines), _line_fields(series, lines)
-    fig, axes = _grid(len(columns) * len(facets), "Leakage vs round" + _context(series),
-                      ncols=len(columns))
+    style = _line_styles(series, line_fields)
+    fig, axes = _grid(len(panels) * len(facets), figure.title + _context(series),
+                      ncols=len(panels))
     for i, facet in enumerate(facets):
-        for j, column in enumerate(columns):
-            ax = axes[i * len(columns) + j]
+        for j, panel in enumerate(panels):
+            ax = axes[i * len(panels) + j]
             for s in facet.series:
-                points = [(r["round"], _num(r.get(column))) for r in s.rounds]
+                points = [(r["round"], _num(r.get(panel.column))) for r in s.rounds]
                 points = [p for p in points if not math.isnan(p[1])]
                 if points:
                     ax.plot([p[0] for p in points], [p[1] for p in points],
-                            marker="o" if len(points) <= 20 else None, markersize=3,
-                            color=s.colour, label=_line_label(s, line_fields))
-            _finish(ax, f"{facet.label}: {LEAKAGE_PANELS[column]}" if len(facets) > 1
-                    else LEAKAGE_PANELS[column], "round",
-                    "distance correlation" if column == "leak_input_dcor" else "attack accuracy")
+                            **style(s, len(points)), markersize=3, color=s.colour,
+                            label=_line_label(s, line_fields))
+            if panel.log and _positive_decades(ax):
+                ax.set_yscale("log")
+            _finish(ax, f"{facet.label}: {panel.title}" if len(facets) > 1 else panel.title,
+                    "round", panel.ylabel)
     return fig
 
 
@@ -738,7 +718,8 @@ def _share(value: float | None) -> str:
 
 
 def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: Metric,
-              scaling: dict[str, list[ScalingLine]], figures: list[str]) -> str:
+              scaling: dict[str, list[ScalingLine]], figures: list[str],
+              baseline: str | None = None) -> str:
     out = [f"# raysage report: {metric.title.split(' (')[0]}", "",
            (f"{len(runs)} runs in {len(series)} series; runs that differ only in seed or in "
             "execution settings are one series, averaged over the rounds all of them have."), "",
@@ -752,30 +733,36 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
             " (unfinished)" if isinstance(planned, int) and len(run.rounds) < planned else "")
         out.append(f"- `{run.path}`: {run.label}, seed "
                    f"{run.config.get('seed')}, {done}")
+    named = next((run.label or run.algorithm for run in runs if run.algorithm == baseline), None)
+    ratios = (f"Ratios are the algorithm's cost over {named}'s (above 1x: {named} needed "
+              "less). " if named else "")
     out += ["", "## Cost to reach the target", "",
-            "Ratios are the algorithm's cost over FSL-SAGE's (above 1x: FSL-SAGE needed less). "
-            "Energy is all clients' simulated energy up to the round that reached the target. "
-            "Leakage columns are means over the run's rounds of the leakage observer's "
+            ratios + "Energy is all clients' simulated energy up to the round that reached the "
+            "target. Leakage columns are means over the run's rounds of the leakage observer's "
             "measurements (`-`: nothing of that kind crosses the link, or not measured); "
             "see the README's \"Leakage and energy\" for what they mean and their limits."]
     compare = ">=" if metric.higher_is_better else "<="
+    versus = [f"vs {named}"] if named else []
+    heads = ["algorithm", "runs", "best", "final", "rounds", "GiB to target", *versus,
+             "sim time to target (s)", *versus, "client energy to target (kJ)", *versus,
+             "input dCor", "label attack, smashed", "label attack, gradients"]
     for facet in dict.fromkeys(row["facet"] for row in table):
         rows = [row for row in table if row["facet"] == facet]
         goal = rows[0]["target"]
         out += ["", f"### {facet}", "",
                 f"Target: {metric.name} {compare} {metric.show(goal)} ({rows[0]['target_rule']})."
                 if goal is not None else "No target: no algorithm has an evaluated round.", "",
-                ("| algorithm | runs | best | final | rounds | GiB to target | vs FSL-SAGE "
-                 "| sim time to target (s) | vs FSL-SAGE | client energy to target (kJ) "
-                 "| vs FSL-SAGE | input dCor | label attack, smashed | label attack, gradients |"),
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| " + " | ".join(heads) + " |",
+                "|---|" + "---:|" * (len(heads) - 1)]
         for row in rows:
-            out.append(f"| {row['label']} | {row['runs']} | {metric.show(row['best'])} | "
-                       f"{metric.show(row['final'])} | {row['rounds']} | "
-                       f"{_gib(row['gib_to_target'])} | {_times(row['gib_ratio'])} | "
-                       f"{_seconds(row['time_to_target'])} | {_times(row['time_ratio'])} | "
-                       f"{_kilojoules(row['energy_to_target'])} | {_times(row['energy_ratio'])} | "
-                       + " | ".join(_share(row[c]) for c in LEAKAGE_PANELS) + " |")
+            cells = [row["label"], str(row["runs"]), metric.show(row["best"]),
+                     metric.show(row["final"]), str(row["rounds"])]
+            for value, ratio, show in (("gib_to_target", "gib_ratio", _gib),
+                                       ("time_to_target", "time_ratio", _seconds),
+                                       ("energy_to_target", "energy_ratio", _kilojoules)):
+                cells += [show(row[value])] + ([_times(row[ratio])] if named else [])
+            out.append("| " + " | ".join(cells + [_share(row[c]) for c in LEAKAGE_PANELS])
+                       + " |")
     for axis, lines in scaling.items():
         out += ["", f"## Scalability: {axis}", "",
                 "Per-round means leave out round 0 (one-off setup) when a run has more rounds.", "",
@@ -795,15 +782,20 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
 
 def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str | os.PathLike,
                  target: float | None = None, metric: str = "auto",
-                 lines: Iterable[str] = ()) -> dict[str, Any]:
+                 lines: Iterable[str] = (), baseline: str | None = None) -> dict[str, Any]:
     """Figures and report.md for the given runs in out_dir; returns a summary.
 
     ``metric="auto"`` is test loss when every run is a language model, else accuracy.
     ``lines`` are config fields that tell lines apart within a panel instead of
-    splitting the figures into panels.
+    splitting the figures into panels. ``baseline`` names the algorithm whose cost
+    to the target every other one's is divided by (none: no ratios).
     """
     runs = load_runs(paths)
     lines = tuple(lines)
+    if baseline is not None and not any(run.algorithm == baseline for run in runs):
+        found = sorted({run.algorithm for run in runs})
+        raise ConfigError(f"--baseline {baseline}: no run is of that algorithm; give one of "
+                          f"{', '.join(found)}")
     for name in lines:
         if not any(name in run.config for run in runs):
             raise ConfigError(f"--lines {name}: no run has a config field {name!r}; give a field "
@@ -813,7 +805,7 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
         metric = "test_loss" if language else "accuracy"
     m = _metric(metric)
     series = group_series(runs)
-    table = target_table(series, target, metric, lines)
+    table = target_table(series, target, metric, lines, baseline)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -835,18 +827,17 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
     alphas = {s.config.get("alpha") for s in series if s.config.get("partition") == "dirichlet"}
     if m.name == "accuracy" and len(alphas) >= 2:
         save(_alpha_figure(series, m, lines), "best_accuracy_vs_alpha.png")
-    quality = _estimate_figure(series, lines)
-    if quality is not None:
-        save(quality, "estimate_quality_vs_round.png")
-    leakage = _leakage_figure(series, lines)
-    if leakage is not None:
-        save(leakage, "leakage_vs_round.png")
+    for observer in OBSERVERS:
+        drawn = _observer_figure(series, observer.figure, lines)
+        if drawn is not None:
+            save(drawn, observer.figure.name)
     # (The walrus would bind in this function's scope: it must not reuse ``lines``.)
     scaling = {axis: found for axis in SCALING_AXES if (found := scaling_lines(runs, axis))}
     for axis, found in scaling.items():
         save(_scaling_figure(found, axis), f"scalability_{axis}.png")
 
-    _save_text(_markdown(runs, series, table, m, scaling, figures), out / "report.md")
+    _save_text(_markdown(runs, series, table, m, scaling, figures, baseline),
+               out / "report.md")
     return {"runs": len(runs), "series": len(series), "figures": figures, "table": table,
             "scalability": {axis: [(line.label, line.points) for line in lines]
                             for axis, lines in scaling.items()},
