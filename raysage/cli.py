@@ -162,7 +162,11 @@ def _run_simulate(config_file: Optional[Path], resume: Optional[str] = None,
                   f"raysage simulate --resume {location}")
         _fail("interrupted before the run folder was written; nothing to resume")
 
+    from .algorithms import algorithm_class
+
     s = result.summary
+    totals = [(f"communication (bytes, {t.label})", f"{s[t.name]:,}")
+              for t in algorithm_class(cfg.algorithm).byte_totals]
     table = Table(title=f"raysage {s['algorithm']} - {s['clients']} clients, {s['rounds']} rounds")
     table.add_column("metric")
     table.add_column("value", justify="right", overflow="fold")
@@ -170,7 +174,7 @@ def _run_simulate(config_file: Optional[Path], resume: Optional[str] = None,
         ("final test accuracy", _fmt(s["final_accuracy"])),
         ("best test accuracy", _fmt(s["best_accuracy"])),
         ("communication (GiB, labels included)", f"{s['total_gib']:.4f}"),
-        ("communication (bytes, paper total)", f"{s['paper_total_bytes']:,}"),
+        *totals,
         ("simulated time (s)", f"{s['sim_time_s']:.2f}"),
         ("wall time (s, after start-up)", f"{s['wall_time_s']:.2f}"),
         ("start-up (s)", f"{s['startup_s']:.2f}"),
@@ -206,21 +210,23 @@ def _run_plan(config_file: Optional[Path], **overrides: Any) -> None:
         _fail(str(exc))
     from .algorithms import algorithm_class
 
-    byte_kinds = [kind.name for kind in algorithm_class(cfg.algorithm).byte_kinds]
+    algorithm = algorithm_class(cfg.algorithm)
+    byte_kinds = [kind.name for kind in algorithm.byte_kinds]
+    totals = algorithm.byte_totals
     table = Table(title=f"raysage plan: {cfg.algorithm}, {cfg.model}, {cfg.clients} clients "
                         "(no training)")
-    for column in ("round", "total bytes", "paper total bytes", "clients' energy (J)",
-                   "sim round (s)", "sim time (s)"):
+    for column in ("round", "total bytes", *(f"{t.label} bytes" for t in totals),
+                   "clients' energy (J)", "sim round (s)", "sim time (s)"):
         table.add_column(column, justify="right", no_wrap=True)
     for r in rows:
-        table.add_row(str(r["round"]), f"{r['total_bytes']:,}", f"{r['paper_total_bytes']:,}",
-                      f"{r['energy_j']:,.2f}", f"{r['sim_round_time']:.3f}",
-                      f"{r['sim_time']:.3f}")
+        table.add_row(str(r["round"]), f"{r['total_bytes']:,}",
+                      *(f"{r[t.name]:,}" for t in totals), f"{r['energy_j']:,.2f}",
+                      f"{r['sim_round_time']:.3f}", f"{r['sim_time']:.3f}")
     total = sum(r["total_bytes"] for r in rows)
-    paper = sum(r["paper_total_bytes"] for r in rows)
+    sums = "".join(f"{t.label} {sum(r[t.name] for r in rows):,} bytes; " for t in totals)
     energy = sum(r["energy_j"] for r in rows)
     table.caption = (f"all rounds: {total:,} bytes ({total / GIB:.3f} GiB); "
-                     f"paper total {paper:,} bytes; clients' energy {energy:,.1f} J")
+                     f"{sums}clients' energy {energy:,.1f} J")
     kinds = Table(title="bytes by kind in round 0")
     kinds.add_column("kind")
     kinds.add_column("bytes", justify="right", no_wrap=True)

@@ -123,7 +123,7 @@ if TYPE_CHECKING:
 
 LABEL_BYTES = 8                        # labels travel as int64
 
-__all__ = ["Algorithm", "ByteKind", "ClientState", "Exchange", "ClientRoundPlan", "Keeps",
+__all__ = ["Algorithm", "ByteKind", "ByteTotal", "ClientState", "Exchange", "ClientRoundPlan", "Keeps",
            "Metric", "ModelSizes", "Participant", "Section", "ServerState", "Setup", "State",
            "Step", "Upload", "stream_seed"]
 
@@ -205,6 +205,25 @@ class ByteKind:
     in_paper_total: bool = True
     carries: tuple[str, ...] = ()
     direction: Literal["up", "down", "both"] = "both"
+
+
+@dataclass(frozen=True)
+class ByteTotal:
+    """A named sum of some of an algorithm's byte kinds, beside ``total_bytes``: a
+    column per client and round, its running sum, and a line of the run's summary."""
+
+    name: str                      # the column
+    cumulative: str                # the running sum's column
+    label: str                     # in summaries
+    counts: Callable[[ByteKind], bool]
+
+    def of(self, kinds: Iterable[ByteKind], bytes_by_kind: dict[str, int]) -> int:
+        return sum(bytes_by_kind.get(kind.name, 0) for kind in kinds if self.counts(kind))
+
+
+# The FSL-SAGE paper's total: every byte but the labels sent with smashed data.
+PAPER_TOTAL = ByteTotal("paper_total_bytes", "cumulative_paper_bytes", "paper total",
+                        lambda kind: kind.in_paper_total)
 
 
 @dataclass(frozen=True)
@@ -457,6 +476,8 @@ class Algorithm:
     # The algorithm's own parameters: a config section (see Section).
     Params: ClassVar[type[Section]] = Section
     byte_kinds: ClassVar[tuple[ByteKind, ...]] = ()
+    # Sums of byte kinds reported beside total_bytes (the paper's, by default).
+    byte_totals: ClassVar[tuple[ByteTotal, ...]] = (PAPER_TOTAL,)
     metrics: ClassVar[tuple[Metric, ...]] = (TRAIN_LOSS,)
     aggregated: ClassVar[tuple[str, ...]] = ()
     # What of a client outlives its round (see Keeps); the engine stores it.

@@ -343,8 +343,9 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
     if resume is None and run_dir.is_nonempty():
         raise ConfigError(f"run folder {run_dir} already exists and is not empty; "
                           "choose another --out, remove it, or continue it with --resume")
+    totals = world.algorithm.byte_totals
     initial = Progress(0, world.facts.initial_global, 0.0,
-                       {"total_bytes": 0, "paper_total_bytes": 0, "energy_j": 0.0}, 0.0)
+                       {"total_bytes": 0, **{t.name: 0 for t in totals}, "energy_j": 0.0}, 0.0)
     progress = read_progress(run_dir, manifest) if manifest else initial
     if resume is not None:
         remove_unlisted_state(run_dir, manifest)
@@ -393,7 +394,7 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
         "clients": cfg.clients, "rounds": progress.next_round,
         "final_accuracy": accuracies[-1], "best_accuracy": max(accuracies),
         "total_bytes": progress.totals["total_bytes"],
-        "paper_total_bytes": progress.totals["paper_total_bytes"],
+        **{t.name: progress.totals[t.name] for t in totals},
         "total_gib": progress.totals["total_bytes"] / GIB, "sim_time_s": progress.sim_time,
         "energy_j": progress.totals["energy_j"], **inversion,
         "wall_time_s": progress.wall_time, "startup_s": startup, "run_dir": str(run_dir),
@@ -421,9 +422,9 @@ def run_one_round(orchestrator: Orchestrator, writer: RunWriter, progress: Progr
         row.update(accuracy=math.nan, test_loss=math.nan)
     totals = {key: progress.totals[key] + row[key] for key in progress.totals}
     wall = time.perf_counter() - round_start
-    row.update(cumulative_bytes=totals["total_bytes"],
-               cumulative_paper_bytes=totals["paper_total_bytes"],
-               cumulative_energy_j=totals["energy_j"],
+    row.update(cumulative_bytes=totals["total_bytes"])
+    row.update({t.cumulative: totals[t.name] for t in orchestrator.world.algorithm.byte_totals})
+    row.update(cumulative_energy_j=totals["energy_j"],
                sim_time=schedule.end, wall_round_time=wall,
                wall_time=progress.wall_time + wall)
     row.update(orchestrator.memory())

@@ -26,12 +26,12 @@ def _mean(values: list[float]) -> float:
 
 
 def bytes_by_kind(algo: Algorithm, kinds: dict[str, int]) -> dict[str, int]:
-    """Every byte kind of the algorithm as a column, plus ``total_bytes`` and
-    ``paper_total_bytes`` (the kinds the FSL-SAGE paper counts: all but labels)."""
+    """Every byte kind of the algorithm as a column, plus ``total_bytes`` and each of
+    the algorithm's declared totals (``byte_totals``)."""
     row = {kind.name: kinds.get(kind.name, 0) for kind in algo.byte_kinds}
     row["total_bytes"] = sum(kinds.values())
-    row["paper_total_bytes"] = sum(kinds.get(kind.name, 0) for kind in algo.byte_kinds
-                                   if kind.in_paper_total)
+    for total in algo.byte_totals:
+        row[total.name] = total.of(algo.byte_kinds, kinds)
     return row
 
 
@@ -120,7 +120,8 @@ def round_rows(world: World, rnd: int, schedule: RoundSchedule, results: dict[in
     # Local iterations that counted: those of clients that finished the round.
     row["client_steps"] = sum(a.stop - a.first for a in schedule.actions
                               if isinstance(a, Segment) and a.cid not in schedule.dropped)
-    for kind in [*(k.name for k in algo.byte_kinds), "total_bytes", "paper_total_bytes"]:
+    for kind in [*(k.name for k in algo.byte_kinds), "total_bytes",
+                 *(t.name for t in algo.byte_totals)]:
         row[kind] = sum(r[kind] for r in client_rows)
     for part in ("energy_j", "energy_compute_j", "energy_radio_j"):
         row[part] = sum(r[part] for r in client_rows)
