@@ -20,14 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 
 from .errors import ConfigError
+from .params import STRICT, OptimizerName, Section
 
 ModelName = Literal["cnn", "resnet18", "simple_conv", "gpt2"]
 DatasetName = Literal["synthetic", "cifar10", "cifar100", "e2e_synthetic", "e2e"]
 PartitionName = Literal["iid", "dirichlet", "shards"]
-OptimizerName = Literal["adam", "adamw", "sgd"]
 ProfileName = Literal["uniform", "datacenter", "wifi", "4g-mobile", "heterogeneous"]
 StragglerName = Literal["none", "lognormal", "pareto"]
 RoundPolicyName = Literal["wait_all", "deadline", "over_selection"]
@@ -36,32 +36,21 @@ GPT2Size = Literal["tiny", "small", "medium"]
 TokenizerName = Literal["byte", "gpt2"]
 
 LANGUAGE_DATASETS = ("e2e_synthetic", "e2e")
-# For --model gpt2, unless given: the embedded data, and the paper's GPT-2
-# batch size and alignment (40 epochs, batch 8, a buffer of 64 sequences).
+# For --model gpt2, unless given: the embedded data and the paper's GPT-2 batch
+# size (an algorithm's own defaults for the model are in its Params section).
 # Its LoRA dropout draws from torch's global generator, which a worker process has
 # one of, so a worker trains one client at a time: one CPU per worker, unless given.
-LANGUAGE_DEFAULTS = {"dataset": "e2e_synthetic", "batch_size": 8, "align_epochs": 40,
-                     "align_batch_size": 8, "align_buffer": 64, "cpus_per_worker": 1.0}
+LANGUAGE_DEFAULTS = {"dataset": "e2e_synthetic", "batch_size": 8, "cpus_per_worker": 1.0}
 # For --model simple_conv, unless given: the FSL-SAGE reference code's CIFAR
 # training (batch 128, Adam 1e-3 without weight decay).
 SIMPLE_CONV_DEFAULTS = {"batch_size": 128, "client_weight_decay": 0.0,
                         "server_weight_decay": 0.0}
 MODEL_DEFAULTS = {"gpt2": LANGUAGE_DEFAULTS, "simple_conv": SIMPLE_CONV_DEFAULTS}
 
-_STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False,
-                     coerce_numbers_to_str=True)
-
-
-class Section(BaseModel):
-    """An algorithm's own parameters: subclass it in the algorithm's module."""
-
-    model_config = _STRICT
-
-
 class Config(BaseModel):
     """Every setting of a simulation; build it with :func:`build_config`."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     # What to simulate.
     algorithm: str = Field(
@@ -110,7 +99,8 @@ class Config(BaseModel):
     local_epochs: int = Field(1, ge=1, description="local epochs E per round")
     batch_size: int = Field(20, ge=1, description="local batch size B")
 
-    # Optimizers of the client model x_c, server model x_s and auxiliary model x_a.
+    # Optimizers of the client model x_c and server model x_s (an auxiliary model's
+    # are its algorithm's parameters).
     client_optimizer: OptimizerName = Field(
         "adam",
         description="optimizer of x_c")
@@ -121,11 +111,6 @@ class Config(BaseModel):
         description="optimizer of x_s")
     server_lr: float = Field(1e-3, gt=0.0, description="learning rate of x_s")
     server_weight_decay: float = Field(1e-4, ge=0.0, description="weight decay of x_s")
-    aux_optimizer: OptimizerName = Field(
-        "adam",
-        description="optimizer of x_a when trained (alignment, local-loss methods)")
-    aux_lr: float = Field(1e-3, gt=0.0, description="learning rate of x_a")
-    aux_weight_decay: float = Field(0.0, ge=0.0, description="weight decay of x_a")
     momentum: float = Field(0.0, ge=0.0, le=1.0, description="momentum of every SGD optimizer")
 
     # Observers: measured beside training, never changing it.
@@ -407,11 +392,11 @@ def build_config(*sources: dict[str, Any] | None, algorithm_cls: type | None = N
         elif key not in others:          # else another algorithm's parameter: not this run's
             raise ConfigError(f"unknown config field '{key}'; known fields: "
                               + ", ".join([*FIELDS, *own]))
-    for field, value in MODEL_DEFAULTS.get(flat.get("model"), {}).items():
-        if field in own:
-            params.setdefault(field, value)
-        elif field in FIELDS:
-            flat.setdefault(field, value)
+    model = flat.get("model")
+    for field, value in MODEL_DEFAULTS.get(model, {}).items():
+        flat.setdefault(field, value)
+    for field, value in cls.Params.model_defaults.get(model, {}).items():
+        params.setdefault(field, value)
     section = _validated(cls.Params, params)
     cfg = _validated(Config, flat | {"params": section})
     cfg._section = cls.name

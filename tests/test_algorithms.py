@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from raysage.algorithms import ALGORITHMS
 from raysage.algorithms.base import Participant
 from raysage.algorithms.fsl_sage import FSLSage
-from raysage.algorithms.local import run_client_round
+from raysage.engine.local import run_client_round
 from raysage.algorithms.state import to_state, weighted_average
 from raysage.config import build_config
 from raysage.models import get_architecture

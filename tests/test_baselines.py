@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from raysage.algorithms import ALGORITHMS
 from raysage.algorithms.base import Participant, Upload
-from raysage.algorithms.local import run_client_round
+from raysage.engine.local import run_client_round
 from raysage.algorithms.state import to_state
 from raysage.streams import seeded
 from raysage.config import build_config

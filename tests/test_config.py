@@ -14,7 +14,7 @@ def test_defaults_are_the_papers_fsl_sage_parameters():
     p = cfg.params
     assert (p.server_update_interval, p.align_interval, p.align_epochs,
             p.align_batch_size, p.align_buffer, p.align_blocking) == (5, 10, 100, 1000, 1000, True)
-    assert (cfg.client_lr, cfg.client_weight_decay, cfg.aux_weight_decay) == (1e-3, 1e-4, 0.0)
+    assert (cfg.client_lr, cfg.client_weight_decay, cfg.params.aux_weight_decay) == (1e-3, 1e-4, 0.0)
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -107,7 +107,8 @@ def test_config_yaml_round_trips_with_the_section(tmp_path):
     cfg = build_config({"algorithm": "cse_fsl", "server_update_interval": 3, "clients": 4})
     path = tmp_path / "config.yaml"
     path.write_text(write_yaml(cfg))
-    assert "cse_fsl:\n  server_update_interval: 3" in path.read_text()
+    section = path.read_text().split("cse_fsl:\n")[1]
+    assert "  server_update_interval: 3\n" in section and "  aux_lr: 0.001\n" in section
     again = load_config(path)
     assert again == cfg and again.to_dict() == cfg.to_dict()
 
@@ -125,3 +126,50 @@ def test_bad_algorithm_parameters_are_one_line(values, words):
     assert "\n" not in str(err.value)
     for word in words:
         assert word in str(err.value)
+
+
+def test_algorithms_never_import_the_config_so_there_is_no_import_circle():
+    """config resolves algorithms by name; algorithms must not import config back, not
+    even lazily inside a function (every import statement counts)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "raysage"
+
+    def imported(path: Path) -> set[str]:
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        here = ".".join(parts[:-1] if path.name == "__init__.py" else parts[:-1])
+        if path.name == "__init__.py":
+            here = ".".join(parts[:-1])
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = here
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                name = (f"{base}.{node.module}" if node.module else base) if node.level \
+                    else node.module
+                found.add(name)
+                found |= {f"{name}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+        return found
+
+    modules = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if path.name == "__init__.py" else parts)
+        modules[name] = path
+    edges = {name: {m for m in imported(path) if m in modules and m != name}
+             for name, path in modules.items()}
+    start = [m for m in modules if m.startswith("raysage.algorithms")]
+    seen, stack = set(), list(start)
+    while stack:
+        module = stack.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        stack += edges[module]
+    reached = {m: [d for d in edges[m] if d == "raysage.config"] for m in seen}
+    assert "raysage.config" not in seen, {m: d for m, d in reached.items() if d}
+    assert "raysage.algorithms" in edges["raysage.config"]     # the one direction

@@ -12,7 +12,7 @@ import torch
 
 from raysage.algorithms import ALGORITHMS
 from raysage.algorithms.base import Upload
-from raysage.algorithms.local import run_client_round
+from raysage.engine.local import run_client_round
 from raysage.algorithms.state import load_state
 from raysage.observers import gradient_of
 from raysage.config import build_config
@@ -120,7 +120,7 @@ def test_the_reference_starts_every_client_from_one_auxiliary_model():
 def test_simple_conv_defaults_are_the_reference_codes_training():
     cfg = build_config({"model": "simple_conv"})
     assert (cfg.batch_size, cfg.client_weight_decay, cfg.server_weight_decay) == (128, 0.0, 0.0)
-    assert (cfg.client_optimizer, cfg.client_lr, cfg.aux_weight_decay) == ("adam", 1e-3, 0.0)
+    assert (cfg.client_optimizer, cfg.client_lr, cfg.params.aux_weight_decay) == ("adam", 1e-3, 0.0)
     given = build_config({"model": "simple_conv", "batch_size": 20})
     assert given.batch_size == 20
     assert build_config({}).batch_size == 20      # other models keep theirs

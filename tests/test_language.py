@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from raysage.algorithms.local import run_client_round
+from raysage.engine.local import run_client_round
 from raysage.config import build_config
 from raysage.engine.orchestrator import build_world, plan, simulate
 from raysage.errors import ConfigError

@@ -107,13 +107,15 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generator, Iterable, 
 
 import numpy as np
 
-from ..config import Config, Section, build_config
+from pydantic import Field
+
 from ..lazy import nn, torch
 from ..models import frozen_bytes, transfer_bytes
 from ..netsim.cost import ModelCosts
 from ..netsim.planner import ClientRoundPlan, Exchange
 from ..store import StateStore
 from ..streams import global_rng, seeded, stream_seed
+from ..params import OptimizerName, Section
 from .optim import Optimizer
 from .state import (State, WeightedAverage, as_tensor, load_kept, load_state, state_nbytes,
                     to_state)
@@ -123,7 +125,7 @@ if TYPE_CHECKING:
 
 LABEL_BYTES = 8                        # labels travel as int64
 
-__all__ = ["Algorithm", "ByteKind", "ByteTotal", "ClientState", "Exchange", "ClientRoundPlan", "Keeps",
+__all__ = ["Algorithm", "AuxParams", "ByteKind", "ByteTotal", "ClientState", "Exchange", "ClientRoundPlan", "Keeps",
            "Metric", "ModelSizes", "Participant", "Section", "ServerState", "Setup", "State",
            "Step", "Upload", "stream_seed"]
 
@@ -172,7 +174,7 @@ class Setup:
     :func:`raysage.algorithms.algorithm_class`).
     """
 
-    config: dict[str, Any]
+    config: Any          # the run's raysage.config.Config (config imports algorithms, not back)
     num_classes: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -183,10 +185,19 @@ class Setup:
     def algorithm(self) -> "Algorithm":
         from . import algorithm_class
 
-        return (self.cls or algorithm_class(self.config["algorithm"]))(self)
+        return (self.cls or algorithm_class(self.config.algorithm))(self)
 
 
 # ---------------------------------------------------------------- vocabulary
+
+class AuxParams(Section):
+    """The optimizer of an auxiliary model x_a, for algorithms that train one."""
+
+    aux_optimizer: OptimizerName = Field(
+        "adam", description="optimizer of x_a when trained (alignment, local-loss methods)")
+    aux_lr: float = Field(1e-3, gt=0.0, description="learning rate of x_a")
+    aux_weight_decay: float = Field(0.0, ge=0.0, description="weight decay of x_a")
+
 
 @dataclass(frozen=True)
 class ByteKind:
@@ -497,7 +508,7 @@ class Algorithm:
 
     def __init__(self, setup: Setup):
         self.setup = setup
-        self.cfg = build_config(setup.config, algorithm_cls=type(self))
+        self.cfg = setup.config
         self.params = self.cfg.params
         self.sizes, self.costs = setup.sizes, setup.costs
         # Set by the runtime hosting this instance (a GPU when it reserved one).
@@ -505,14 +516,14 @@ class Algorithm:
         self._eval_models: dict[str, nn.Module] = {}
 
     @classmethod
-    def from_config(cls, cfg: Config, num_classes: int = 10) -> "Algorithm":
+    def from_config(cls, cfg, num_classes: int = 10) -> "Algorithm":
         """An instance for a config, with sizes and costs counted here (tests, notebooks)."""
         from ..models import architecture
         from ..netsim.cost import measure_costs
 
         arch = architecture(cfg, num_classes)
-        setup = Setup(cfg.to_dict(), num_classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
-                      ModelSizes.of(arch), measure_costs(arch, cls))
+        setup = Setup(cfg, num_classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+                      ModelSizes.of(arch), measure_costs(arch, cls), cls)
         return cls(setup)
 
     @cached_property
@@ -540,9 +551,10 @@ class Algorithm:
                               c.server_weight_decay, c.momentum)
 
     def aux_optimizer(self, module: nn.Module) -> Optimizer:
-        c = self.cfg
-        return make_optimizer(c.aux_optimizer, module.parameters(), c.aux_lr,
-                              c.aux_weight_decay, c.momentum)
+        """x_a's optimizer, from the algorithm's AuxParams."""
+        p = self.params
+        return make_optimizer(p.aux_optimizer, module.parameters(), p.aux_lr,
+                              p.aux_weight_decay, self.cfg.momentum)
 
     # -- initial models; every algorithm seeds x_c, x_s and a shared x_a from the
     #    same streams so that equivalence tests compare like with like.

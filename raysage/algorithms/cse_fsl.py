@@ -13,12 +13,12 @@ from __future__ import annotations
 from pydantic import Field
 
 from .base import (AUX_DOWN, AUX_UP, CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, LABELS_UP, SERVER_LOSS,
-                   SMASHED_UP, TRAIN_LOSS, Algorithm, ClientRoundPlan, Keeps, Section)
+                   SMASHED_UP, TRAIN_LOSS, Algorithm, AuxParams, ClientRoundPlan, Keeps)
 from .state import load_state, to_state
 from .steps import local_loss_training, local_loss_work, serve_smashed, smashed_exchange
 
 
-class CSEFSLParams(Section):
+class CSEFSLParams(AuxParams):
     server_update_interval: int = Field(
         5, ge=1, description="q: clients upload smashed data every q-th local iteration")
 

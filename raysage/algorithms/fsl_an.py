@@ -10,7 +10,8 @@ round: FedAvg of x_c, of x_a (2 |x_a| per client) and of the server copies.
 from __future__ import annotations
 
 from .base import (AUX_DOWN, AUX_UP, CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, LABELS_UP, SERVER_LOSS,
-                   SMASHED_UP, TRAIN_LOSS, Algorithm, ClientRoundPlan, Keeps, ServerState)
+                   SMASHED_UP, TRAIN_LOSS, Algorithm, AuxParams, ClientRoundPlan, Keeps,
+                   ServerState)
 from .state import load_state, to_state
 from .steps import (average_server_copies, copies_server_model_bytes, copies_state_bytes,
                     local_loss_training, local_loss_work, serve_smashed, server_copy, smashed_exchange)
@@ -23,6 +24,7 @@ class FSLAN(Algorithm):
     description = ("clients train on a local auxiliary loss and upload smashed data every step "
                    "(Han 2021)")
     byte_kinds = (SMASHED_UP, LABELS_UP, CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, AUX_DOWN, AUX_UP)
+    Params = AuxParams
     metrics = (TRAIN_LOSS, SERVER_LOSS)
     aggregated = ("client", "aux")
     estimator = "aux"          # x_c trains on the local loss's gradient at the cut

@@ -50,13 +50,13 @@ from pydantic import Field
 from ..lazy import nn, torch
 from ..models import split_loss
 from .base import (AUX_DOWN, CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, LABELS_UP, SERVER_LOSS,
-                   SMASHED_UP, TRAIN_LOSS, Algorithm, ClientRoundPlan, Keeps, Metric, Section,
+                   SMASHED_UP, TRAIN_LOSS, Algorithm, AuxParams, ClientRoundPlan, Keeps, Metric,
                    StandIn, stream_seed)
 from .state import load_state, to_state
 from .steps import cross_entropy_grad, serve_smashed, smashed_exchange
 
 
-class FSLSageParams(Section):
+class FSLSageParams(AuxParams):
     server_update_interval: int = Field(
         5, ge=1, description="q: clients upload smashed data every q-th local iteration")
     align_interval: int = Field(
@@ -68,6 +68,8 @@ class FSLSageParams(Section):
     align_blocking: bool = Field(
         True, description="the client waits for its aligned auxiliary model (true, as the "
         "reference) or goes on with the old one until it arrives")
+    # The paper's GPT-2 alignment: 40 epochs, batch 8, a buffer of 64 sequences.
+    model_defaults = {"gpt2": {"align_epochs": 40, "align_batch_size": 8, "align_buffer": 64}}
     aux_init: Literal["shared", "per_client"] = Field(
         "shared", description="initial auxiliary models: shared (every client starts from the "
         "same one, as the reference code) or per_client (each from its own seeded stream)")

@@ -25,7 +25,6 @@ import numpy as np
 from ..algorithms.base import Algorithm, ClientState, ServerState, Setup, Step, Upload, Wait
 from ..algorithms.state import (State, as_tensor, load_kept, load_state, release_gradients,
                                 save_kept, state_nbytes, to_state)
-from ..config import build_config
 from ..data import client_batch, make_batch
 from ..data.batches import client_images
 from ..errors import ContractError, RaysageError
@@ -292,7 +291,7 @@ class _Process:
 
     def __init__(self, setup: Setup, gpus: float):
         self.setup = setup
-        self.cfg = build_config(setup.config)
+        self.cfg = setup.config
         torch.set_num_threads(self.cfg.torch_threads)
         self.algo: Algorithm = setup.algorithm()
         self.algo.device = pick_device(gpus)
@@ -329,7 +328,7 @@ class ClientRuntime(_Process):
 
     def __init__(self, setup: Setup, train: dict[str, np.ndarray],
                  client_indices: dict[int, np.ndarray], spill_dir: str | None = None):
-        super().__init__(setup, setup.config["gpus_per_worker"])
+        super().__init__(setup, setup.config.gpus_per_worker)
         self.train = train
         self.indices = client_indices
         self.states = self.store(spill_dir)
@@ -471,7 +470,7 @@ class ServerRuntime(_Process):
     """The server: the algorithm's server state, fed uploads in simulated arrival order."""
 
     def __init__(self, setup: Setup, test: dict[str, np.ndarray], spill_dir: str | None = None):
-        super().__init__(setup, setup.config["server_gpus"])
+        super().__init__(setup, setup.config.server_gpus)
         self.spill_dir = spill_dir
         self.state = self._fresh_state()
         self.test = test

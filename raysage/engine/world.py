@@ -52,7 +52,7 @@ def count_model_facts(config: dict, num_classes: int) -> ModelFacts:
     cfg = build_config(config)
     arch = architecture(cfg, num_classes)
     sizes, costs = ModelSizes.of(arch), measure_costs(arch, algorithm_class(cfg.algorithm))
-    algo = Setup(config, num_classes, (0.0,) * 3, (1.0,) * 3, sizes, costs).algorithm()
+    algo = Setup(cfg, num_classes, (0.0,) * 3, (1.0,) * 3, sizes, costs).algorithm()
     probe = ClientState(0, 0)
     algo.build_client(probe)
 
@@ -260,7 +260,7 @@ def build_world(cfg: Config) -> World:
                         shards_per_client=cfg.shards_per_client, samples_per_client=per_client,
                         seed=cfg.seed)
     facts = model_facts(cfg, data.num_classes)
-    setup = Setup(cfg.to_dict(), data.num_classes, tuple(data.mean), tuple(data.std),
+    setup = Setup(cfg, data.num_classes, tuple(data.mean), tuple(data.std),
                   facts.sizes, facts.costs, algorithm_class(cfg.algorithm))
     profiles = client_profiles(cfg.profile, cfg.clients, cfg.seed, trace=cfg.profile_trace,
                                stragglers=cfg.stragglers, straggler_param=cfg.straggler_param,

@@ -4,7 +4,7 @@ For unit tests of an algorithm and for notebooks: the client's uploads go
 straight to a ``serve`` callable, and its reply comes back at once (a
 blocking exchange) or before the client's next iteration (a non-blocking
 one). The round is driven by the engine's own driver
-(:class:`raysage.engine.runtime.ClientRound`) on a world where the server
+(:class:`~raysage.engine.runtime.ClientRound`) on a world where the server
 and the links take no time, so the client code meets exactly the checks it
 meets in a run, observers included; there is no Ray, and the bytes are not
 held against the plan (``serve`` may be a stub that answers nothing).
@@ -15,10 +15,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Callable
 
+from ..algorithms.base import Algorithm, ClientState, Participant, ServerState, Upload
+from ..algorithms.state import State
 from ..netsim.planner import Segment, plan_round
 from ..netsim.profiles import DeviceProfile
-from .base import Algorithm, ClientState, Participant, ServerState, Upload
-from .state import State
+from ..observers import serve as observed_serve
+from ..observers import server_observers
+from .runtime import ClientRound
 
 # Replies arrive the moment their upload is sent; iterations take a second each.
 _INSTANT = DeviceProfile(compute_flops=1.0, uplink=float("inf"), downlink=float("inf"),
@@ -32,10 +35,6 @@ def run_client_round(algo: Algorithm, client: ClientState, rnd: int, batches: li
     """Run ``client``'s round ``rnd`` on ``batches`` [(x, y), ...]; returns its uploaded
     states. ``serve(upload)`` answers each upload (None: nothing is answered); or, with
     ``server``, the algorithm serves it there as in a run, observers included."""
-    from ..engine.runtime import ClientRound
-    from ..observers import serve as observed_serve
-    from ..observers import server_observers
-
     if server is not None:
         observers = server_observers(algo)
 
