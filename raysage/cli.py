@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, get_args, get_origin
 
 import typer
 
-from .config import FIELDS, load_config, parameter_fields
+from .config import FIELDS, load_config, parameter_fields, shown
 from .errors import RaysageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -63,7 +63,7 @@ def config_flags(args: list[str], positional: int = 0) -> tuple[dict[str, str], 
         arg = args[i]
         if not arg.startswith("--") or arg == "--":
             if len(plain) == positional:
-                _fail(f"unexpected argument {arg!r}; config flags are --name VALUE")
+                _fail(f"unexpected argument {shown(arg)}; config flags are --name VALUE")
             plain.append(arg)
             i += 1
             continue
@@ -117,14 +117,22 @@ def _run_simulate(config_file: Optional[Path], resume: Optional[str] = None,
     try:
         from .engine.orchestrator import GIB, simulate
 
+        changes: dict[str, Any] = {}
         if resume is not None:
+            from .engine.checkpoint import RESUMABLE_FIELDS
             from .engine.orchestrator import resume_config
 
             given = [k for k, v in overrides.items() if v is not None]
-            if given or config_file:
-                _fail("--resume continues a run with its saved config; drop the other flags ("
-                      + ", ".join("--" + k.replace("_", "-") for k in given or ["config"]) + ")")
+            refused = [k for k in given if k not in RESUMABLE_FIELDS]
+            if refused or config_file:
+                allowed = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_FIELDS)
+                _fail("--resume continues a run with its saved config and takes only "
+                      f"{allowed}; drop the other flags ("
+                      + ", ".join("--" + k.replace("_", "-") for k in refused or ["config"])
+                      + ")")
+            changes = {k: overrides[k] for k in given}
             cfg = resume_config(resume)
+            cfg = cfg.replace(**changes) if changes else cfg
         else:
             from .engine.orchestrator import default_run_dir
 
@@ -143,7 +151,7 @@ def _run_simulate(config_file: Optional[Path], resume: Optional[str] = None,
                 progress.update(task, completed=row["round"] + 1, status=status)
 
             try:
-                result = simulate(cfg, on_round=on_round, resume=resume,
+                result = simulate(cfg, on_round=on_round, resume=resume, changes=changes,
                                   announce=lambda line: progress.console.print(
                                       line, soft_wrap=True, markup=False, highlight=False))
             except BaseException:

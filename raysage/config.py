@@ -288,6 +288,11 @@ class Config(BaseModel):
 
 FIELDS: dict[str, Any] = {name: f for name, f in Config.model_fields.items()
                           if name != "params"}
+# Where and how a run executes, which changes none of its results (tested across
+# backends, workers and memory budgets): sweeps and resumes may vary these freely.
+EXECUTION_FIELDS = frozenset({"out", "backend", "address", "workers", "cpus_per_worker",
+                              "gpus_per_worker", "server_cpus", "server_gpus", "threads",
+                              "checkpoint_every", "state_memory_mib", "dashboard"})
 
 
 def parameter_fields(algorithms=None) -> dict[str, Any]:
@@ -320,12 +325,24 @@ def _blank_to_none(name: str, value: Any, field) -> Any:
     return value
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """A value's repr for a message, cut short: a config may hold anything, at any size."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = short.maxlong = limit
+    short.maxlist = short.maxdict = short.maxtuple = short.maxset = 4
+    short.maxlevel = 2
+    text = short.repr(value)
+    return text if len(text) <= 2 * limit else text[:2 * limit] + "..."
+
+
 def _message(exc: ValidationError) -> str:
     """One line for the first problem pydantic found."""
     err = exc.errors()[0]
     name = ".".join(str(part) for part in err["loc"]) or "?"
     value, kind, ctx = err.get("input"), err["type"], err.get("ctx", {})
-    said = f"config field '{name}' = {value!r}"
+    said = f"config field '{name}' = {shown(value)}"
     if kind == "extra_forbidden":
         return f"unknown config field '{name}'"
     if kind == "literal_error":
@@ -369,7 +386,7 @@ def build_config(*sources: dict[str, Any] | None, algorithm_cls: type | None = N
     names = [value for key, value in entries if key == "algorithm"]
     name = names[-1] if names else FIELDS["algorithm"].default
     if not isinstance(name, str):
-        raise ConfigError(f"config field 'algorithm' = {name!r} is not a name; "
+        raise ConfigError(f"config field 'algorithm' = {shown(name)} is not a name; "
                           "give a name from `raysage algorithms` or path/to/file.py:Class")
     cls = algorithm_cls or algorithm_class(name)
     own = cls.Params.model_fields
@@ -443,9 +460,39 @@ def _check_together(cfg: Config, algorithm) -> None:
                           "a worker must reserve some CPU or GPU")
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def _no_aliases_loader():
+    """PyYAML's safe loader without anchors and aliases: a few lines of nested aliases
+    expand to billions of nodes (the "billion laughs"), and no config needs them."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"{self.name} uses a YAML alias at line {mark.line + 1}; "
+                                  "raysage reads no anchors or aliases: write the values out")
+            return super().compose_node(parent, index)
+
+    return Loader
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text as plain values (safe types, no aliases); one line on bad syntax."""
+    import yaml
+
+    loader = _no_aliases_loader()(text)
+    loader.name = where
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{where} is not valid YAML{line}; fix its syntax") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -455,12 +502,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} is "
                           f"{exc.object[exc.start:exc.start + 1]!r}); give a YAML file of "
                           "field: value lines") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"config file {path} is not valid YAML{line}; fix its syntax") from None
+    data = parse_yaml(text, f"config file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -29,6 +29,25 @@ import numpy as np
 State = dict[str, np.ndarray]
 
 
+def digest(data: bytes) -> str:
+    """The SHA-256 of a file's bytes, kept apart from the file and checked when it is read."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_verified(data: bytes, expected: str | None, where: str) -> bytes:
+    """``data`` if its SHA-256 is the one recorded when it was written (None: nothing was
+    recorded, as in checkpoints of raysage before checksums)."""
+    if expected is not None and digest(data) != expected:
+        from .errors import RaysageError
+
+        raise RaysageError(f"{where} is damaged: its SHA-256 is not the one recorded when it "
+                           "was written; restore the file, or remove the run's checkpoint.json "
+                           "to restart the run from round 0")
+    return data
+
+
 def state_size(state: State) -> int:
     return sum(a.nbytes for a in state.values())
 
@@ -71,6 +90,10 @@ class StateStore:
         self._sizes: dict[int, int] = {}          # every known entry, wherever it is
         self._spilled: set[int] = set()           # entries whose spill file is current
         self._checkpointed: dict[int, str] = {}   # entry -> its file in the run folder
+        # SHA-256 of each entry's spill file and of its checkpointed file, kept apart
+        # from the files and checked when they are read.
+        self._spill_digests: dict[int, str] = {}
+        self._checkpoint_digests: dict[int, str | None] = {}
         self._changed: set[int] = set()           # since the last checkpoint
         self._folder = None                       # the run folder of _checkpointed files
 
@@ -105,8 +128,10 @@ class StateStore:
         if cid in self._spilled:
             state = self._read_spill(cid)
         elif cid in self._checkpointed:
-            name = self._checkpointed[cid]
-            state = from_safetensors(self._folder.read_bytes(name), self._folder.path(name))
+            name, where = self._checkpointed[cid], self._folder.path(self._checkpointed[cid])
+            state = from_safetensors(read_verified(self._folder.read_bytes(name),
+                                                   self._checkpoint_digests.get(cid), where),
+                                     where)
         else:
             return None
         self._hold(cid, state)
@@ -152,13 +177,16 @@ class StateStore:
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         path = self._spill_path(cid)
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(to_safetensors(state))
+        data = to_safetensors(state)
+        tmp.write_bytes(data)
         tmp.replace(path)
         self._spilled.add(cid)
+        self._spill_digests[cid] = digest(data)
 
     def _read_spill(self, cid: int) -> State:
         path = self._spill_path(cid)
-        return from_safetensors(path.read_bytes(), str(path))
+        return from_safetensors(read_verified(path.read_bytes(), self._spill_digests.get(cid),
+                                              f"spilled state file {path}"), str(path))
 
     def close(self) -> None:
         """Forget everything and remove the spill folder."""
@@ -167,32 +195,38 @@ class StateStore:
         self._sizes.clear()
         self._spilled.clear()
         self._checkpointed.clear()
+        self._spill_digests.clear()
+        self._checkpoint_digests.clear()
         self._changed.clear()
         if self.spill_dir is not None:
             shutil.rmtree(self.spill_dir, ignore_errors=True)
 
     # ------------------------------------------------------------ checkpoints
-    def checkpoint(self, folder, prefix: str, tag: str) -> dict[int, tuple[str, int]]:
+    def checkpoint(self, folder, prefix: str, tag: str) -> dict[int, tuple[str, int, str]]:
         """Write the entries changed since the last checkpoint into ``folder``.
 
-        Returns {client: (file name, bytes)} of what was written; entries not
-        listed are where the previous checkpoint put them.
+        Returns {client: (file name, bytes, SHA-256 of the file)} of what was
+        written; entries not listed are where the previous checkpoint put them.
         """
         written = {}
         for cid in sorted(self._changed):
             state = self.get(cid)
             name = f"{prefix}/{cid}.{tag}.safetensors"
-            folder.write_bytes(name, to_safetensors(state))
+            data = to_safetensors(state)
+            folder.write_bytes(name, data)
             self._checkpointed[cid] = name
-            written[cid] = (name, self._sizes[cid])
+            self._checkpoint_digests[cid] = digest(data)
+            written[cid] = (name, self._sizes[cid], self._checkpoint_digests[cid])
         self._folder = folder
         self._changed.clear()
         return written
 
-    def restore(self, folder, files: dict[int, tuple[str, int]]) -> None:
-        """Start from a checkpoint: every entry is read from ``folder`` when first needed."""
+    def restore(self, folder, files: dict[int, tuple[str, int, str | None]]) -> None:
+        """Start from a checkpoint: every entry is read from ``folder`` when first needed,
+        and checked against the SHA-256 its checkpoint recorded."""
         self.close()
         self._folder = folder
-        for cid, (name, size) in files.items():
+        for cid, (name, size, sha256) in files.items():
             self._checkpointed[cid] = name
             self._sizes[cid] = size
+            self._checkpoint_digests[cid] = sha256

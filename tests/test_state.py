@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -88,14 +89,20 @@ def test_store_checkpoints_only_what_changed_and_restores_lazily(tmp_path):
     store.put(1, entry(1.0))
     store.put(2, entry(2.0))
     first = store.checkpoint(folder, "state/clients", "r0")
-    assert first == {1: ("state/clients/1.r0.safetensors", ENTRY_BYTES),
-                     2: ("state/clients/2.r0.safetensors", ENTRY_BYTES)}
+
+    def sha(name):
+        return hashlib.sha256((tmp_path / "run" / name).read_bytes()).hexdigest()
+
+    assert first == {1: ("state/clients/1.r0.safetensors", ENTRY_BYTES,
+                         sha("state/clients/1.r0.safetensors")),
+                     2: ("state/clients/2.r0.safetensors", ENTRY_BYTES,
+                         sha("state/clients/2.r0.safetensors"))}
     store.put(2, entry(20.0))
     assert store.checkpoint(folder, "state/clients", "r1") == {
-        2: ("state/clients/2.r1.safetensors", ENTRY_BYTES)}
+        2: ("state/clients/2.r1.safetensors", ENTRY_BYTES, sha("state/clients/2.r1.safetensors"))}
     fresh = StateStore(budget=0, spill_dir=tmp_path / "spill2")
-    files = {1: first[1], 2: ("state/clients/2.r1.safetensors", ENTRY_BYTES),
-             3: ("state/clients/3.r1.safetensors", ENTRY_BYTES)}   # 3's file does not exist
+    files = {1: first[1], 2: ("state/clients/2.r1.safetensors", ENTRY_BYTES, None),
+             3: ("state/clients/3.r1.safetensors", ENTRY_BYTES, None)}   # 3's: no file
     fresh.restore(folder, files)       # nothing is read yet
     assert fresh.total_bytes == 3 * ENTRY_BYTES
     assert fresh.get(2)["w"][0] == 20.0 and fresh.get(1)["w"][0] == 1.0
@@ -229,8 +236,9 @@ def test_checkpoints_hold_arrays_written_by_the_workers_not_the_driver(tmp_path,
                                out=str(tmp_path / "run"))), **QUIET)
     # What reaches the driver is file names and sizes, never arrays.
     for out in returned:
-        for cid, (name, size) in {**out["clients"], **out["server_clients"]}.items():
+        for cid, (name, size, sha256) in {**out["clients"], **out["server_clients"]}.items():
             assert isinstance(name, str) and name.endswith(".safetensors") and size > 0
+            assert isinstance(sha256, str) and len(sha256) == 64
     manifest = json.loads((tmp_path / "run" / CHECKPOINT).read_text())
     assert manifest["next_round"] == 2 and len(manifest["clients"]) == 4
     # Superseded files are gone: one file per client, the latest.
@@ -285,16 +293,24 @@ def test_corrupt_or_misshapen_state_files_fail_in_one_line(tmp_path):
     global_file = out / manifest["global"]
     good = global_file.read_bytes()
     global_file.write_bytes(b"\x00" * 64)
-    with pytest.raises(RaysageError, match="not a valid state file"):
+    with pytest.raises(RaysageError, match="global.r0.safetensors is damaged"):
         simulate(build_config({}), resume=out, **QUIET)
     global_file.write_bytes(good)
-    # A client's file whose arrays do not fit the model.
+    # A client's file whose arrays do not fit the model, with its checksum recorded (a
+    # checkpoint of another model, say): what the checksum cannot catch, the shapes do.
     name, _ = manifest["clients"]["0"]
-    (out / name).write_bytes(to_safetensors({"model.aux.0.weight": np.zeros(3, np.float32)}))
-    config = out / "config.yaml"
-    config.write_text(config.read_text().replace("rounds: 1", "rounds: 2"))
+    misfit = to_safetensors({"model.aux.0.weight": np.zeros(3, np.float32)})
+    (out / name).write_bytes(misfit)
+    manifest["digests"][name] = hashlib.sha256(misfit).hexdigest()
+    (out / CHECKPOINT).write_text(json.dumps(manifest))
     with pytest.raises(StateMismatch, match="does not fit"):
-        simulate(build_config({}), resume=out, **QUIET)
+        simulate(build_config({}), resume=out, changes={"rounds": 2}, **QUIET)
+    # Without a checksum of its own, a file that is not safetensors at all.
+    (out / name).write_bytes(b"\x00" * 64)
+    manifest["format"], manifest["digests"] = "raysage-checkpoint/2", {}
+    (out / CHECKPOINT).write_text(json.dumps(manifest))
+    with pytest.raises(RaysageError, match="not a valid state file"):
+        simulate(build_config({}), resume=out, changes={"rounds": 2}, **QUIET)
 
 
 # ------------------------------------------------------------------ memory and the driver
@@ -308,8 +324,9 @@ def test_the_memory_estimate_counts_the_spill_and_the_disk(tmp_path):
     touched = min(10_000, 1000 * 3)
     per_worker = min(5_000, 500 * 3) * adam
     assert need.spill == 2 * (per_worker - 1024 * MIB)
-    assert need.checkpoints == touched * adam + sum(
-        a.nbytes for part in world.facts.initial_global.values() for a in part.values())
+    # Two checkpoints: the last one stays until the next one's manifest is written.
+    assert need.checkpoints == 2 * (touched * adam + sum(
+        a.nbytes for part in world.facts.initial_global.values() for a in part.values()))
     assert need.worker < 1.6 * GIB          # the budget, not 1,500 clients' state
     line = describe(need)
     assert "disk: up to" in line and f"{need.disk / GIB:.2f}" in line

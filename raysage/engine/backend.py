@@ -9,6 +9,7 @@ never through the driver.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -96,9 +97,12 @@ class RayBackend:
                                        ) from None
             else:
                 # Keep Ray quiet and light on a laptop: warnings only, and the
-                # dashboard's web UI (and its memory) only when asked for.
-                ray.init(include_dashboard=cfg.dashboard, logging_level="WARNING",
-                         log_to_driver=True)
+                # dashboard's web UI (and its memory) only when asked for; and
+                # reachable from this machine only.
+                with loopback_only():
+                    ray.init(include_dashboard=cfg.dashboard, logging_level="WARNING",
+                             log_to_driver=True, _node_ip_address="127.0.0.1",
+                             dashboard_host="127.0.0.1")
             self.started_here = True
         resources = ray.cluster_resources()
         self.cpus = float(resources.get("CPU", 0))
@@ -221,6 +225,39 @@ class RayBackend:
     def close(self) -> None:
         if self.started_here:
             self.ray.shutdown()
+
+
+@contextlib.contextmanager
+def loopback_only():
+    """While a local Ray starts: every process it starts binds 127.0.0.1 only.
+
+    On Linux Ray runs in its cluster mode and binds its GCS, raylet, workers and
+    agents on every interface, whatever the node address; its single-machine
+    mode (the one it uses on macOS and Windows, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)
+    binds them to loopback. Ray reads that setting when it is imported, so it is
+    set here on Ray's constant as well as in the environment, and both are put
+    back once the node is up: a later connection to a real cluster from this
+    process must see Ray's cluster mode again.
+    """
+    name = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    before = os.environ.get(name)
+    os.environ[name] = "0"
+    constants = None
+    try:
+        from ray._private import ray_constants as constants
+
+        mode, constants.ENABLE_RAY_CLUSTER = constants.ENABLE_RAY_CLUSTER, False
+    except (ImportError, AttributeError):   # a Ray without it: the environment must do
+        constants = None
+    try:
+        yield
+    finally:
+        if constants is not None:
+            constants.ENABLE_RAY_CLUSTER = mode
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _fits(node: tuple[float, float], cpus: float, gpus: float) -> bool:

@@ -13,7 +13,10 @@ each piece of state), plus safetensors files under ``state/``:
 
 The manifest is written last and atomically, so a run interrupted while
 writing a checkpoint resumes from the previous one; files no manifest
-names are removed when a run resumes. Reading a checkpoint parses JSON and
+names are removed when a run resumes. The manifest records the SHA-256 of
+every file it names, and of the config the run was made with (all of it but
+the settings a resume may change); a resume verifies every file before
+anything starts, and each file again when it is read. Reading a checkpoint parses JSON and
 raw arrays only, so a folder someone hands you cannot run code on
 ``--resume``; arrays are loaded onto whatever device the resumed run uses.
 """
@@ -25,12 +28,19 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import EXECUTION_FIELDS, shown
 from ..errors import RaysageError
 from ..results import RunFolder
-from ..store import from_safetensors, to_safetensors
+from ..store import digest, from_safetensors, read_verified, to_safetensors
 
 CHECKPOINT = "checkpoint.json"
-FORMAT = "raysage-checkpoint/2"
+FORMAT = "raysage-checkpoint/3"
+# Written before checksums: read, but its files cannot be verified.
+UNVERIFIED_FORMAT = "raysage-checkpoint/2"
+# What --resume may change: how far the run goes, how often it checkpoints and
+# evaluates, and where it executes; never what it computes.
+RESUMABLE_FIELDS = ("rounds", "budget_gib", "checkpoint_every", "eval_every",
+                    *sorted(EXECUTION_FIELDS - {"out", "checkpoint_every"}))
 # Written by raysage before checkpoints were arrays; reading it would unpickle.
 PICKLED_CHECKPOINT = "checkpoint.pt"
 
@@ -56,7 +66,7 @@ def _unflatten(arrays: dict[str, Any], parts: list[str]) -> dict[str, dict[str, 
     for name, array in arrays.items():
         part, _, key = name.partition("/")
         if part not in out or not key:
-            raise ValueError(f"unexpected array {name!r}")
+            raise ValueError(f"unexpected array {shown(name)}")
         out[part][key] = array
     return out
 
@@ -64,8 +74,18 @@ def _unflatten(arrays: dict[str, Any], parts: list[str]) -> dict[str, dict[str, 
 class Manifest(dict):
     """The parsed checkpoint.json (a dict), with the file maps keyed by client id."""
 
-    def client_files(self, kind: str) -> dict[int, tuple[str, int]]:
-        return {int(cid): (name, size) for cid, (name, size) in self[kind].items()}
+    def client_files(self, kind: str) -> dict[int, tuple[str, int, str | None]]:
+        """{client: (file, bytes, SHA-256 or None)} of one kind of per-client state."""
+        return {int(cid): (name, size, self.digest(name))
+                for cid, (name, size) in self[kind].items()}
+
+    def digest(self, name: str | None) -> str | None:
+        """The SHA-256 recorded for a file (None for a checkpoint made before checksums)."""
+        return self.get("digests", {}).get(name)
+
+    @property
+    def verified(self) -> bool:
+        return self["format"] == FORMAT
 
     def files(self) -> set[str]:
         names = {self["global"]} | ({self["server"]} if self["server"] else set())
@@ -74,25 +94,44 @@ class Manifest(dict):
         return names
 
 
+def config_digest(cfg) -> str:
+    """SHA-256 of what a run computes: its config but the fields a resume may change."""
+    values = {k: v for k, v in cfg.to_dict().items()
+              if k not in RESUMABLE_FIELDS and k not in EXECUTION_FIELDS}
+    return digest(json.dumps(values, sort_keys=True, default=str).encode())
+
+
 def write_checkpoint(folder: RunFolder, progress: Progress, orchestrator,
                      previous: Manifest | None) -> Manifest:
     """Have every actor write what changed, then the driver the global state and manifest."""
     tag = f"r{progress.next_round - 1}"
     parts = orchestrator.checkpoint_actors(str(folder), tag)
     global_name = f"state/global.{tag}.safetensors"
-    folder.write_bytes(global_name, to_safetensors(_flatten(progress.global_state)))
-    clients = dict(previous["clients"]) if previous else {}
-    server_clients = dict(previous["server_clients"]) if previous else {}
-    clients.update({str(cid): list(entry) for cid, entry in parts["clients"].items()})
-    server_clients.update({str(cid): list(entry)
-                           for cid, entry in parts["server_clients"].items()})
+    data = to_safetensors(_flatten(progress.global_state))
+    folder.write_bytes(global_name, data)
+    digests = {global_name: digest(data)}
+    if parts["server"] is not None:
+        digests[parts["server"]] = parts["server_sha256"]
+    listed = {}
+    for kind in ("clients", "server_clients"):
+        listed[kind] = dict(previous[kind]) if previous else {}
+        for cid, (name, size, sha256) in parts[kind].items():
+            listed[kind][str(cid)] = [name, size]
+            digests[name] = sha256
     manifest = Manifest(
         format=FORMAT, next_round=progress.next_round, sim_time=progress.sim_time,
         wall_time=progress.wall_time, totals=progress.totals,
         parts=sorted(progress.global_state),
         uploaded={str(cid): n for cid, n in orchestrator.world.uploaded.items()},
-        **{"global": global_name}, server=parts["server"], clients=clients,
-        server_clients=server_clients)
+        **{"global": global_name}, server=parts["server"], clients=listed["clients"],
+        server_clients=listed["server_clients"], config_sha256=config_digest(orchestrator.cfg),
+        digests={})
+    # Files the previous checkpoint wrote and this one keeps keep their digests (a
+    # checkpoint made before checksums had none: its files are hashed once, now).
+    kept = previous.get("digests", {}) if previous else {}
+    manifest["digests"] = {name: digests.get(name) or kept.get(name)
+                           or digest(folder.read_bytes(name))
+                           for name in sorted(manifest.files())}
     folder.write_bytes(CHECKPOINT, json.dumps(manifest).encode())
     if previous:
         for name in previous.files() - manifest.files():
@@ -125,17 +164,17 @@ def _state_file(name: Any) -> None:
     if (not isinstance(name, str) or not name.startswith("state/")
             or not name.endswith(".safetensors") or ".." in name.split("/")
             or "\\" in name):
-        raise ValueError(f"{name!r} is not a state file of this run")
+        raise ValueError(f"{shown(name)} is not a state file of this run")
 
 
 def _validate(m: Manifest) -> None:
-    if m.get("format") != FORMAT:
-        raise ValueError(f"format {m.get('format')!r}, expected {FORMAT!r}")
+    if m.get("format") not in (FORMAT, UNVERIFIED_FORMAT):
+        raise ValueError(f"format {shown(m.get('format'))}, expected {FORMAT!r}")
     if not isinstance(m["next_round"], int) or m["next_round"] < 1:
-        raise ValueError(f"next_round {m['next_round']!r}")
+        raise ValueError(f"next_round {shown(m['next_round'])}")
     for key in ("sim_time", "wall_time"):
         if not isinstance(m[key], (int, float)) or not math.isfinite(m[key]):
-            raise ValueError(f"{key} {m[key]!r}")
+            raise ValueError(f"{key} {shown(m[key])}")
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in m["totals"].values()):
         raise ValueError("totals must be numbers")
     if not isinstance(m["parts"], list):
@@ -149,13 +188,49 @@ def _validate(m: Manifest) -> None:
         for cid, entry in m[kind].items():
             name, size = entry
             if not cid.isdigit() or not isinstance(size, int) or size < 0:
-                raise ValueError(f"{kind} entry {cid!r}")
+                raise ValueError(f"{kind} entry {shown(cid)}")
             _state_file(name)
+    if m["format"] == FORMAT:
+        if not isinstance(m.get("config_sha256"), str):
+            raise ValueError("config_sha256")
+        digests = m["digests"]
+        if not isinstance(digests, dict) or set(digests) != m.files() or not all(
+                isinstance(d, str) and len(d) == 64 for d in digests.values()):
+            raise ValueError("digests must give a SHA-256 for every file it names")
+
+
+def verify_checkpoint(folder: RunFolder, manifest: Manifest) -> None:
+    """Every file the checkpoint names is there and unchanged; else one line naming the
+    first that is not, and what to do."""
+    if not manifest.verified:
+        return
+    for name in sorted(manifest.files()):
+        where = folder.path(name)
+        if not folder.exists(name):
+            raise RaysageError(f"{where} is missing, but the checkpoint of round "
+                               f"{manifest['next_round'] - 1} needs it; restore the file, or "
+                               f"remove {folder.path(CHECKPOINT)} to restart the run from "
+                               "round 0")
+        read_verified(folder.read_bytes(name), manifest.digest(name), where)
+
+
+def check_config(folder: RunFolder, manifest: Manifest, cfg) -> None:
+    """The config a run resumes with is the one its checkpoint was made with."""
+    if manifest.verified and config_digest(cfg) != manifest["config_sha256"]:
+        raise RaysageError(
+            f"{folder.path('config.yaml')} was edited after the checkpoint of round "
+            f"{manifest['next_round'] - 1} was made with it; put it back as it was (a resumed "
+            "run must compute what it started computing); to run further, checkpoint or "
+            "evaluate at another cadence or execute elsewhere, pass --rounds, --budget-gib, "
+            "--checkpoint-every, --eval-every or an execution flag (--workers, ...) with "
+            "--resume")
 
 
 def read_progress(folder: RunFolder, manifest: Manifest) -> Progress:
     name = manifest["global"]
-    arrays = from_safetensors(folder.read_bytes(name), folder.path(name))
+    where = folder.path(name)
+    arrays = from_safetensors(read_verified(folder.read_bytes(name), manifest.digest(name),
+                                            where), where)
     try:
         global_state = _unflatten(arrays, manifest["parts"])
     except ValueError as exc:

@@ -35,7 +35,7 @@ class Estimate:
     dataset: int
     budget: int            # RAM for per-client state, per worker and for the server
     spill: int             # per-client state beyond the budgets, on disk
-    checkpoints: int       # the run's last checkpoint on disk
+    checkpoints: int       # the run's checkpoints on disk: the last and the one being written
 
     @property
     def total(self) -> int:
@@ -72,8 +72,10 @@ def estimate(world: World, n_workers: int) -> Estimate:
     global_bytes = sum(a.nbytes for part in facts.initial_global.values() for a in part.values())
     checkpoints = 0
     if cfg.checkpoint_every:
-        checkpoints = (touched * facts.client_state_bytes + server_state + global_bytes
-                       + algo.server_model_bytes(0))
+        # The previous checkpoint's files go only once the next one's manifest is
+        # written, so at the peak two checkpoints are on disk together.
+        checkpoints = 2 * (touched * facts.client_state_bytes + server_state + global_bytes
+                           + algo.server_model_bytes(0))
     data = world.data
     dataset = data.x_train.nbytes + data.y_train.nbytes + data.x_test.nbytes
     # The driver averages in float64 beside the global state it broadcasts.

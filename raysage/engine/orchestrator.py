@@ -25,13 +25,14 @@ from typing import Any, Callable
 import numpy as np
 
 from ..algorithms.state import State
-from ..config import Config, build_config
+from ..config import Config, build_config, parse_yaml
 from ..errors import ConfigError, RaysageError
 from ..netsim.planner import RoundSchedule, Segment
 from ..results import RunFolder, RunWriter
 from .backend import ActorFailure, make_backend
-from .checkpoint import (Manifest, Progress, read_manifest, read_progress,
-                         remove_unlisted_state, write_checkpoint)
+from .checkpoint import (RESUMABLE_FIELDS, Manifest, Progress, check_config, read_manifest,
+                         read_progress, remove_unlisted_state, verify_checkpoint,
+                         write_checkpoint)
 from .memory import GIB, check_disk, check_memory, describe, estimate
 from .rows import plan_rows, round_rows
 from .runtime import ClientResult, ClientRuntime, ServerRuntime, process_memory
@@ -142,11 +143,11 @@ class Orchestrator:
         get, call = self.backend.get, self.backend.call
         written = get([call(w, "checkpoint", location, tag) for w in self.workers])
         clients = {cid: entry for part in written for cid, entry in part.items()}
-        server = {"server": None, "clients": {}}
+        server = {"server": None, "server_sha256": None, "clients": {}}
         if self.server is not None:
             server = get(call(self.server, "checkpoint", location, tag))
         return {"clients": clients, "server": server["server"],
-                "server_clients": server["clients"]}
+                "server_sha256": server["server_sha256"], "server_clients": server["clients"]}
 
     def restore(self, manifest: Manifest | None) -> None:
         """Actors start from a checkpoint's state (or, without one, from nothing)."""
@@ -159,6 +160,7 @@ class Orchestrator:
         calls = [call(w, "restore", location, shard) for w, shard in zip(self.workers, shards)]
         if self.server is not None and manifest is not None:
             calls.append(call(self.server, "restore", location, manifest["server"],
+                              manifest.digest(manifest["server"]),
                               manifest.client_files("server_clients")))
         get(calls)
         self.world.uploaded = ({int(cid): n for cid, n in manifest["uploaded"].items()}
@@ -310,13 +312,19 @@ def plan(cfg: Config) -> list[dict[str, Any]]:
 
 
 def resume_config(location) -> Config:
-    import yaml
-
     folder = location if isinstance(location, RunFolder) else RunFolder(location)
     if not folder.exists("config.yaml"):
         raise ConfigError(f"cannot resume {folder}: no config.yaml there; "
                           "pass the folder of a run that raysage started")
-    values = yaml.safe_load(folder.read_bytes("config.yaml").decode())
+    where = folder.path("config.yaml")
+    try:
+        values = parse_yaml(folder.read_bytes("config.yaml").decode(), where)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where} is not UTF-8 text; it is not a config raysage wrote") \
+            from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} is not a mapping of field: value; it is not a config "
+                          "raysage wrote")
     return build_config(values, {"out": str(location)})
 
 
@@ -328,17 +336,47 @@ def over_budget(cfg: Config, progress: Progress) -> bool:
 
 def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None = None,
              announce: Callable[[str], None] | None = None,
-             resume: str | Path | None = None) -> SimulationResult:
+             resume: str | Path | None = None,
+             changes: dict[str, Any] | None = None) -> SimulationResult:
     """Run a whole simulation; the Python API behind ``raysage simulate``.
 
     With ``resume``, continue the run in that folder from its last checkpoint
-    (its saved config is used; ``cfg`` is ignored).
+    (its saved config is used; ``cfg`` is ignored), after verifying every file
+    of the checkpoint and that the config is the one it was made with.
+    ``changes`` may set the fields a resume may change (``RESUMABLE_FIELDS``:
+    rounds, budget_gib, checkpoint_every, eval_every).
     """
     announce = announce or (lambda line: print(line, file=sys.stderr))
+    # The folder is the run's before anything reads or writes it: a second run
+    # on it is refused here, not after both have started.
+    run_dir = RunFolder(resume if resume is not None else cfg.out or default_run_dir(cfg))
+    run_dir.lock(announce)
+    try:
+        return _simulate(cfg, run_dir, on_round, announce, resume, changes or {})
+    finally:
+        run_dir.unlock()
+
+
+def _simulate(cfg: Config, run_dir: RunFolder, on_round, announce, resume,
+              changes: dict[str, Any]) -> SimulationResult:
+    manifest = None
     if resume is not None:
+        # Everything a resume reads is checked here, in seconds, before Ray starts.
         cfg = resume_config(resume)
-    run_dir = RunFolder(cfg.out or default_run_dir(cfg))
-    manifest = read_manifest(run_dir) if resume is not None else None
+        manifest = read_manifest(run_dir)
+        if manifest is not None:
+            check_config(run_dir, manifest, cfg)
+            if not manifest.verified:
+                announce(f"raysage: {run_dir}'s checkpoint was written before raysage "
+                         "recorded checksums; its files cannot be verified")
+            verify_checkpoint(run_dir, manifest)
+        refused = sorted(set(changes) - set(RESUMABLE_FIELDS))
+        if refused:
+            raise ConfigError(f"a resume cannot change {', '.join(refused)}: only "
+                              f"{', '.join(RESUMABLE_FIELDS)}")
+        cfg = cfg.replace(**changes) if changes else cfg
+    elif changes:
+        raise ConfigError("changes apply to a resumed run only; give them in the config")
     world = build_world(cfg)
     if resume is None and run_dir.is_nonempty():
         raise ConfigError(f"run folder {run_dir} already exists and is not empty; "
@@ -347,13 +385,20 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
     initial = Progress(0, world.facts.initial_global, 0.0,
                        {"total_bytes": 0, **{t.name: 0 for t in totals}, "energy_j": 0.0}, 0.0)
     progress = read_progress(run_dir, manifest) if manifest else initial
+    writer = None
     if resume is not None:
+        if cfg.rounds < progress.next_round:
+            raise ConfigError(f"--rounds {cfg.rounds} is below the {progress.next_round} "
+                              f"rounds {run_dir} has run; give at least {progress.next_round}")
+        writer = RunWriter(run_dir, cfg, keep_rounds_below=progress.next_round,
+                           algorithm=world.algorithm)
+        if changes:
+            writer.write_config(cfg, world.algorithm)
         remove_unlisted_state(run_dir, manifest)
     t0 = time.perf_counter()
     orchestrator = Orchestrator(world, announce, run_dir)
     startup = time.perf_counter() - t0
-    writer = RunWriter(run_dir, cfg, keep_rounds_below=progress.next_round if resume is not None
-                       else None, algorithm=world.algorithm)
+    writer = writer or RunWriter(run_dir, cfg, algorithm=world.algorithm)
     try:
         if manifest:
             orchestrator.restore(manifest)
@@ -374,10 +419,10 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
                 if recoveries > MAX_RECOVERIES:
                     raise RaysageError(f"{exc} {recoveries} times; giving up. The run folder "
                                        "is consistent: continue it with --resume") from None
+                failed = progress.next_round
                 progress = read_progress(run_dir, manifest) if manifest else initial
-                announce(f"raysage: {exc} in round {progress.next_round}; restarted all "
-                         f"actors, re-running from round {progress.next_round} "
-                         f"(recovery {recoveries})")
+                announce(f"raysage: {exc} in round {failed}; restarted all actors, "
+                         f"re-running from round {progress.next_round} (recovery {recoveries})")
                 orchestrator.restart_actors()
                 remove_unlisted_state(run_dir, manifest)
                 orchestrator.restore(manifest)

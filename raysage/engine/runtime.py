@@ -35,7 +35,7 @@ from ..models import correct_predictions, count_targets, split_loss
 from ..netsim.planner import Segment
 from .traffic import Reads, Traffic
 from ..results import RunFolder
-from ..store import StateStore, from_safetensors, to_safetensors
+from ..store import StateStore, digest, from_safetensors, read_verified, to_safetensors
 from ..streams import seeded, stream_seed, unseeded
 
 MIB = 2**20
@@ -453,12 +453,12 @@ class ClientRuntime(_Process):
         return scores
 
     # -------------------------------------------------------- checkpoints
-    def checkpoint(self, location: str, tag: str) -> dict[int, tuple[str, int]]:
+    def checkpoint(self, location: str, tag: str) -> dict[int, tuple[str, int, str]]:
         """Write the state of clients that changed since the last checkpoint."""
         with self.lock:
             return self.states.checkpoint(RunFolder(location), "state/clients", tag)
 
-    def restore(self, location: str, files: dict[int, tuple[str, int]]) -> None:
+    def restore(self, location: str, files: dict[int, tuple[str, int, str | None]]) -> None:
         with self.lock:
             self.states.restore(RunFolder(location), files)
 
@@ -516,15 +516,19 @@ class ServerRuntime(_Process):
             arrays.update({f"optimizer.{name}.{k}": v
                            for k, v in optimizer.state_arrays().items()})
         server = f"state/server.{tag}.safetensors"
-        folder.write_bytes(server, to_safetensors(arrays))
+        data = to_safetensors(arrays)
+        folder.write_bytes(server, data)
         clients = self.state.clients.checkpoint(folder, "state/server-clients", tag)
-        return {"server": server, "clients": clients}
+        return {"server": server, "server_sha256": digest(data), "clients": clients}
 
-    def restore(self, location: str, server: str, clients: dict[int, tuple[str, int]]) -> None:
+    def restore(self, location: str, server: str, server_sha256: str | None,
+                clients: dict[int, tuple[str, int, str | None]]) -> None:
         folder = RunFolder(location)
         self.state.clients.close()
         self.state = self._fresh_state()
-        arrays = from_safetensors(folder.read_bytes(server), folder.path(server))
+        where = folder.path(server)
+        arrays = from_safetensors(read_verified(folder.read_bytes(server), server_sha256, where),
+                                  where)
         for name, model in self.state.models.items():
             prefix = f"model.{name}."
             load_state(model, {k[len(prefix):]: v for k, v in arrays.items()

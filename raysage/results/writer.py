@@ -10,16 +10,22 @@ where a move is a copy, the object only appears once it is whole.)
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from ..config import Config
 from ..errors import ConfigError, RaysageError, one_line
+
+
+# The lock a run holds on its folder while it runs (see RunFolder.lock).
+LOCK = ".raysage.lock"
 
 
 class RunFolder:
@@ -66,7 +72,7 @@ class RunFolder:
             if os.path.isfile(self.root):
                 raise ConfigError(f"run folder {self} is a file, not a folder; choose another "
                                   "--out")
-            if os.path.isdir(self.root) and os.listdir(self.root):
+            if os.path.isdir(self.root) and set(os.listdir(self.root)) - {LOCK}:
                 return True
             self.check_writable()
             return False
@@ -78,6 +84,60 @@ class RunFolder:
         return (info.type != pafs.FileType.NotFound
                 and bool(self.fs.get_file_info(pafs.FileSelector(self.root,
                                                                  allow_not_found=True))))
+
+    # ------------------------------------------------------------ the lock
+    def lock(self, announce) -> bool:
+        """Take the folder for this run: a lock file created atomically, holding this
+        process's id, host and start time. Another live run's lock is refused in one
+        line; a lock left by a process of this host that no longer runs is taken over,
+        with a line saying so. Returns whether the folder was created for the run.
+        (A remote folder cannot be locked atomically; it is used unlocked.)"""
+        import socket
+
+        if not self.is_local:
+            return False
+        created = not os.path.isdir(self.root)
+        if created:
+            self.check_writable()
+            os.makedirs(self.root, exist_ok=True)
+        path = self.path(LOCK)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(3):
+            try:
+                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _lock_holder(path)
+                for _ in range(20):     # a lock just created may not hold its JSON yet
+                    if holder is not None:
+                        break
+                    time.sleep(0.05)
+                    holder = _lock_holder(path)
+                if holder is None or not _lock_is_stale(holder, me["host"]):
+                    if created:
+                        with contextlib.suppress(OSError):   # the other run's now
+                            os.rmdir(self.root)
+                    raise ConfigError(_in_use(self, path, holder)) from None
+                announce(f"raysage: {self} was locked by process {holder['pid']} on this "
+                         "host, which no longer runs; taking the folder over")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            with os.fdopen(descriptor, "w") as out:
+                json.dump(me, out)
+            self._locked, self._created = True, created
+            return created
+        raise ConfigError(_in_use(self, path, _lock_holder(path)))
+
+    def unlock(self) -> None:
+        """Give the folder back; a folder created for a run that wrote nothing goes too."""
+        if not getattr(self, "_locked", False):
+            return
+        self._locked = False
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path(LOCK))
+        if self._created:
+            with contextlib.suppress(OSError):       # not empty: the run wrote its files
+                os.rmdir(self.root)
 
     def check_writable(self) -> None:
         """Create and remove a folder where the run folder goes (or inside it), so that a
@@ -119,7 +179,9 @@ class RunFolder:
             self.fs.move(tmp, self.path(name))
         except OSError as exc:  # a full disk, a folder made read-only mid-run
             raise RaysageError(f"cannot write {self.path(name)}: {one_line(exc)}; free space "
-                               "or fix the folder's permissions") from None
+                               "or fix the folder's permissions, then continue the run from "
+                               f"its last checkpoint with raysage simulate --resume {self}"
+                               ) from None
 
     def read_bytes(self, name: str) -> bytes:
         if self.is_local:
@@ -183,31 +245,92 @@ class RunFolder:
         return self.location
 
 
+def _lock_holder(path: str) -> dict[str, Any] | None:
+    """Who holds a lock file, or None when it cannot be read as one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            holder = json.loads(f.read(4096))
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(holder, dict) and isinstance(holder.get("pid"), int)
+            and isinstance(holder.get("host"), str)
+            and isinstance(holder.get("since"), (int, float))):
+        return None
+    return holder
+
+
+def _lock_is_stale(holder: dict[str, Any], host: str) -> bool:
+    """Whether a lock's process is gone: only decidable on the host that took it. A pid
+    that runs again, but was started after the lock was taken, is another process."""
+    import psutil
+
+    if holder["host"] != host:
+        return False
+    try:
+        started = psutil.Process(holder["pid"]).create_time()
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:       # it exists, but we may not look at it: not ours to take
+        return False
+    return started > holder["since"] + 1.0
+
+
+def _in_use(folder: RunFolder, path: str, holder: dict[str, Any] | None) -> str:
+    if holder is None:
+        return (f"run folder {folder} has a lock file {path} that raysage cannot read; if no "
+                "run uses the folder, remove the file, else choose another --out")
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"]))
+    return (f"run folder {folder} is in use by another run (process {holder['pid']} on "
+            f"{holder['host']}, since {since}); wait for it to finish or choose another --out")
+
+
 class RunWriter:
     """Writes a run folder; with ``keep_rounds_below`` it continues an existing one,
     keeping the rows of rounds before that (the rounds a checkpoint covers)."""
 
     def __init__(self, folder: RunFolder, cfg: Config, keep_rounds_below: int | None = None,
                  algorithm: Any = None):
-        from ..config import write_yaml
-
         self.folder = folder
         self.rounds: list[dict[str, Any]] = []
         self.clients: list[dict[str, Any]] = []
         if keep_rounds_below is None:
-            folder.write_bytes("config.yaml", write_yaml(cfg).encode())
-            # The config again as one Parquet row, so that reports read Parquet only;
-            # with the algorithm's label and colour, since a report may not be able
-            # to import an algorithm that came from a user's file.
-            row = cfg.flat_dict()
-            if algorithm is not None:
-                row |= {"algorithm_label": algorithm.label, "algorithm_colour": algorithm.colour}
-            folder.write_table("run.parquet", [row])
+            self.write_config(cfg, algorithm)
             return
         for name, rows in (("rounds.parquet", self.rounds), ("clients.parquet", self.clients)):
             if folder.exists(name):
-                rows.extend(folder.read_table(name))
+                rows.extend(self._read_rows(name, keep_rounds_below))
+        if {r["round"] for r in self.rounds} < set(range(keep_rounds_below)):
+            raise RaysageError(f"{folder.path('rounds.parquet')} lacks rounds the checkpoint "
+                               f"covers (0 to {keep_rounds_below - 1}); restore the file, or "
+                               "start the run again in a new folder")
         self.truncate(keep_rounds_below)
+
+    def write_config(self, cfg: Config, algorithm: Any = None) -> None:
+        """config.yaml, and the config again as one Parquet row, so that reports read
+        Parquet only; with the algorithm's label and colour, since a report may not be
+        able to import an algorithm that came from a user's file."""
+        from ..config import write_yaml
+
+        self.folder.write_bytes("config.yaml", write_yaml(cfg).encode())
+        row = cfg.flat_dict()
+        if algorithm is not None:
+            row |= {"algorithm_label": algorithm.label, "algorithm_colour": algorithm.colour}
+        self.folder.write_table("run.parquet", [row])
+
+    def _read_rows(self, name: str, rounds: int) -> list[dict[str, Any]]:
+        """A table of the run being resumed, or one line when it cannot be read."""
+        import pyarrow as pa
+
+        try:
+            rows = self.folder.read_table(name)
+        except (pa.ArrowException, OSError) as exc:
+            raise RaysageError(f"{self.folder.path(name)} is damaged ({one_line(exc)[:120]}); "
+                               "restore the file, or start the run again in a new folder"
+                               ) from None
+        if any(not isinstance(r.get("round"), int) for r in rows):
+            raise RaysageError(f"{self.folder.path(name)} has rows without a round; it is not "
+                               "a table raysage wrote: restore it or start the run again")
+        return rows
 
     def truncate(self, next_round: int) -> None:
         """Forget rows of rounds >= next_round (they are about to be run again)."""

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import FIELDS
+from ..config import EXECUTION_FIELDS, FIELDS
 from ..errors import ConfigError, DataError
 from ..observers import OBSERVERS, Figure, Leakage
-from .sweep import EXECUTION_FIELDS
 
 GIB = 2 ** 30
 

@@ -24,14 +24,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..algorithms import algorithm_class
-from ..config import FIELDS, Config, build_config, parameter_fields, read_yaml
+from ..config import (EXECUTION_FIELDS, FIELDS, Config, build_config, parameter_fields,
+                      parse_yaml, read_yaml, shown)
 from ..errors import ConfigError, RaysageError
 
 # Fields that change how a run executes, not what it computes (results are
 # identical across them), so a finished point still counts when they change.
-EXECUTION_FIELDS = frozenset({"out", "backend", "address", "workers", "cpus_per_worker",
-                              "gpus_per_worker", "server_cpus", "server_gpus", "threads",
-                              "checkpoint_every", "state_memory_mib", "dashboard"})
 # What a run writes into its folder; only these are removed when an
 # interrupted point without a checkpoint starts over.
 RUN_FILES = ("config.yaml", "run.parquet", "rounds.parquet", "clients.parquet",
@@ -54,13 +52,12 @@ class Sweep:
 
 def parse_grid_flag(text: str) -> tuple[str, list[Any]]:
     """``alpha=0.1,1,10`` -> ('alpha', [0.1, 1, 10]); values parsed as YAML scalars."""
-    import yaml
-
     name, sep, values = text.partition("=")
     name = name.strip().replace("-", "_")
     if not sep or not name or not values.strip():
-        raise ConfigError(f"--grid {text!r} is not FIELD=V1,V2,...; e.g. --grid alpha=0.1,1,10")
-    return name, [yaml.safe_load(v.strip()) for v in values.split(",")]
+        raise ConfigError(f"--grid {shown(text)} is not FIELD=V1,V2,...; e.g. --grid "
+                          "alpha=0.1,1,10")
+    return name, [parse_yaml(v.strip(), f"--grid {name}") for v in values.split(",")]
 
 
 def _algorithms(base: dict[str, Any], grids: list[dict[str, Any]]) -> list[type]:
@@ -79,7 +76,7 @@ def _algorithms(base: dict[str, Any], grids: list[dict[str, Any]]) -> list[type]
 def _check_grid(grid: Any, where: str, params: set[str]) -> dict[str, list[Any]]:
     if not isinstance(grid, dict) or not grid:
         raise ConfigError(f"{where}: a grid is a mapping of config field -> list of values, "
-                          f"got {grid!r}")
+                          f"got {shown(grid)}")
     checked = {}
     for name, values in grid.items():
         key = str(name).replace("-", "_")
@@ -115,7 +112,7 @@ def build_sweep(base: dict[str, Any], grids: list[dict[str, list[Any]]],
                           "same --out skips finished points)")
     base.pop("out", None)
     if parallel is not None and (not isinstance(parallel, int) or parallel < 1):
-        raise ConfigError(f"{where}: parallel = {parallel!r} must be an integer >= 1")
+        raise ConfigError(f"{where}: parallel = {shown(parallel)} must be an integer >= 1")
     try:
         algorithms = _algorithms(base, grids)
     except ConfigError as exc:
@@ -195,8 +192,8 @@ def point_status(point: SweepPoint) -> str:
         changed = [k for k in ours if theirs.get(k) != ours[k]]
         if changed:
             k = changed[0]
-            raise ConfigError(f"{folder} holds a run with {k} = {theirs.get(k)!r}, but this "
-                              f"sweep's point has {k} = {ours[k]!r}; remove the folder or "
+            raise ConfigError(f"{folder} holds a run with {k} = {shown(theirs.get(k))}, but this "
+                              f"sweep's point has {k} = {shown(ours[k])}; remove the folder or "
                               "give the sweep another --out")
     if folder.exists("summary.json"):
         return "done"
