@@ -22,8 +22,17 @@ python="$(command -v python3 || command -v python)"
 
 running() { [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 
-free_port() {
-  "$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+# $1 distinct free ports on 127.0.0.1, all held until every one is chosen, none of
+# the ports that follow (the GCS's and the dashboard's, not bound yet).
+free_ports() {
+  "$python" -c 'import socket, sys
+count, taken = int(sys.argv[1]), {int(p) for p in sys.argv[2:]}
+held = []
+while len([s for s in held if s.getsockname()[1] not in taken]) < count:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    held.append(s)
+print(" ".join(str(p) for p in [s.getsockname()[1] for s in held] if p not in taken))' "$@"
 }
 
 answers() {  # $1: URL; true once it answers 200
@@ -63,8 +72,8 @@ start() {
   # Agent ports of our own, so another Ray instance on this machine holding
   # the defaults cannot keep this head's job agent from starting.
   local agent_http agent_grpc runtime_env client metrics
-  agent_http=$(free_port); agent_grpc=$(free_port); runtime_env=$(free_port)
-  client=$(free_port); metrics=$(free_port)
+  read -r agent_http agent_grpc runtime_env client metrics \
+    < <(free_ports 5 "$gcs_port" "$dashboard_port")
   # --block keeps the head's processes under this one pid: `stop` ends it
   # gracefully, where `ray stop` would end every Ray instance on the machine.
   # Its own session, so that closing this terminal does not end it.

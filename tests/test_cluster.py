@@ -68,10 +68,17 @@ def test_a_bad_address_fails_within_seconds():
     assert time.time() - start < 10
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports: every socket is held until all are chosen (one after
+    another, the OS may hand out the port it just freed again)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def invoke_within(seconds: float, args: list[str]):
@@ -295,7 +302,7 @@ def test_the_readme_local_cluster_flow_works_as_written_and_safe(tmp_path):
     head_dir = Path(tempfile.mkdtemp(prefix="rsg", dir="/tmp"))  # short: Ray's socket paths
     home = tmp_path / "home"
     home.mkdir()
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = _free_ports(2)
     env = _cli_env(home, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                    RAYSAGE_HEAD_DIR=str(head_dir), RAYSAGE_GCS_PORT=str(gcs),
                    RAYSAGE_DASHBOARD_PORT=str(dashboard))
