@@ -131,8 +131,8 @@ def test_measuring_leakage_changes_no_result(tmp_path, algorithm):
                   server_update_interval=2, profile="heterogeneous", checkpoint_every=0)
     on = simulate(build_config(fields | {"out": str(tmp_path / "on"), "leakage_uploads": 3}),
                   **QUIET)
-    off = simulate(build_config(fields | {"out": str(tmp_path / "off"), "leakage_uploads": 0}),
-                   **QUIET)
+    # Off by default (it costs host time; the README gives the measurement).
+    off = simulate(build_config(fields | {"out": str(tmp_path / "off")}), **QUIET)
     assert comparable(on.rounds) == comparable(off.rounds)
     assert comparable(on.clients) == comparable(off.clients)
     for part, state in on.global_state.items():
