@@ -105,7 +105,8 @@ TINY = ["--clients", "3", "--rounds", "1", "--samples-per-client", "10", "--test
     (["--cpus-per-worker", "3"], "--cpus-per-worker 3 fits on no node", "lower --cpus-per-worker"),
     (["--server-cpus", "100"], "--server-cpus 100 fits on no node", "lower --server-cpus"),
     (["--server-cpus", "1"], "do not fit together", "lower --server-cpus or --cpus-per-worker"),
-    (["--workers", "3"], "--workers 3 of 2 CPU, 0 GPU each", "at most 1 such workers"),
+    (["--workers", "3", "--cpus-per-worker", "2"], "--workers 3 of 2 CPU, 0 GPU each",
+     "at most 1 such workers"),
 ])
 def test_reservations_that_can_never_be_met_are_refused_within_seconds(ray_session, tmp_path,
                                                                         flags, what, todo):
@@ -116,6 +117,26 @@ def test_reservations_that_can_never_be_met_are_refused_within_seconds(ray_sessi
     assert lines[0].startswith("error: ") and what in lines[0] and todo in lines[0], lines[0]
     assert "2 CPUs" in lines[0]                       # what the session's cluster has
     assert elapsed < 10 and not out.exists()
+
+
+def test_workers_alone_share_the_machines_cpus(ray_session, tmp_path, monkeypatch):
+    from raysage.config import build_config
+    from raysage.engine import backend
+    from raysage.engine.orchestrator import simulate
+
+    monkeypatch.setattr(backend, "local_cpus", lambda: 2)
+    assert backend.share_cpus(build_config({"workers": 4})).cpus_per_worker == 0.5
+    # Given, or not this run's Ray to size: left as it is.
+    assert backend.share_cpus(build_config({"workers": 4, "cpus_per_worker": 2})
+                              ).cpus_per_worker == 2
+    assert backend.share_cpus(build_config({"workers": 4, "backend": "serial"})
+                              ).cpus_per_worker == 2
+    lines = []
+    result = simulate(build_config({"workers": 2, "clients": 3, "rounds": 1,
+                                    "samples_per_client": 10, "test_samples": 20,
+                                    "out": str(tmp_path / "run")}), announce=lines.append)
+    assert "on 2 worker(s) (1 CPU, 0 GPU, 1 torch thread(s) each)" in lines[0], lines
+    assert result.summary["rounds"] == 1
 
 
 def test_every_reservation_must_fit_on_one_node():

@@ -461,5 +461,25 @@ def probe_ray(address: str, *, client: bool, timeout: float) -> tuple[str, str] 
     return None
 
 
+def local_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which containers narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:     # not Linux
+        return os.cpu_count() or 1
+
+
+def share_cpus(cfg: Config) -> Config:
+    """``--workers N`` without ``--cpus-per-worker``, on a Ray this run starts: the
+    machine's CPUs (less the server's) shared among the N workers, instead of N
+    workers of the default 2 CPUs that would not fit."""
+    given = cfg.model_fields_set
+    if (cfg.backend != "ray" or not cfg.workers or "cpus_per_worker" in given
+            or cfg.gpus_per_worker or cfg.address or os.environ.get("RAY_ADDRESS")):
+        return cfg
+    cpus = max(local_cpus() - cfg.server_cpus, 1.0)
+    return cfg.replace(cpus_per_worker=cpus / cfg.workers)
+
+
 def make_backend(cfg: Config):
     return RayBackend(cfg) if cfg.backend == "ray" else SerialBackend(cfg)

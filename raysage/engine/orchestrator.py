@@ -29,7 +29,7 @@ from ..config import Config, build_config, parse_yaml
 from ..errors import ConfigError, RaysageError
 from ..netsim.planner import RoundSchedule, Segment
 from ..results import RunFolder, RunWriter
-from .backend import ActorFailure, make_backend
+from .backend import ActorFailure, make_backend, share_cpus
 from .checkpoint import (RESUMABLE_FIELDS, Manifest, Progress, check_config, read_manifest,
                          read_progress, remove_unlisted_state, verify_checkpoint,
                          write_checkpoint)
@@ -347,6 +347,8 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
     rounds, budget_gib, checkpoint_every, eval_every).
     """
     announce = announce or (lambda line: print(line, file=sys.stderr))
+    if resume is None:
+        cfg = share_cpus(cfg)
     # The folder is the run's before anything reads or writes it: a second run
     # on it is refused here, not after both have started.
     run_dir = RunFolder(resume if resume is not None else cfg.out or default_run_dir(cfg))
