@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -83,9 +84,7 @@ def test_a_damaged_state_file_is_refused_in_one_line_before_anything_starts(fini
     assert "checkpoint.json" in message          # the way back: restart from round 0
     assert time.perf_counter() - begin < 10
     # Nothing was written: the run stays as it was, and can still be mended.
-    assert len(json.loads(json.dumps(
-        [r for r in __import__("pyarrow.parquet").parquet.read_table(
-            finished / "rounds.parquet").to_pylist()]))) == 2
+    assert pq.read_table(finished / "rounds.parquet").num_rows == 2
     assert not (finished / LOCK).exists()
 
 

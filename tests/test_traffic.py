@@ -145,17 +145,37 @@ TOPK = f"{EXAMPLES / 'topk_splitfed.py'}:TopKSplitFed"
 
 
 @pytest.mark.parametrize("algorithm", [*ALGORITHMS, SCAFFOLD, TOPK])
-def test_every_algorithm_moves_exactly_what_it_plans(tmp_path, algorithm):
-    """Measurement is on in every run: a run that completes moved, kind by kind, client
-    by client and round by round, what its plans declared, and its rows show it."""
+def test_every_algorithm_moves_exactly_what_it_plans(tmp_path, algorithm, monkeypatch):
+    """Measurement is on in every run: every message of every client and round is held
+    against its plan, and every kind the results count was measured moving."""
+    from raysage.engine.traffic import Traffic
+
+    compared = []
+    original = Traffic._compare
+
+    def record(self, measured, planned, what):
+        compared.append((self.cid, self.rnd, what, dict(measured), dict(planned)))
+        original(self, measured, planned, what)
+
+    monkeypatch.setattr(Traffic, "_compare", record)
     fields = dict(rounds=3, participation=0.75, local_epochs=2, align_interval=2,
                   align_epochs=1, server_update_interval=2, dropout=0.25)
     result = run(tmp_path, "run", algorithm=algorithm, **fields)
+    assert all(measured == planned for *_, measured, planned in compared)
+    # Each client that finished a round had its broadcast and end-of-round upload checked.
+    finished = {(r["client"], r["round"]) for r in result.clients if not r["dropped"]}
+    for what in ("the broadcast", "the end-of-round upload"):
+        assert {(cid, rnd) for cid, rnd, w, *_ in compared if w == what} == finished
+    # Every kind with bytes in the results was measured, with the same total.
     algo = algorithm_class(algorithm)
-    kinds = [k.name for k in algo.byte_kinds]
-    for row in result.clients:
-        assert row["total_bytes"] == sum(row[k] for k in kinds)
-    assert sum(r["total_bytes"] for r in result.rounds) > 0
+    measured_total = {}
+    for *_, measured, _ in compared:
+        for kind, n in measured.items():
+            measured_total[kind] = measured_total.get(kind, 0) + n
+    kept = [r for r in result.clients if not r["dropped"]]
+    for kind in (k.name for k in algo.byte_kinds):
+        assert measured_total.get(kind, 0) == sum(r[kind] for r in kept), kind
+    assert sum(measured_total.values()) > 0
 
 
 # ------------------------------------------------------- the contract, early
@@ -294,3 +314,47 @@ def test_a_tensor_of_the_wrong_kind_is_one_line():
     assert nbytes({"a": np.zeros(3, np.float32), "b": torch.zeros(2, dtype=torch.float64)}) == 28
     with pytest.raises(ContractError, match="a str travels"):
         nbytes({"a": "text"})
+
+
+ANSWERS = '''
+from raysage.algorithms.cse_fsl import CSEFSL
+
+
+class Chatty(CSEFSL):
+    """CSE-FSL whose server answers uploads the plan gives no reply."""
+    name = "chatty"
+
+    def serve(self, server, rnd, upload):
+        super().serve(server, rnd, upload)
+        return upload["smashed"]
+
+
+class Failing(CSEFSL):
+    """CSE-FSL whose server fails on an upload nobody waits for."""
+    name = "failing"
+
+    def serve(self, server, rnd, upload):
+        if rnd == 1:
+            raise ValueError("the server broke in round 1")
+        return super().serve(server, rnd, upload)
+'''
+
+
+def test_a_reply_the_plan_does_not_deliver_stops_the_run(tmp_path):
+    path = tmp_path / "answers.py"
+    path.write_text(ANSWERS)
+    with pytest.raises(ContractError) as error:
+        run(tmp_path, "chatty", algorithm=f"{path}:Chatty")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("chatty: serve answered client 0's upload at iteration 0, but "
+                              "plan_client_round plans no reply there")
+
+
+def test_an_error_while_serving_an_upload_nobody_waits_for_is_not_lost_on_ray(tmp_path,
+                                                                              ray_session):
+    path = tmp_path / "answers.py"
+    path.write_text(ANSWERS)
+    with pytest.raises(Exception, match="the server broke in round 1"):
+        run(tmp_path, "failing", algorithm=f"{path}:Failing", backend="ray", workers=1,
+            cpus_per_worker=1)

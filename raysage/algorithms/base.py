@@ -106,16 +106,15 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generator, Iterable, Iterator, Literal
 
 import numpy as np
-
 from pydantic import Field
 
 from ..lazy import nn, torch
 from ..models import frozen_bytes, transfer_bytes
 from ..netsim.cost import ModelCosts
 from ..netsim.planner import ClientRoundPlan, Exchange
+from ..params import OptimizerName, Section
 from ..store import StateStore
 from ..streams import global_rng, seeded, stream_seed
-from ..params import OptimizerName, Section
 from .optim import Optimizer
 from .state import (State, WeightedAverage, as_tensor, load_kept, load_state, state_nbytes,
                     to_state)
@@ -125,9 +124,9 @@ if TYPE_CHECKING:
 
 LABEL_BYTES = 8                        # labels travel as int64
 
-__all__ = ["Algorithm", "AuxParams", "ByteKind", "ByteTotal", "ClientState", "Exchange", "ClientRoundPlan", "Keeps",
-           "Metric", "ModelSizes", "Participant", "Section", "ServerState", "Setup", "State",
-           "Step", "Upload", "stream_seed"]
+__all__ = ["Algorithm", "AuxParams", "ByteKind", "ByteTotal", "ClientState", "Exchange",
+           "ClientRoundPlan", "Keeps", "Metric", "ModelSizes", "Participant", "Section",
+           "ServerState", "Setup", "StandIn", "State", "Step", "Upload", "stream_seed"]
 
 
 @dataclass(frozen=True)
@@ -322,12 +321,10 @@ class Upload:
     observed: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if name in self.arrays:
-            return self.arrays[name]
-        return self.observed[name]
+        return self.arrays[name]
 
     def __contains__(self, name: str) -> bool:
-        return name in self.arrays or name in self.observed
+        return name in self.arrays
 
 
 @dataclass

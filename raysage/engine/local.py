@@ -6,8 +6,9 @@ blocking exchange) or before the client's next iteration (a non-blocking
 one). The round is driven by the engine's own driver
 (:class:`~raysage.engine.runtime.ClientRound`) on a world where the server
 and the links take no time, so the client code meets exactly the checks it
-meets in a run, observers included; there is no Ray, and the bytes are not
-held against the plan (``serve`` may be a stub that answers nothing).
+meets in a run, observers included, and a reply the plan does not deliver
+stops it; there is no Ray, and the bytes are not held against the plan
+(``serve`` may be a stub that answers nothing).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..netsim.planner import Segment, plan_round
 from ..netsim.profiles import DeviceProfile
 from ..observers import serve as observed_serve
 from ..observers import server_observers
-from .runtime import ClientRound
+from .runtime import ClientRound, unplanned_replies
 
 # Replies arrive the moment their upload is sent; iterations take a second each.
 _INSTANT = DeviceProfile(compute_flops=1.0, uplink=float("inf"), downlink=float("inf"),
@@ -61,6 +62,7 @@ def run_client_round(algo: Algorithm, client: ClientState, rnd: int, batches: li
                 (cid, k), = action.uploads
                 answer = serve(uploads.pop(k)) if serve is not None else None
                 replies[(cid, k)] = answer
+        unplanned_replies(algo.name, replies, replies.values())
         return driver.result
     finally:
         client.round = None

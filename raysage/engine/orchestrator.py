@@ -35,7 +35,8 @@ from .checkpoint import (RESUMABLE_FIELDS, Manifest, Progress, check_config, rea
                          write_checkpoint)
 from .memory import GIB, check_disk, check_memory, describe, estimate
 from .rows import plan_rows, round_rows
-from .runtime import ClientResult, ClientRuntime, ServerRuntime, process_memory
+from .runtime import (ClientResult, ClientRuntime, ServerRuntime, process_memory,
+                      unplanned_replies)
 from .world import World, build_world
 
 MAX_RECOVERIES = 3
@@ -233,6 +234,10 @@ class Orchestrator:
                         del uploads[seg]
                 for upload, reply in zip(action.uploads, out if n > 1 else [out]):
                     replies[upload] = reply
+        # What is left was served for uploads whose plan has no reply to deliver: it
+        # must be nothing. Fetching it also surfaces an error raised while serving them,
+        # which no segment would otherwise wait for.
+        unplanned_replies(self.world.algorithm.name, replies, backend.get(list(replies.values())))
         return ends
 
     def run_round(self, rnd: int, global_state: dict[str, State], start: float):
@@ -343,8 +348,9 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
     With ``resume``, continue the run in that folder from its last checkpoint
     (its saved config is used; ``cfg`` is ignored), after verifying every file
     of the checkpoint and that the config is the one it was made with.
-    ``changes`` may set the fields a resume may change (``RESUMABLE_FIELDS``:
-    rounds, budget_gib, checkpoint_every, eval_every).
+    ``changes`` may set the fields a resume may change (``RESUMABLE_FIELDS``: the
+    rounds, the byte budget, the checkpoint and evaluation cadence, and where the
+    run executes).
     """
     announce = announce or (lambda line: print(line, file=sys.stderr))
     if resume is None:

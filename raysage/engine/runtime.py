@@ -83,8 +83,8 @@ class ClientRound:
                  batch, check_bytes: bool = True):
         self.algo, self.client, self.rnd = algo, client, rnd
         self.cid = client.cid
-        self.iterations = first.iterations
-        self.exchanges = first.exchanges or {}
+        self.iterations = first.plan.iterations
+        self.exchanges = {k: ex.blocking for k, ex in first.plan.exchanges.items()}
         self.batch_of = batch                 # k -> (x, y) on the algorithm's device
         self.segment = first
         self.sent: set[int] = set()
@@ -214,6 +214,19 @@ class ClientRound:
         if segment.is_last:
             self._fail("client_round waits for a server reply after the plan's last one")
         return self.uploads
+
+
+def unplanned_replies(algorithm: str, uploads, replies) -> None:
+    """Stop the run when the server answered an upload whose exchange plans no reply:
+    the client would never get it, and its bytes would be counted nowhere."""
+    for (cid, k), reply in zip(uploads, replies):
+        if isinstance(reply, Observed):
+            reply = reply.reply
+        if reply is not None:
+            raise ContractError(f"{algorithm}: serve answered client {cid}'s upload at "
+                                f"iteration {k}, but plan_client_round plans no reply there; "
+                                "give that exchange its reply bytes (Exchange.down) or return "
+                                "None")
 
 
 def node_address() -> str:

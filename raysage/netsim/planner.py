@@ -88,11 +88,8 @@ class Segment:
     is_first: bool = False
     is_last: bool = False
     after: int | None = None   # first segment: start from this client's end-of-round upload
-    # First segment only: the round's iterations and its exchanges (k -> blocking),
-    # which the worker hands to the algorithm's steps.
-    iterations: int = 0
-    exchanges: dict[int, bool] | None = None
-    # First segment only: the client's plan, which the worker holds its traffic against.
+    # First segment only: the client's plan, from which the worker runs the round's
+    # steps and against which it holds what the round moves.
     plan: ClientRoundPlan | None = None
 
     @property
@@ -353,8 +350,6 @@ def _segments(client: _Client, replies: dict[tuple[int, int], float]) -> list[Se
     segments.append(Segment(plan.cid, len(segments), first, n, resume=resume,
                             reply_of=reply_of, start_time=t))
     segments[0].is_first = True
-    segments[0].iterations = n
-    segments[0].exchanges = {k: ex.blocking for k, ex in plan.exchanges.items()}
     segments[0].plan = plan
     segments[-1].is_last = True
     return segments
