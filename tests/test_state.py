@@ -406,3 +406,19 @@ def test_optimizers_take_torchs_steps_to_the_bit(kind, weight_decay, momentum):
         assert state.keys() == expected.keys()
         for key, value in state.items():
             assert torch.equal(value, expected[key]), (i, key)
+
+
+@pytest.mark.parametrize("algorithm", ["fsl_sage", "fedavg"])
+def test_building_a_world_and_its_evaluation_model_draws_nothing_from_torchs_generator(
+        algorithm):
+    """A sweep builds worlds (and a serial one evaluates) on several threads of one
+    process: any unlocked draw from torch's one global generator would move another
+    point's seeded initial models."""
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    world = build_world(build_config(dict(algorithm=algorithm, backend="serial", clients=2,
+                                          samples_per_client=10, test_samples=10)))
+    algo = world.algorithm
+    server = algo.init_server() if algo.has_server else None
+    algo.eval_model(server, world.facts.initial_global)
+    assert torch.equal(torch.random.get_rng_state(), before)

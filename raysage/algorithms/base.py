@@ -114,7 +114,7 @@ from ..netsim.cost import ModelCosts
 from ..netsim.planner import ClientRoundPlan, Exchange
 from ..params import OptimizerName, Section
 from ..store import StateStore
-from ..streams import global_rng, seeded, stream_seed
+from ..streams import global_rng, seeded, stream_seed, unseeded
 from .optim import Optimizer
 from .state import (State, WeightedAverage, as_tensor, load_kept, load_state, state_nbytes,
                     to_state)
@@ -668,7 +668,10 @@ class Algorithm:
     def _eval_part(self, name: str, build) -> nn.Module:
         """A model kept for evaluation only (never part of the simulated state)."""
         if name not in self._eval_models:
-            self._eval_models[name] = self.place(build())
+            # Its weights are replaced before use; drawing them must not move anyone's
+            # stream (a serial sweep evaluates on the driver's threads).
+            with unseeded():
+                self._eval_models[name] = self.place(build())
         return self._eval_models[name]
 
     def eval_export(self, server: ServerState) -> dict[str, State]:

@@ -436,7 +436,8 @@ class ClientRuntime(_Process):
 
         client = None
         if cid is None:
-            model = self.algo.place(self.algo.arch.make_client())
+            with unseeded():       # its weights are replaced below
+                model = self.algo.place(self.algo.arch.make_client())
             load_state(model, global_state["client"])
         else:
             client = self._take(cid)

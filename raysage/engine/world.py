@@ -26,7 +26,7 @@ from ..errors import ContractError
 from ..netsim.planner import ClientRoundPlan, RoundSchedule
 from ..netsim.policy import available_clients, plan_with_policy, selection_size
 from ..netsim.profiles import DeviceProfile, client_profiles
-from ..streams import stream_seed
+from ..streams import stream_seed, unseeded
 
 SYNTHETIC_SAMPLES_PER_CLIENT = 100
 SYNTHETIC_TEST_SAMPLES = 1000
@@ -54,7 +54,10 @@ def count_model_facts(config: dict, num_classes: int) -> ModelFacts:
     sizes, costs = ModelSizes.of(arch), measure_costs(arch, algorithm_class(cfg.algorithm))
     algo = Setup(cfg, num_classes, (0.0,) * 3, (1.0,) * 3, sizes, costs).algorithm()
     probe = ClientState(0, 0)
-    algo.build_client(probe)
+    # Under torch's generator lock: a sweep builds worlds on several threads at once, and
+    # an unlocked draw here would move another point's seeded initial models.
+    with unseeded():
+        algo.build_client(probe)
 
     def moments(optimizer) -> int:
         return optimizer.moments * sum(p.numel() * p.element_size() for p in optimizer.params)
