@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -109,15 +110,26 @@ class Sampler:
         self._thread.join()
 
 
-def measure(flags: list[str], python: str = sys.executable) -> dict:
-    """Run ``raysage simulate FLAGS`` and measure it; returns the figures."""
+def measure(flags: list[str], python: str = sys.executable, tree: str | None = None) -> dict:
+    """Run ``raysage simulate FLAGS`` and measure it; returns the figures.
+
+    ``tree``: a checkout of another commit to run instead of this one (its
+    ``raysage`` is imported first, by the driver and by every Ray worker).
+    """
     # Beside the repository, not in /tmp: spilled state and checkpoints should land
     # on the disk a user's run folder would (and stay out of git: .gitignore).
     with tempfile.TemporaryDirectory(dir=".", prefix=".bench-") as tmp:
-        out = Path(tmp) / "run"
+        out = Path(tmp).resolve() / "run"
         cmd = [python, "-m", "raysage.cli", "simulate", *flags, "--out", str(out)]
+        env = cwd = None
+        if tree is not None:
+            # Ray's workers inherit PYTHONPATH; the working directory must not hold
+            # this checkout's package, which `-m` would import first.
+            env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
+            cwd = tmp
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env=env, cwd=cwd)
         with Sampler(proc.pid, out) as sampler:
             _, err = proc.communicate()
         elapsed = time.perf_counter() - t0

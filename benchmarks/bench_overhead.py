@@ -199,6 +199,7 @@ def plain_fsl_sage(world, rnd: int, global_state: dict, x_c, opt_c, x_s, opt_s, 
 
     from raysage.algorithms.state import load_state, to_state, weighted_average
     from raysage.data import batch_sizes, client_batch
+    from raysage.algorithms.fsl_sage import Alignment
 
     algo, cfg, setup = world.algorithm, world.cfg, world.setup
     loss_sum, samples, uploads, nmse = 0.0, 0, [], []
@@ -221,8 +222,8 @@ def plain_fsl_sage(world, rnd: int, global_state: dict, x_c, opt_c, x_s, opt_s, 
                 if algo.aligns_at(rnd, k):
                     z = algo.true_gradients(x_s, torch.from_numpy(buffer["smashed"]),
                                             torch.from_numpy(buffer["y"]))
-                    nmse.append(algo.align(aux[cid], cid, rnd, {
-                        "smashed": buffer["smashed"], "y": buffer["y"], "z": z.numpy()}))
+                    nmse.extend(algo.align([Alignment(aux[cid], cid, rnd, {
+                        "smashed": buffer["smashed"], "y": buffer["y"], "z": z.numpy()})]))
             leaf = h.detach().requires_grad_()
             loss = F.cross_entropy(aux[cid](leaf), y)
             (g_hat,) = torch.autograd.grad(loss, leaf)

@@ -182,6 +182,10 @@ class Config(BaseModel):
         0, ge=0,
         description="clients a worker trains at once, each on its own thread (0: one per whole CPU the "
         "worker reserves; 1 for a GPU worker)")
+    cohort: int = Field(
+        0, ge=0,
+        description="most clients whose shared work (FSL-SAGE's alignments) a worker runs as "
+        "one batched computation (0: picked from the working set's size; 1: one at a time)")
     gpus_per_worker: float = Field(
         0.0, ge=0.0,
         description="GPUs reserved per client worker (fractions such as 0.25 allowed)")
@@ -291,7 +295,7 @@ FIELDS: dict[str, Any] = {name: f for name, f in Config.model_fields.items()
                           if name != "params"}
 # Where and how a run executes, which changes none of its results (tested across
 # backends, workers and memory budgets): sweeps and resumes may vary these freely.
-EXECUTION_FIELDS = frozenset({"out", "backend", "address", "workers", "cpus_per_worker",
+EXECUTION_FIELDS = frozenset({"out", "backend", "address", "workers", "cpus_per_worker", "cohort",
                               "gpus_per_worker", "server_cpus", "server_gpus", "threads",
                               "checkpoint_every", "state_memory_mib", "dashboard"})
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from raysage.algorithms import ALGORITHMS
 from raysage.algorithms.base import Participant
-from raysage.algorithms.fsl_sage import FSLSage
+from raysage.algorithms.cohort import Stack
+from raysage.algorithms.fsl_sage import Alignment, FSLSage
 from raysage.engine.local import run_client_round
 from raysage.algorithms.state import to_state, weighted_average
 from raysage.config import build_config
@@ -110,13 +111,13 @@ def test_alignment_lowers_nmse_on_a_fixed_buffer(aligned_setup):
     targets = {"smashed": smashed.numpy(), "y": y.numpy(),
                "z": algo.true_gradients(x_s, smashed, y).numpy()}
     aux = algo.initial_aux_model(0)
-    before, after = algo.align(aux, 0, 0, targets)
+    [(before, after)] = algo.align([Alignment(aux, 0, 0, targets)])
     assert after < 0.5 * before
     # NMSE is the plain ratio ||g_hat - z||^2 / ||z||^2 of per-sample gradients.
-    g = algo.estimates(aux, smashed, y)
-    z = torch.from_numpy(targets["z"])
-    assert FSLSage.nmse(g, z) == pytest.approx(after, rel=1e-5)
-    assert FSLSage.nmse(z, z) == 0.0
+    g = algo.estimates(Stack([aux], vmapped=False), smashed[None], y[None])
+    z = torch.from_numpy(targets["z"])[None]
+    assert FSLSage.nmse(g, z, 1) == [pytest.approx(after, rel=1e-5)]
+    assert FSLSage.nmse(z, z, 1) == [0.0]
 
 
 def test_tiny_plan_bytes_by_hand():

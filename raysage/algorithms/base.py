@@ -502,6 +502,10 @@ class Algorithm:
     # in place of the server's (an auxiliary model), if any: observers compare the
     # two (raysage.observers.EstimateQuality).
     estimator: ClassVar[str | None] = None
+    # True when a server reply starts work the client asks to run Together with
+    # other clients' (FSL-SAGE's alignment): the engine then runs the segments
+    # that resume with a reply as cohorts, up to Config.cohort clients per worker.
+    replies_work_together: ClassVar[bool] = False
 
     def __init__(self, setup: Setup):
         self.setup = setup
@@ -547,11 +551,12 @@ class Algorithm:
         return make_optimizer(c.server_optimizer, module.parameters(), c.server_lr,
                               c.server_weight_decay, c.momentum)
 
-    def aux_optimizer(self, module: nn.Module) -> Optimizer:
-        """x_a's optimizer, from the algorithm's AuxParams."""
+    def aux_optimizer(self, module: nn.Module | list[torch.Tensor]) -> Optimizer:
+        """x_a's optimizer, from the algorithm's AuxParams (a model, or a Stack's tensors)."""
         p = self.params
-        return make_optimizer(p.aux_optimizer, module.parameters(), p.aux_lr,
-                              p.aux_weight_decay, self.cfg.momentum)
+        params = module.parameters() if isinstance(module, nn.Module) else module
+        return make_optimizer(p.aux_optimizer, params, p.aux_lr, p.aux_weight_decay,
+                              self.cfg.momentum)
 
     # -- initial models; every algorithm seeds x_c, x_s and a shared x_a from the
     #    same streams so that equivalence tests compare like with like.

@@ -37,11 +37,14 @@ worker. The server computes the targets z against x_s at the simulated
 moment of the client's upload and hands (buffer, z) to the worker, which
 runs the aux training there. The result is the same model the server would
 send, and alignments of different clients run in parallel on the workers
-instead of one after another in the server process.
+instead of one after another in the server process. The clients a worker
+runs as a cohort hand their alignments over together, and those with small
+buffers train as one stacked computation (see ``align`` and cohort.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -52,8 +55,19 @@ from ..models import split_loss
 from .base import (AUX_DOWN, CLIENT_MODEL_DOWN, CLIENT_MODEL_UP, LABELS_UP, SERVER_LOSS,
                    SMASHED_UP, TRAIN_LOSS, Algorithm, AuxParams, ClientRoundPlan, Keeps, Metric,
                    StandIn, stream_seed)
+from .cohort import Stack, Together, stacks
 from .state import load_state, to_state
 from .steps import cross_entropy_grad, serve_smashed, smashed_exchange
+
+
+@dataclass
+class Alignment:
+    """One client's alignment: its x_a,i, and the buffer and targets z the server sent."""
+
+    aux: nn.Module
+    cid: int
+    rnd: int
+    targets: dict[str, np.ndarray]
 
 
 class FSLSageParams(AuxParams):
@@ -95,6 +109,7 @@ class FSLSage(Algorithm):
     # x_a,i is the client's own and never averaged; x_c comes with every broadcast.
     client_keeps = Keeps(models=("aux",), optimizers=("client",))
     runs_language_task = True
+    replies_work_together = True   # the alignment a reply starts (see align)
 
     # ------------------------------------------------------------ schedule
     @classmethod
@@ -169,25 +184,27 @@ class FSLSage(Algorithm):
         load_state(x_c, client.start["client"])
         for step in client.steps():
             for reply in (yield from step.arrivals()).values():
-                self.receive_alignment(client, rnd, reply)
+                yield from self.receive_alignment(client, rnd, reply)
             x, y = step.x, step.y
             smashed = x_c(x)
             if step.uploads:
                 reply = yield step.upload(smashed=smashed, y=y)
                 if reply is not None:           # the aligned x_a, waited for
-                    self.receive_alignment(client, rnd, reply)
+                    yield from self.receive_alignment(client, rnd, reply)
             loss, g_hat = cross_entropy_grad(x_a, smashed.detach(), y)
             optimizer.zero_grad()
             smashed.backward(g_hat)
             optimizer.step()
             client.log("train_loss", loss.item(), len(y))
         for reply in (yield from client.arrivals()).values():
-            self.receive_alignment(client, rnd, reply)
+            yield from self.receive_alignment(client, rnd, reply)
         return {"client": to_state(x_c)}
 
     def receive_alignment(self, client, rnd, reply):
-        """The aligned x_a,i arrives (computed here, see "Where alignment runs")."""
-        before, after = self.align(client.models["aux"], client.cid, rnd, reply)
+        """The aligned x_a,i arrives (computed here, see "Where alignment runs"), with
+        the alignments of the clients the engine runs beside this one."""
+        before, after = yield Together(self.align, Alignment(client.models["aux"], client.cid,
+                                                             rnd, reply))
         client.log("nmse_before", before)
         client.log("nmse_after", after)
 
@@ -233,34 +250,81 @@ class FSLSage(Algorithm):
                 buf.copy_(saved[name])
         return torch.cat(chunks)
 
-    def estimates(self, aux: nn.Module, smashed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-sample g_hat over the buffer, chunked as the targets are."""
-        chunks = []
-        size = self.params.align_batch_size
-        for h, target in zip(smashed.split(size), y.split(size)):
-            _, g = cross_entropy_grad(aux, h, target)
-            chunks.append(g * len(target))
-        return torch.cat(chunks)
+    def align(self, jobs: list[Alignment]) -> list[tuple[float, float]]:
+        """Train each job's x_a,i on its buffer towards the true gradients; NMSE before
+        and after, per job.
+
+        Jobs handed over together (clients of one cohort) whose buffers have one
+        shape train as one stacked computation (see cohort.py for when a job is
+        stacked); a job's result does not depend on which others share it.
+        """
+        results: list[tuple[float, float]] = [(0.0, 0.0)] * len(jobs)
+        sizes = [job.targets["smashed"].nbytes for job in jobs]
+        shapes = [job.targets["smashed"].shape for job in jobs]
+        for members, vmapped in stacks(sizes, shapes, self.device):
+            aligned = self._align_stack([jobs[i] for i in members], vmapped)
+            for i, result in zip(members, aligned):
+                results[i] = result
+        return results
+
+    def _align_stack(self, jobs: list[Alignment], vmapped: bool) -> list[tuple[float, float]]:
+        stack = Stack([job.aux for job in jobs], vmapped)
+        smashed, y, z = (stack.pad(torch.stack([self.tensor(job.targets[name]) for job in jobs]))
+                         for name in ("smashed", "y", "z"))
+        before = self.nmse(self.estimates(stack, smashed, y), z, len(jobs))
+        optimizer = self.aux_optimizer(stack.parameters)
+
+        def step(h, targets, z_batch):
+            _, g_hat = self.input_gradients(stack, h, targets, create_graph=True)
+            loss = (g_hat - z_batch / h.shape[1]).pow(2).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        n, size = smashed.shape[1], self.params.align_batch_size
+        if stack.vmapped and n <= size:
+            # Each epoch is one batch of the whole buffer, whose order only reorders
+            # the summands of batch sums: a stack skips the shuffle.
+            for _ in range(self.params.align_epochs):
+                step(smashed, y, z)
+        else:
+            orders = [torch.Generator().manual_seed(stream_seed(self.cfg.seed, "align", job.cid,
+                                                                job.rnd)) for job in jobs]
+            copies = torch.arange(len(smashed), device=self.device)[:, None]
+            for _ in range(self.params.align_epochs):
+                shuffled = stack.pad(torch.stack([torch.randperm(n, generator=g) for g in orders])
+                                     ).to(self.device)
+                for batch in shuffled.split(size, dim=1):
+                    step(smashed[copies, batch], y[copies, batch], z[copies, batch])
+        after = self.nmse(self.estimates(stack, smashed, y), z, len(jobs))
+        stack.write_back()
+        return list(zip(before, after))
 
     @staticmethod
-    def nmse(estimate: torch.Tensor, target: torch.Tensor) -> float:
-        return float((estimate - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30))
+    def input_gradients(stack: Stack, h: torch.Tensor, y: torch.Tensor,
+                        create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, g_hat) of each copy on its own batch: g_hat[i] = d/dh_i of the
+        batch-mean cross-entropy of copy i (h, y: copies x batch x ...)."""
+        leaf = h if h.requires_grad else h.detach().requires_grad_()
+        logits = stack(leaf)
+        # Copies share no parameters and see only their own rows, so the gradient of
+        # the sum of their batch means is, for each h_i, that copy's own.
+        loss = split_loss(logits.flatten(0, 1), y.flatten(0, 1), reduction="sum") / h.shape[1]
+        (grad,) = torch.autograd.grad(loss, leaf, create_graph=create_graph)
+        return loss, grad
 
-    def align(self, aux: nn.Module, cid: int, rnd: int, targets: dict) -> tuple[float, float]:
-        """Train x_a,i on the buffer towards the true gradients; NMSE before and after."""
-        smashed, y = self.tensor(targets["smashed"]), self.tensor(targets["y"])
-        z = self.tensor(targets["z"])
-        before = self.nmse(self.estimates(aux, smashed, y), z)
+    def estimates(self, stack: Stack, smashed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample g_hat over each copy's buffer, chunked as the targets are."""
+        chunks = []
+        size = self.params.align_batch_size
+        for h, target in zip(smashed.split(size, dim=1), y.split(size, dim=1)):
+            _, g = self.input_gradients(stack, h, target)
+            chunks.append(g * h.shape[1])
+        return torch.cat(chunks, dim=1)
 
-        optimizer = self.aux_optimizer(aux)
-        order = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "align", cid, rnd))
-        for _ in range(self.params.align_epochs):
-            shuffled = torch.randperm(len(y), generator=order).to(self.device)
-            for batch in shuffled.split(self.params.align_batch_size):
-                b = len(batch)
-                _, g_hat = cross_entropy_grad(aux, smashed[batch], y[batch], create_graph=True)
-                loss = (g_hat - z[batch] / b).pow(2).sum()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        return before, self.nmse(self.estimates(aux, smashed, y), z)
+    @staticmethod
+    def nmse(estimate: torch.Tensor, target: torch.Tensor, copies: int) -> list[float]:
+        """||g_hat - z||^2 / ||z||^2 of each of the first ``copies`` copies (each summed on
+        its own, so a copy's figure does not depend on the others)."""
+        return [float((estimate[i] - target[i]).pow(2).sum()
+                      / target[i].pow(2).sum().clamp_min(1e-30)) for i in range(copies)]

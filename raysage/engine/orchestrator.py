@@ -69,6 +69,66 @@ class SimulationResult:
     global_state: dict[str, State] = field(repr=False, default_factory=dict)
 
 
+class _Submitted:
+    """A segment's two outputs (its uploads, its end-of-round result), as refs: at
+    once, or once the cohort holding the segment is submitted, which reading them
+    forces (whoever reads them is submitted after it, so nothing waits on itself)."""
+
+    def __init__(self, refs=None, submit: Callable[[], None] | None = None):
+        self.refs, self._submit = refs, submit
+
+    def _ready(self):
+        if self.refs is None:
+            self._submit()
+        return self.refs
+
+    @property
+    def sent(self):
+        return self._ready()[0]
+
+    @property
+    def end(self):
+        return self._ready()[1]
+
+
+class _Cohorts:
+    """Segments that resume with a server reply, held per worker and submitted as one
+    ``run_cohort`` call once ``size`` are held, once something reads what one of
+    them produces, or at the end of the round's submission.
+
+    A held segment's inputs (its reply, and its client's earlier segments) were
+    all submitted before it, so a cohort never waits on one of its members.
+    """
+
+    def __init__(self, orchestrator: "Orchestrator", rnd: int, size: int):
+        self.orchestrator, self.rnd, self.size = orchestrator, rnd, size
+        self.held: dict[int, list[tuple[Segment, Any, _Submitted]]] = {}
+
+    def add(self, w: int, segment: Segment, reply) -> _Submitted:
+        submitted = _Submitted(submit=lambda: self.submit(w))
+        members = self.held.setdefault(w, [])
+        members.append((segment, reply, submitted))
+        if len(members) == self.size:
+            self.submit(w)
+        return submitted
+
+    def submit(self, w: int) -> None:
+        members = self.held.pop(w, [])
+        if not members:
+            return
+        o = self.orchestrator
+        inputs = [value for segment, reply, _ in members for value in (None, reply)]
+        refs = o.backend.call(o.workers[w], "run_cohort", self.rnd,
+                              [segment for segment, _, _ in members], *inputs,
+                              num_returns=2 * len(members))
+        for i, (_, _, submitted) in enumerate(members):
+            submitted.refs = (refs[2 * i], refs[2 * i + 1])
+
+    def submit_all(self) -> None:
+        for w in list(self.held):
+            self.submit(w)
+
+
 class Orchestrator:
     def __init__(self, world: World, announce: Callable[[str], None], run_dir: RunFolder):
         self.world = world
@@ -96,6 +156,7 @@ class Orchestrator:
         self.spill = self._spill_root()
         self._create_actors()
         get, call = backend.get, backend.call
+        self.cohort = get(call(self.workers[0], "cohort", cfg.cohort))
         nodes = get([call(w, "node") for w in self.workers])
         placed = ", ".join(f"{nodes.count(n)} on {n}" for n in sorted(set(nodes)))
         server = (f"1 server ({cfg.server_cpus:g} CPU, {cfg.server_gpus:g} GPU)"
@@ -188,17 +249,22 @@ class Orchestrator:
         not a whole round's activations.
         """
         backend = self.backend
-        uploads, replies, ends = {}, {}, {}
+        uploads: dict[tuple[int, int], _Submitted] = {}
+        replies, ends = {}, {}
         # A worker runs several segments at once (on threads) and would start any
         # whose inputs are ready, so every client could be mid-round at once, each
         # holding a working set and its activations. Instead a client's first
         # segment waits until the client opened ``window`` clients earlier on that
         # worker has finished its round, when that was submitted earlier (an added
         # dependency that points back in the causal order cannot deadlock). One more
-        # than the worker's threads keeps a task queued for the next free thread.
-        window = self.cfg.worker_threads + 1 if backend.name == "ray" else 0
+        # than the worker's threads (times a cohort's clients) keeps a task queued for
+        # the next free thread.
+        together = self.world.algorithm.replies_work_together and self.cohort > 1
+        cohort = self.cohort if together else 1
+        window = self.cfg.worker_threads * cohort + 1 if backend.name == "ray" else 0
+        cohorts = _Cohorts(self, rnd, cohort)
         opened: dict[int, list[int]] = {w: [] for w in range(len(self.workers))}
-        finished: dict[int, Any] = {}    # client -> its last segment's (small) output
+        finished: dict[int, _Submitted] = {}    # client -> its last segment
         readers: dict[tuple[int, int], int] = {}
         for action in schedule.actions:
             if not isinstance(action, Segment):
@@ -208,37 +274,44 @@ class Orchestrator:
             if isinstance(action, Segment):
                 w = self.owner[action.cid]
                 reply = replies.pop(action.reply_of) if action.reply_of is not None else None
-                start = None
-                if action.is_first:
-                    start = ends[action.after] if action.after is not None else global_ref
-                turn = None
-                if action.is_first and window:
-                    if len(opened[w]) == window:
-                        turn = finished.pop(opened[w].pop(0), None)
-                    opened[w].append(action.cid)
-                sent, end = backend.call(self.workers[w], "run_segment", rnd, action, start,
-                                         reply, turn, num_returns=2)
+                if together and action.reply_of is not None and not action.is_first:
+                    submitted = cohorts.add(w, action, reply)
+                else:
+                    start = None
+                    if action.is_first:
+                        start = ends[action.after].end if action.after is not None else global_ref
+                    turn = None
+                    if action.is_first and window:
+                        if len(opened[w]) == window:
+                            waited = finished.pop(opened[w].pop(0), None)
+                            turn = waited.sent if waited is not None else None
+                        opened[w].append(action.cid)
+                    submitted = _Submitted(backend.call(self.workers[w], "run_segment", rnd,
+                                                        action, start, reply, turn,
+                                                        num_returns=2))
                 if action.key in readers:
-                    uploads[action.key] = sent
+                    uploads[action.key] = submitted
                 if action.is_last:
-                    ends[action.cid] = end
+                    ends[action.cid] = submitted
                     if window and action.cid in opened[w]:
-                        finished[action.cid] = sent
+                        finished[action.cid] = submitted
             else:
                 n = len(action.uploads)
                 out = backend.call(self.server, "serve", rnd, action.uploads,
-                                   *[uploads[seg] for seg in action.segments], num_returns=n)
+                                   *[uploads[seg].sent for seg in action.segments],
+                                   num_returns=n)
                 for seg in action.segments:
                     readers[seg] -= 1
                     if not readers[seg]:
                         del uploads[seg]
                 for upload, reply in zip(action.uploads, out if n > 1 else [out]):
                     replies[upload] = reply
+        cohorts.submit_all()
         # What is left was served for uploads whose plan has no reply to deliver: it
         # must be nothing. Fetching it also surfaces an error raised while serving them,
         # which no segment would otherwise wait for.
         unplanned_replies(self.world.algorithm.name, replies, backend.get(list(replies.values())))
-        return ends
+        return {cid: submitted.end for cid, submitted in ends.items()}
 
     def run_round(self, rnd: int, global_state: dict[str, State], start: float):
         backend, algo, world = self.backend, self.world.algorithm, self.world

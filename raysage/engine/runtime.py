@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..algorithms.base import Algorithm, ClientState, ServerState, Setup, Step, Upload, Wait
+from ..algorithms.cohort import Together, run_alone
 from ..algorithms.state import (State, as_tensor, load_kept, load_state, release_gradients,
                                 save_kept, state_nbytes, to_state)
 from ..data import client_batch, make_batch
@@ -39,6 +40,11 @@ from ..store import StateStore, digest, from_safetensors, read_verified, to_safe
 from ..streams import seeded, stream_seed, unseeded
 
 MIB = 2**20
+
+
+# A cohort's clients are mid-round at once, each in a working set of its own.
+MAX_COHORT = 16
+COHORT_MEMORY = 256 << 20
 
 
 class NonFiniteLoss(RaysageError):
@@ -159,8 +165,8 @@ class ClientRound:
             return k == self.segment.blocked_at
         if isinstance(out, Wait):
             return True
-        self._fail(f"client_round yielded {type(out).__name__}; yield step.upload(...) "
-                   "or `yield from step.arrivals()`")
+        self._fail(f"client_round yielded {type(out).__name__}; yield step.upload(...), "
+                   "`yield from step.arrivals()` or a Together")
 
     def _check_result(self) -> None:
         if not isinstance(self.result, dict):
@@ -172,7 +178,18 @@ class ClientRound:
 
     # -------------------------------------------------- the engine's side
     def run(self, segment: Segment, reply: Any) -> dict[int, Upload]:
-        """Run one segment; returns the uploads it made, by iteration."""
+        """Run one segment alone; returns the uploads it made, by iteration."""
+        advance = self.advance(segment, reply)
+        result = None
+        try:
+            while True:
+                result = run_alone(advance.send(result))
+        except StopIteration as end:
+            return end.value
+
+    def advance(self, segment: Segment, reply: Any):
+        """Run one segment, yielding each Together request to whoever runs it (and
+        resuming with its result); returns the uploads it made, by iteration."""
         self.segment, self.uploads = segment, {}
         if self.gen is None:                  # a plain function: ran whole already
             self._check_before(self.iterations)
@@ -195,6 +212,9 @@ class ClientRound:
         try:
             while True:
                 out = self.gen.send(value)
+                if isinstance(out, Together):
+                    value = yield out
+                    continue
                 for observer in self.observers:
                     observer.resumed()
                 if self._take(out):
@@ -354,6 +374,18 @@ class ClientRuntime(_Process):
                                     for model in self.free[0].models.values()
                                     for m in model.modules())
 
+    def cohort(self, requested: int) -> int:
+        """Most clients this worker runs as a cohort: ``requested``, or (0) as many
+        working sets as fit COHORT_MEMORY, at most MAX_COHORT; one for models that
+        draw from the process's generator, which are seeded segment by segment."""
+        if self.draws_global_rng:
+            return 1
+        if requested:
+            return requested
+        client = self.free[0]
+        working = state_nbytes([client.models, client.optimizers]) or 1
+        return max(1, min(MAX_COHORT, COHORT_MEMORY // working))
+
     # -------------------------------------------------------- working sets
     def _build(self) -> ClientState:
         client = ClientState(-1, 0)
@@ -397,7 +429,40 @@ class ClientRuntime(_Process):
                 return self._run_segment(rnd, segment, start, reply)
         return self._run_segment(rnd, segment, start, reply)
 
+    def run_cohort(self, rnd: int, segments: list[Segment], *inputs: Any) -> tuple:
+        """Run several clients' segments as a cohort; the work they ask to do together
+        (``Together``) runs as one call per kind, once every client has asked or ended.
+
+        ``inputs`` are each segment's (start, reply) in turn; returns each one's
+        (uploads, end-of-round result) in turn, flat, as the caller's refs expect.
+        """
+        rounds = [self._open(rnd, segment, start)
+                  for segment, start in zip(segments, inputs[0::2])]
+        advances = [r.advance(segment, reply)
+                    for r, segment, reply in zip(rounds, segments, inputs[1::2])]
+        outputs: list[Any] = [None] * len(segments)
+        results: dict[int, Any] = {i: None for i in range(len(segments))}
+        while results:
+            asked: dict[tuple, list[tuple[int, Together]]] = {}
+            for i, result in results.items():
+                try:
+                    request = advances[i].send(result)
+                except StopIteration as end:
+                    outputs[i] = self._close(rnd, segments[i], rounds[i], end.value)
+                    continue
+                asked.setdefault(request.key, []).append((i, request))
+            results = {}
+            for requests in asked.values():
+                answers = requests[0][1].fn([request.job for _, request in requests])
+                results.update((i, answer) for (i, _), answer in zip(requests, answers))
+        return tuple(value for pair in outputs for value in pair)
+
     def _run_segment(self, rnd, segment, start, reply):
+        rounds = self._open(rnd, segment, start)
+        return self._close(rnd, segment, rounds, rounds.run(segment, reply))
+
+    def _open(self, rnd: int, segment: Segment, start) -> ClientRound:
+        """The client's round, begun at its first segment; ready to run ``segment``."""
         algo, cid = self.algo, segment.cid
         indices = self.indices[cid]
         stop = segment.stop if segment.blocked_at is None else segment.blocked_at + 1
@@ -415,9 +480,13 @@ class ClientRuntime(_Process):
             self.active[cid] = ClientRound(algo, client, rnd, segment, batch)
         rounds = self.active[cid]
         rounds.batch_of = batch
-        uploads = rounds.run(segment, reply)
+        return rounds
+
+    def _close(self, rnd: int, segment: Segment, rounds: ClientRound,
+               uploads: dict[int, Upload]) -> tuple[dict[int, Upload], ClientResult | None]:
         if not segment.is_last:
             return uploads, None
+        cid = segment.cid
         client = rounds.client
         client.round = None
         _check_finite(client.metrics, rnd, f"client {cid}")
