@@ -151,7 +151,8 @@ def test_cohorts_form_and_change_nothing_on_any_layout(tmp_path, ray_session, mo
     alone, state = simulate_rows(tmp_path, "alone", backend="serial", cohort=1)
     assert sizes == []
     grouped, grouped_state = simulate_rows(tmp_path, "grouped", backend="serial")
-    assert max(sizes) > 1               # 6 clients align each round, in cohorts
+    # 6 clients align each round; cohorts of 3 keep both of the worker's threads busy
+    assert max(sizes) == 3
     assert grouped == alone
     for part, arrays in state.items():
         for key, value in arrays.items():
@@ -162,6 +163,23 @@ def test_cohorts_form_and_change_nothing_on_any_layout(tmp_path, ray_session, mo
                          ("two", dict(workers=2, cpus_per_worker=1))):
         on_ray, _ = simulate_rows(tmp_path, name, backend="ray", **layout)
         assert on_ray == alone, name
+
+
+def test_the_default_cohort_counts_what_a_parked_client_holds():
+    from raysage.engine.runtime import COHORT_MEMORY, ClientRuntime, MAX_COHORT
+
+    runtime = ClientRuntime(make("cnn", batch_size=20).setup, {}, {})
+    # x_c keeps, per sample: its input, the first ReLU's output (read by the second
+    # conv too, held once), the pool's channels-last input and int64 indices, and
+    # the last ReLU's output
+    per_sample = 4 * (3 * 32 * 32 + 16 * 16 * 16 + 32 * 16 * 16 + 32 * 8 * 8) + 8 * 32 * 8 * 8
+    assert runtime._activation_bytes() == 20 * per_sample
+    assert runtime.cohort(0) == MAX_COHORT
+    assert runtime.cohort(5) == 5
+    # simple_conv at the reference batch of 128 keeps 134 MiB per parked client
+    wide = ClientRuntime(make("simple_conv", batch_size=128).setup, {}, {})
+    assert wide._activation_bytes() > COHORT_MEMORY // 2
+    assert wide.cohort(0) == 1
 
 
 def test_the_accuracy_curve_of_stacked_alignment_matches_one_at_a_time(tmp_path, monkeypatch):

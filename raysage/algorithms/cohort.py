@@ -49,12 +49,14 @@ def run_alone(request: Together) -> Any:
 
 
 # How jobs are stacked. On a CPU a stack pays while its inputs stay in the
-# caches (benchmarks/bench_cohort.py: FSL-SAGE's alignment of a cnn x_a on 20
-# samples runs 2.5x faster per client in stacks of 16; on 128 samples of
-# simple_conv's 4,096 features, 2 MiB a job, a stack of 2 is already slower
-# than one at a time). A job larger than STACK_JOB_BYTES therefore runs alone and
-# unstacked, on any company, and a stack holds at most STACK_BYTES of inputs.
-# On a GPU every job is stacked, in stacks of any size.
+# caches (benchmarks/bench_cohort.py, one torch thread, per client against one
+# at a time: a cnn x_a on 20 samples, 160 KiB of h, 1.84x in stacks of 16; on
+# 100 samples, 800 KiB, 1.49x in stacks of 8 but 1.02x in stacks of 16;
+# simple_conv's x_a on 128 samples, 2 MiB, 1.33x in pairs and 0.92x in eights,
+# and a lone job stacked beside its duplicate costs 1.5x). A job larger than
+# STACK_JOB_BYTES therefore runs alone and unstacked, on any company, and a
+# stack holds at most STACK_BYTES of inputs. On a GPU every job is stacked, in
+# stacks of any size.
 STACK_JOB_BYTES = 1 << 20
 STACK_BYTES = 4 << 20
 # The smallest vmapped stack: vmap over a single copy may pick other kernels (a

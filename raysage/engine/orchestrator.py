@@ -93,22 +93,22 @@ class _Submitted:
 
 class _Cohorts:
     """Segments that resume with a server reply, held per worker and submitted as one
-    ``run_cohort`` call once ``size`` are held, once something reads what one of
+    ``run_cohort`` call once its size are held, once something reads what one of
     them produces, or at the end of the round's submission.
 
     A held segment's inputs (its reply, and its client's earlier segments) were
     all submitted before it, so a cohort never waits on one of its members.
     """
 
-    def __init__(self, orchestrator: "Orchestrator", rnd: int, size: int):
-        self.orchestrator, self.rnd, self.size = orchestrator, rnd, size
+    def __init__(self, orchestrator: "Orchestrator", rnd: int, sizes: dict[int, int]):
+        self.orchestrator, self.rnd, self.sizes = orchestrator, rnd, sizes
         self.held: dict[int, list[tuple[Segment, Any, _Submitted]]] = {}
 
     def add(self, w: int, segment: Segment, reply) -> _Submitted:
         submitted = _Submitted(submit=lambda: self.submit(w))
         members = self.held.setdefault(w, [])
         members.append((segment, reply, submitted))
-        if len(members) == self.size:
+        if len(members) == self.sizes[w]:
             self.submit(w)
         return submitted
 
@@ -259,10 +259,11 @@ class Orchestrator:
         # dependency that points back in the causal order cannot deadlock). One more
         # than the worker's threads (times a cohort's clients) keeps a task queued for
         # the next free thread.
-        together = self.world.algorithm.replies_work_together and self.cohort > 1
-        cohort = self.cohort if together else 1
-        window = self.cfg.worker_threads * cohort + 1 if backend.name == "ray" else 0
-        cohorts = _Cohorts(self, rnd, cohort)
+        threads = self.cfg.worker_threads
+        sizes = self._cohort_sizes(schedule, threads)
+        together = max(sizes.values(), default=1) > 1
+        window = threads * max(sizes.values(), default=1) + 1 if backend.name == "ray" else 0
+        cohorts = _Cohorts(self, rnd, sizes)
         opened: dict[int, list[int]] = {w: [] for w in range(len(self.workers))}
         finished: dict[int, _Submitted] = {}    # client -> its last segment
         readers: dict[tuple[int, int], int] = {}
@@ -312,6 +313,18 @@ class Orchestrator:
         # which no segment would otherwise wait for.
         unplanned_replies(self.world.algorithm.name, replies, backend.get(list(replies.values())))
         return {cid: submitted.end for cid, submitted in ends.items()}
+
+    def _cohort_sizes(self, schedule: RoundSchedule, threads: int) -> dict[int, int]:
+        """Each worker's cohort size this round: at most ``self.cohort``, and small
+        enough that the segments it runs together fill all its threads."""
+        if not self.world.algorithm.replies_work_together or self.cohort <= 1:
+            return {w: 1 for w in range(len(self.workers))}
+        resumed = [0] * len(self.workers)
+        for action in schedule.actions:
+            if isinstance(action, Segment) and action.reply_of is not None:
+                resumed[self.owner[action.cid]] += 1
+        return {w: max(1, min(self.cohort, math.ceil(n / threads)))
+                for w, n in enumerate(resumed)}
 
     def run_round(self, rnd: int, global_state: dict[str, State], start: float):
         backend, algo, world = self.backend, self.world.algorithm, self.world

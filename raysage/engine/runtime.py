@@ -376,15 +376,36 @@ class ClientRuntime(_Process):
 
     def cohort(self, requested: int) -> int:
         """Most clients this worker runs as a cohort: ``requested``, or (0) as many
-        working sets as fit COHORT_MEMORY, at most MAX_COHORT; one for models that
-        draw from the process's generator, which are seeded segment by segment."""
+        clients parked mid-round as fit COHORT_MEMORY, at most MAX_COHORT; one for
+        models that draw from the process's generator, which are seeded segment by
+        segment."""
         if self.draws_global_rng:
             return 1
         if requested:
             return requested
         client = self.free[0]
-        working = state_nbytes([client.models, client.optimizers]) or 1
-        return max(1, min(MAX_COHORT, COHORT_MEMORY // working))
+        parked = state_nbytes([client.models, client.optimizers]) + self._activation_bytes()
+        return max(1, min(MAX_COHORT, COHORT_MEMORY // max(parked, 1)))
+
+    def _activation_bytes(self) -> int:
+        """What x_c keeps for backward on one batch beyond its own weights: a client
+        waiting for a reply between its forward and backward pass holds that much.
+        Counted by storage, as a tensor saved by two operations is held once."""
+        with unseeded():
+            x_c = self.algo.place(self.algo.arch.make_client())
+        weights = {p.untyped_storage().data_ptr() for p in x_c.parameters()}
+        held: dict[int, int] = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                held[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        x, _ = self.algo.arch.example_batch(self.cfg.batch_size)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            x_c(x.to(self.algo.device))
+        return sum(held.values())
 
     # -------------------------------------------------------- working sets
     def _build(self) -> ClientState:
