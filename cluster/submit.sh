@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Submit a raysage simulation to a Ray cluster as a job; arguments go to
-# `raysage simulate`. It follows the job's log until the job ends (Ctrl-C
-# stops following, not the job) and exits non-zero if the job failed.
+# Submit a raysage simulation (or sweep) to a Ray cluster as a job; arguments
+# go to `raysage simulate`, or to `raysage sweep` after a first word `sweep`.
+# It follows the job's log until the job ends (Ctrl-C stops following, not
+# the job) and exits non-zero if the job failed.
 #   cluster/submit.sh --clients 200 --out /shared/runs/a
+#   cluster/submit.sh sweep --grid seed=1,2,3 --out /shared/runs/seeds
 # The job API address comes from RAY_API_SERVER_ADDRESS (what `eval
 # "$(cluster/local-head.sh start)"` or `ray dashboard` sets up), else from an
 # http(s) RAY_ADDRESS, else http://127.0.0.1:8265.
@@ -31,5 +33,11 @@ if [[ -n "${RAYSAGE_RUNTIME_ENV_JSON:-}" ]]; then
   runtime_env=(--runtime-env-json "$RAYSAGE_RUNTIME_ENV_JSON")
 fi
 
+command=simulate
+if [[ "${1:-}" == sweep ]]; then
+  command=sweep
+  shift
+fi
+
 exec ray job submit --address "$address" --working-dir . ${runtime_env[@]+"${runtime_env[@]}"} \
-  -- python -m raysage.cli simulate "$@"
+  -- python -m raysage.cli "$command" "$@"

@@ -23,6 +23,25 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Simulate federated split learning (FSL-SAGE and baselines) on Ray.")
 
 
+def _version(shown_now: bool) -> None:
+    if shown_now:
+        import ray
+        import torch
+
+        from . import __version__
+
+        typer.echo(f"raysage {__version__} (ray {ray.__version__}, torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", is_eager=True,
+                                          callback=_version,
+                                          help="print raysage's version (and Ray's and "
+                                               "torch's) and exit")) -> None:
+    """Simulate federated split learning (FSL-SAGE and baselines) on Ray."""
+
+
 def _help(field, owners: str = "") -> str:
     text = (field.description or "").strip()
     if owners:
@@ -255,7 +274,8 @@ def plan_command(ctx: typer.Context, config: Optional[Path] = CONFIG_OPTION) -> 
 GRID_OPTION = typer.Option(None, "--grid", help="FIELD=V1,V2,... to vary (repeatable)")
 PARALLEL_OPTION = typer.Option(None, "--parallel", min=1,
                                help="most points at once (default: as many as the Ray cluster "
-                                    "has room for)")
+                                    "has room for, each point's trial reserving its server and "
+                                    "workers)")
 LIST_OPTION = typer.Option(False, "--list", help="list the points and their state; run nothing")
 
 
@@ -313,11 +333,14 @@ def _run_sweep(spec: Optional[Path], grid: Optional[list[str]], parallel: Option
         _fail("interrupted; run the same command again to skip the finished points and "
               "resume the others")
     failed = [o for o in outcomes if o.status == "failed"]
-    done = len(outcomes) - len(failed)
+    stopped = [o for o in outcomes if o.status == "interrupted"]
+    done = len(outcomes) - len(failed) - len(stopped)
     typer.echo(f"sweep {sweep.root}: {done}/{len(outcomes)} points finished"
-               + (f"; {len(failed)} failed (re-run the same command to retry them)"
-                  if failed else "") + f". Report: raysage report {sweep.root}")
-    if failed:
+               + (f"; {len(failed)} failed" if failed else "")
+               + (f"; {len(stopped)} interrupted" if stopped else "")
+               + ("; re-run the same command to continue" if failed or stopped else "")
+               + f". Report: raysage report {sweep.root}")
+    if failed or stopped:
         raise typer.Exit(1)
 
 
@@ -325,7 +348,8 @@ def _run_sweep(spec: Optional[Path], grid: Optional[list[str]], parallel: Option
 def sweep_command(ctx: typer.Context, grid: Optional[list[str]] = GRID_OPTION,
                   parallel: Optional[int] = PARALLEL_OPTION,
                   list_only: bool = LIST_OPTION) -> None:
-    """Run a grid of simulations, one run folder per point; finished points are skipped.
+    """Run a grid of simulations, one Ray Tune trial and one run folder per point;
+    finished points are skipped, interrupted ones continue.
 
     SPEC (optional, first plain argument): YAML of config fields plus 'grid' (field ->
     values, or a list of such grids) and 'parallel'.

@@ -151,3 +151,16 @@ def test_an_empty_test_split_is_refused_before_anything_is_written(tmp_path):
         f"error: dataset cifar10 in {data} has an empty test split (0 samples); give data "
         "with at least one test sample"]
     assert time.monotonic() - start < 10 and not out.exists()
+
+
+def test_version_names_the_installed_package_and_its_engines():
+    from importlib.metadata import version
+
+    import ray
+    import torch
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    # __version__ and the package metadata (pyproject.toml) must agree
+    assert result.output.strip() == (f"raysage {version('raysage')} (ray {ray.__version__}, "
+                                     f"torch {torch.__version__})")

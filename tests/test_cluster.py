@@ -318,6 +318,12 @@ def test_the_readme_local_cluster_flow_works_as_written_and_safe(tmp_path):
     block = block.replace(size, "--clients 3 --rounds 2 --samples-per-client 20 "
                                 f"--test-samples 50 --align-epochs 2 --out {out}")
     block = block.replace("/tmp/runs/a", str(out))
+    sweep_size = "--clients 20 --rounds 2 \\\n"
+    assert sweep_size in block and "ls /tmp/runs/s" in block
+    grid = tmp_path / "job-sweep"
+    block = block.replace(sweep_size, "--clients 3 --rounds 2 --samples-per-client 20 "
+                                      "--test-samples 50 --align-epochs 2 \\\n")
+    block = block.replace("/tmp/runs/s", str(grid))
     lines = block.strip().splitlines()
     stop = next(i for i, line in enumerate(lines) if line.startswith("cluster/local-head.sh stop"))
     head_dir = Path(tempfile.mkdtemp(prefix="rsg", dir="/tmp"))  # short: Ray's socket paths
@@ -342,6 +348,9 @@ def test_the_readme_local_cluster_flow_works_as_written_and_safe(tmp_path):
         assert "workers placed: 1 on" in ran.stdout and "raysubmit_" in ran.stdout
         assert pq.read_table(out / "rounds.parquet").num_rows == 2
         assert "rounds.parquet" in ran.stdout and (out / "summary.json").exists()
+        # the sweep, as one job on the token-authenticated head: every point finished
+        assert "4/4 points finished" in ran.stdout, ran.stdout[-3000:]
+        assert len(list(grid.glob("seed=*__client_lr=*/summary.json"))) == 4
 
         assert (home / ".ray" / "auth_token").exists()
         processes = [head] + [p.pid for p in psutil.Process(head).children(recursive=True)]

@@ -71,27 +71,31 @@ def _tables(folder) -> str:
     return json.dumps([rounds, clients], sort_keys=True)
 
 
-def test_rerun_skips_finished_points(tmp_path):
+def _started(events: list) -> list[str]:
+    return [name for kind, name in events if kind == "start"]
+
+
+def test_rerun_skips_finished_points(tmp_path, ray_session):
     sweep = build_sweep(TINY, [{"algorithm": ["fsl_sage", "fedavg"]}], str(tmp_path))
-    calls = []
-
-    def counting(cfg, **kwargs):
-        calls.append(cfg.algorithm)
-        return simulate(cfg, **kwargs)
-
-    first = run_sweep(sweep, run_point=counting)
-    assert [o.status for o in first] == ["finished", "finished"] and calls == ["fsl_sage",
-                                                                               "fedavg"]
-    stamps = {p: os.stat(p).st_mtime_ns for p in tmp_path.rglob("*.parquet")}
     events = []
+
+    def record(kind, point, info):
+        events.append((kind, point.name))
+
+    first = run_sweep(sweep, on_event=record)
+    assert [o.status for o in first] == ["finished", "finished"]
+    assert sorted(_started(events)) == ["algorithm=fedavg", "algorithm=fsl_sage"]
+    assert first[0].summary["rounds"] == 3
+    stamps = {p: os.stat(p).st_mtime_ns for p in tmp_path.rglob("*.parquet")}
+    events.clear()
     again = run_sweep(build_sweep(TINY, [{"algorithm": ["fsl_sage", "fedavg", "sl"]}],
-                                  str(tmp_path)),
-                      run_point=counting, on_event=lambda kind, p, info: events.append(
-                          (kind, p.name)))
+                                  str(tmp_path)), on_event=record)
     assert [o.status for o in again] == ["skipped", "skipped", "finished"]
-    assert calls == ["fsl_sage", "fedavg", "sl"]
-    assert ("skip", "algorithm=fsl_sage") in events and ("start", "algorithm=sl") in events
+    assert _started(events) == ["algorithm=sl"]
+    assert ("skip", "algorithm=fsl_sage") in events and ("round", "algorithm=sl") in events
     assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items())
+    # Tune's record of the sweep sits beside the points, as one experiment
+    assert (tmp_path / ".tune" / "sweep" / "algorithm=sl" / "progress.csv").exists()
 
 
 class Interrupt(Exception):
@@ -99,6 +103,13 @@ class Interrupt(Exception):
 
 
 def _interrupting(after_round: int):
+    """A run_point that stops after a round; it travels to the trial's process by value."""
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
     def run(cfg, on_round=None, **kwargs):
         def stop(row):
             on_round(row)
@@ -108,7 +119,7 @@ def _interrupting(after_round: int):
     return run
 
 
-def test_interrupted_point_resumes_from_its_checkpoint(tmp_path):
+def test_interrupted_point_resumes_from_its_checkpoint(tmp_path, ray_session):
     reference = simulate(build_config(TINY, {"out": str(tmp_path / "reference")}),
                          announce=lambda line: None)
     sweep = build_sweep(TINY, [{"algorithm": ["fsl_sage"]}], str(tmp_path / "sweep"))
@@ -117,18 +128,15 @@ def test_interrupted_point_resumes_from_its_checkpoint(tmp_path):
     assert failed[0].status == "failed" and "stopped by the test" in failed[0].error
     # Round 1 was written but its checkpoint was not: the point continues after round 0.
     assert point_status(point) == "resume"
-    resumed = []
-
-    def tracking(cfg, resume=None, **kwargs):
-        resumed.append(resume)
-        return simulate(cfg, resume=resume, **kwargs)
-
-    assert run_sweep(sweep, run_point=tracking)[0].status == "finished"
-    assert resumed == [point.config.out]
+    events = []
+    outcome = run_sweep(sweep, on_event=lambda kind, p, info: events.append((kind, info)))[0]
+    assert outcome.status == "finished"
+    assert ("start", {"status": "resume"}) in events
+    assert [info["round"] for kind, info in events if kind == "round"] == [1, 2]
     assert _tables(point.config.out) == _tables(reference.run_dir)
 
 
-def test_point_interrupted_before_a_checkpoint_starts_over(tmp_path):
+def test_point_interrupted_before_a_checkpoint_starts_over(tmp_path, ray_session):
     fields = TINY | {"checkpoint_every": 0}
     sweep = build_sweep(fields, [{"seed": [3]}], str(tmp_path))
     point = sweep.points[0]
@@ -144,7 +152,7 @@ def test_point_interrupted_before_a_checkpoint_starts_over(tmp_path):
     assert outcome.status == "failed" and "notes.txt" in outcome.error
 
 
-def test_a_folder_from_another_config_is_an_error(tmp_path):
+def test_a_folder_from_another_config_is_an_error(tmp_path, ray_session):
     run_sweep(build_sweep(TINY, [{"seed": [1]}], str(tmp_path)))
     changed = build_sweep(TINY | {"client_lr": 0.05}, [{"seed": [1]}], str(tmp_path))
     with pytest.raises(ConfigError, match="client_lr = 0.001.*client_lr = 0.05"):
@@ -191,3 +199,47 @@ def test_cli_lists_points_and_reports_bad_grids(tmp_path):
     assert result.exit_code == 2
     assert "algorithm" in result.output and "nope" in result.output
     assert not out.exists()
+
+
+def test_a_sweep_whose_driver_is_killed_completes_on_a_rerun(tmp_path):
+    """kill -9 of `raysage sweep` mid-way (and of the Ray it started); the same command
+    again runs only what is missing, and leaves finished points untouched."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "grid"
+    command = [sys.executable, "-m", "raysage.cli", "sweep", "--grid", "seed=1,2",
+               "--grid", "client_lr=0.01,0.05", "--out", str(out), "--parallel", "1",
+               *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()], "--rounds", "4"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}      # a loopback-only Ray of its own
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    tree = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(out.glob("*/summary.json")):
+            assert driver.poll() is None, "the sweep ended before the test could stop it"
+            tree = [driver.pid] + [p.pid for p in psutil.Process(driver.pid).children(True)]
+            time.sleep(0.2)
+        finished = {p.parent.name for p in out.glob("*/summary.json")}
+        assert finished and len(finished) < 4
+    finally:
+        for pid in tree:      # the driver and what it started, by process id
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        driver.wait(timeout=60)
+    stamps = {p: os.stat(p).st_mtime_ns for name in finished
+              for p in (out / name).glob("*.parquet")}
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "4/4 points finished" in again.stdout
+    for name in finished:
+        assert f"skip   {name} (finished)" in again.stderr
+    assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items())
+    assert len(list(out.glob("*/summary.json"))) == 4

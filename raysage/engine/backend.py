@@ -46,7 +46,7 @@ class SerialBackend:
 
         return psutil.virtual_memory().available
 
-    def create(self, cls, *args, server: bool = False):
+    def create(self, cls, *args, server: bool = False, slot: int = 0):
         return cls(*args)
 
     def put(self, value):
@@ -104,6 +104,10 @@ class RayBackend:
                              log_to_driver=True, _node_ip_address="127.0.0.1",
                              dashboard_host="127.0.0.1")
             self.started_here = True
+        # A run started inside a placement group (a sweep's trial) places its actors
+        # in that group's bundles: the server in the first (beside the trial's own
+        # process), one client worker in each of the others (see ``trial_bundles``).
+        self.group = ray.util.get_current_placement_group()
         resources = ray.cluster_resources()
         self.cpus = float(resources.get("CPU", 0))
         self.gpus = float(resources.get("GPU", 0))
@@ -119,15 +123,15 @@ class RayBackend:
 
     def worker_count(self, num_clients: int) -> int:
         cfg = self.cfg
-        fit = placeable_workers(self.node_resources, cfg, self.describe())
-        count = cfg.workers or fit
-        if count > fit:
-            raise RaysageError(
-                f"--workers {count} of {cfg.cpus_per_worker:g} CPU, {cfg.gpus_per_worker:g} GPU "
-                f"each beside a server of {cfg.server_cpus:g} CPU, {cfg.server_gpus:g} GPU do "
-                f"not fit on the {self.describe()} (at most {fit} such workers); lower "
-                "--workers, --cpus-per-worker or --gpus-per-worker")
-        count = max(1, min(count, num_clients))
+        if self.group is not None:
+            slots = len(self.group.bundle_specs) - self._head_bundles
+            if cfg.workers > slots:
+                raise RaysageError(f"--workers {cfg.workers} do not fit the {slots} worker "
+                                   "bundles of the placement group this run started in")
+            return max(1, min(cfg.workers or slots, num_clients))
+        # The workers a trial of this run would reserve: the same count either way.
+        count = min(len(trial_bundles(cfg, self.node_resources, self.describe()))
+                    - 1 - self._head_bundles, num_clients)
         self.wait_for_room(count)
         return count
 
@@ -178,18 +182,30 @@ class RayBackend:
         resources = self.ray.available_resources()
         return float(resources.get("memory", 0) + resources.get("object_store_memory", 0))
 
-    def create(self, cls, *args, server: bool = False):
+    @property
+    def _head_bundles(self) -> int:
+        """Bundles of a trial's placement group before its workers': the server's, when
+        it reserves anything (Tune leaves out the trial's own, which is empty)."""
+        return int(_server_reserves(self.cfg))
+
+    def create(self, cls, *args, server: bool = False, slot: int = 0):
+        """The server, or client worker number ``slot``, as an actor."""
         cfg = self.cfg
         if server:
-            actor = self.ray.remote(cls).options(num_cpus=cfg.server_cpus,
-                                                 num_gpus=cfg.server_gpus)
+            options = dict(num_cpus=cfg.server_cpus, num_gpus=cfg.server_gpus)
         else:
-            # Workers spread over the cluster's nodes rather than packing the first.
-            actor = self.ray.remote(cls).options(num_cpus=cfg.cpus_per_worker,
-                                                 num_gpus=cfg.gpus_per_worker,
-                                                 max_concurrency=cfg.worker_threads,
-                                                 scheduling_strategy="SPREAD")
-        return actor.remote(*args)
+            options = dict(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
+                           max_concurrency=cfg.worker_threads,
+                           # Workers spread over the cluster's nodes rather than packing
+                           # the first.
+                           scheduling_strategy="SPREAD")
+        if self.group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.group, placement_group_bundle_index=0 if server else
+                self._head_bundles + slot)
+        return self.ray.remote(cls).options(**options).remote(*args)
 
     def put(self, value):
         return self.ray.put(value)
@@ -308,6 +324,31 @@ def placeable_workers(nodes: list[tuple[float, float]], cfg: Config, cluster: st
             f"the {cluster} ({biggest}); lower --server-cpus or --cpus-per-worker (or their "
             "GPU counterparts)")
     return fit
+
+
+def trial_bundles(cfg: Config, nodes: list[tuple[float, float]], cluster: str
+                  ) -> list[dict[str, float]]:
+    """The placement group a sweep's trial reserves for a run of ``cfg``: the bundle of
+    the trial's own process (which drives a Ray run, free, and trains a serial run's
+    clients itself), the server's unless it reserves nothing, then one per client
+    worker, as many as ``simulate`` would start on these nodes. A reservation that can
+    never be met is a one-line error."""
+    if cfg.backend != "ray":
+        return [{"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker}]
+    fit = placeable_workers(nodes, cfg, cluster)
+    if cfg.workers > fit:
+        raise RaysageError(
+            f"--workers {cfg.workers} of {cfg.cpus_per_worker:g} CPU, {cfg.gpus_per_worker:g} "
+            f"GPU each beside a server of {cfg.server_cpus:g} CPU, {cfg.server_gpus:g} GPU do "
+            f"not fit on the {cluster} (at most {fit} such workers); lower --workers, "
+            "--cpus-per-worker or --gpus-per-worker")
+    workers = max(1, min(cfg.workers or fit, cfg.clients))
+    server = [{"CPU": cfg.server_cpus, "GPU": cfg.server_gpus}] if _server_reserves(cfg) else []
+    return [{}] + server + [{"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker}] * workers
+
+
+def _server_reserves(cfg: Config) -> bool:
+    return cfg.server_cpus > 0 or cfg.server_gpus > 0
 
 
 def _host_port(address: str) -> tuple[str, int]:

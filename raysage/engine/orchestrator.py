@@ -182,7 +182,7 @@ class Orchestrator:
             shard = {cid: world.client_indices[cid]
                      for cid in range(self.cfg.clients) if self.owner[cid] == w}
             self.workers.append(backend.create(ClientRuntime, world.setup, self.train, shard,
-                                               str(self.spill / f"worker-{w}")))
+                                               str(self.spill / f"worker-{w}"), slot=w))
         # Actor processes start (import torch) asynchronously; waiting here
         # counts that as start-up, not as round time.
         backend.get([backend.call(actor, "memory") for actor in self.actors])

@@ -8,20 +8,24 @@ folder is ``<root>/<field>=<value>__...`` and the folder is the point's
 whole state: a re-run skips a finished point (``summary.json`` present),
 continues an interrupted one from its checkpoint, and starts the rest.
 
-On Ray, points run side by side when the cluster has room for more than
-one point's reservations; they share one Ray instance.
+Points run as Ray Tune trials, one per point, each reserving its run's
+server and workers as one placement group: trials pack on a laptop and spread
+over a cluster, and Tune's folder (``<root>/.tune``) holds its logs of every
+trial. What a point has done lives in its own folder, not in Tune's state,
+so a sweep stopped in any way is continued by running it again.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-import queue
+import json
+import os
 import re
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from ray.tune import Callback
 
 from ..algorithms import algorithm_class
 from ..config import (EXECUTION_FIELDS, FIELDS, Config, build_config, parameter_fields,
@@ -216,24 +220,14 @@ def clear_point(point: SweepPoint) -> None:
     folder.delete_all()
 
 
-# --- running ------------------------------------------------------------------------------
+# --- running: one Ray Tune trial per point ---------------------------------------------
 
 @dataclass
 class PointOutcome:
     point: SweepPoint
-    status: str                       # 'skipped', 'finished' or 'failed'
+    status: str               # 'skipped', 'finished', 'failed' or 'interrupted'
     summary: dict[str, Any] = field(default_factory=dict)
     error: str = ""
-
-
-def point_reservation(cfg: Config, cluster_cpus: float) -> tuple[float, float]:
-    """CPUs and GPUs one point's actors reserve (auto workers take the whole cluster)."""
-    if cfg.backend != "ray":
-        return cluster_cpus, 0.0
-    if not cfg.workers:
-        return cluster_cpus, math.inf
-    return (cfg.workers * cfg.cpus_per_worker + cfg.server_cpus,
-            cfg.workers * cfg.gpus_per_worker + cfg.server_gpus)
 
 
 def run_sweep(sweep: Sweep, *,
@@ -242,15 +236,12 @@ def run_sweep(sweep: Sweep, *,
               run_point: Callable[..., Any] | None = None) -> list[PointOutcome]:
     """Run every point not yet finished; returns one outcome per point, in sweep order.
 
-    ``on_event(kind, point, info)`` is called with kind 'skip', 'start',
-    'round' (info: the round row), 'finish' (info: summary) or 'fail'
-    (info: {'error': line}).
+    ``on_event(kind, point, info)`` is called on this process with kind 'skip',
+    'start', 'round' (info: the round row), 'finish' (info: summary) or 'fail'
+    (info: {'error': line}). ``run_point`` replaces ``simulate`` in the trials
+    (tests); it travels to them, so it must pickle.
     """
-    from ..engine.orchestrator import simulate
-
     on_event = on_event or (lambda kind, point, info: None)
-    announce = announce or (lambda line: None)
-    run_point = run_point or simulate
     statuses = {p.name: point_status(p) for p in sweep.points}  # before anything starts
     outcomes: dict[str, PointOutcome] = {}
     todo = []
@@ -260,65 +251,155 @@ def run_sweep(sweep: Sweep, *,
             on_event("skip", point, {})
         else:
             todo.append(point)
-
-    capacity, started_ray = _connect(todo)
-    events: queue.Queue = queue.Queue()
-
-    def work(point: SweepPoint) -> None:
-        try:
-            status = statuses[point.name]
-            if status == "restart":
-                clear_point(point)
-            result = run_point(
-                point.config, resume=point.config.out if status == "resume" else None,
-                on_round=lambda row: on_event("round", point, row),
-                announce=lambda line: announce(f"[{point.name}] {line}"))
-            events.put(PointOutcome(point, "finished", result.summary))
-        except RaysageError as exc:
-            events.put(PointOutcome(point, "failed", error=str(exc)))
-        except BaseException as exc:  # a point's failure must not take the others down
-            events.put(PointOutcome(point, "failed", error=f"{type(exc).__name__}: {exc}"))
-
-    running: dict[str, tuple[float, float]] = {}
-    limit = sweep.parallel or len(todo) or 1
-    try:
-        while todo or running:
-            while todo and len(running) < limit:
-                need = point_reservation(todo[0].config, capacity[0])
-                used = tuple(sum(r[i] for r in running.values()) for i in (0, 1))
-                fits = all(used[i] + need[i] <= capacity[i] + 1e-9 for i in (0, 1))
-                if running and not fits:
-                    break
-                point = todo.pop(0)
-                running[point.name] = need
-                on_event("start", point, {"status": statuses[point.name]})
-                threading.Thread(target=work, args=(point,), daemon=True,
-                                 name=f"sweep-{point.name}").start()
-            outcome = events.get()
-            running.pop(outcome.point.name)
-            outcomes[outcome.point.name] = outcome
-            if outcome.status == "finished":
-                on_event("finish", outcome.point, outcome.summary)
-            else:
-                on_event("fail", outcome.point, {"error": outcome.error})
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-    return [outcomes[p.name] for p in sweep.points]
+    if todo:
+        outcomes.update(_run_trials(sweep, todo, statuses, on_event, run_point))
+    return [outcomes.get(p.name) or PointOutcome(p, "interrupted") for p in sweep.points]
 
 
-def _connect(todo: list[SweepPoint]) -> tuple[tuple[float, float], bool]:
-    """Join (or start) one Ray instance for all Ray points; returns its (CPUs, GPUs)
-    and whether this sweep started it (and so must end it)."""
-    ray_points = [p for p in todo if p.config.backend == "ray"]
-    if not ray_points:
-        return (1.0, 0.0), False
+def _run_trials(sweep: Sweep, todo: list[SweepPoint], statuses: dict[str, str],
+                on_event, run_point) -> dict[str, PointOutcome]:
     import ray
+    from ray import tune
 
-    from ..engine.backend import RayBackend
+    from ..engine.backend import RayBackend, trial_bundles
 
     was_running = ray.is_initialized()
-    backend = RayBackend(ray_points[0].config)
-    return (backend.cpus, backend.gpus), not was_running and backend.started_here
+    backend = RayBackend(todo[0].config.replace(backend="ray"))
+    try:
+        cluster = backend.describe()
+        bundles = {}
+        for point in todo:
+            try:
+                bundles[point.name] = trial_bundles(point.config, backend.node_resources,
+                                                    cluster)
+            except RaysageError as exc:
+                raise RaysageError(f"point {point.name}: {exc}") from None
+        points = {p.name: (p, statuses[p.name]) for p in todo}
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, points=points, run_point=run_point,
+                                 cwd=os.getcwd()),
+            # Soft SPREAD: a run's workers on as many nodes as have room, as simulate
+            # places them.
+            lambda config: tune.PlacementGroupFactory(bundles[config["point"]],
+                                                      strategy="SPREAD"))
+        events = _Events(points, on_event)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"point": tune.grid_search([p.name for p in todo])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=sweep.parallel or 0,
+                                        trial_name_creator=_point_of,
+                                        trial_dirname_creator=_point_of),
+            run_config=tune.RunConfig(name="sweep", storage_path=tune_folder(sweep.root),
+                                      callbacks=[events], verbose=0))
+        # Tune's newer console output prints its experiment's header whatever the
+        # verbosity; the sweep's own lines say what happens.
+        quiet = os.environ.get(NEW_OUTPUT)
+        os.environ[NEW_OUTPUT] = "0"
+        try:
+            tuner.fit()
+        finally:
+            if quiet is None:
+                os.environ.pop(NEW_OUTPUT, None)
+            else:
+                os.environ[NEW_OUTPUT] = quiet
+        return events.outcomes
+    finally:
+        if not was_running and backend.started_here:
+            ray.shutdown()
+
+
+def tune_folder(root: str) -> str:
+    """Where Tune keeps a sweep's experiment: beside its points, under a name no point
+    folder can have."""
+    folder = root.rstrip("/") + "/.tune"
+    return folder if "://" in folder else os.path.abspath(folder)
+
+
+def _point_of(trial) -> str:
+    return trial.config["point"]
+
+
+def _trial(config: dict[str, Any], points: dict[str, tuple[SweepPoint, str]],
+           run_point: Callable[..., Any] | None, cwd: str) -> None:
+    """One point, in its trial's process: run (or resume) it, reporting every round."""
+    from ray import tune
+
+    from ..engine.orchestrator import simulate
+
+    # Tune starts a trial in a folder of its own; the paths of a config (its data,
+    # its out, an algorithm's file) are relative to where the sweep was started.
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    point, status = points[config["point"]]
+    try:
+        if status == "restart":
+            clear_point(point)
+        resume = point.config.out if status == "resume" else None
+        (run_point or simulate)(
+            point.config, resume=resume, changes=_layout_changes(point) if resume else None,
+            on_round=lambda row: tune.report(dict(row)), announce=lambda line: None)
+    except RaysageError as exc:
+        tune.report({FAILED: str(exc)})
+    except Exception as exc:  # a point's failure must not take the others down
+        tune.report({FAILED: f"{type(exc).__name__}: {exc}"})
+
+
+NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"
+# The metric a trial reports instead of a round when its point failed.
+FAILED = "raysage_error"
+
+
+def _layout_changes(point: SweepPoint) -> dict[str, Any]:
+    """Where the sweep's config runs a point that its saved config would run elsewhere:
+    a resume takes the layout of the trial's placement group."""
+    from ..engine.checkpoint import RESUMABLE_FIELDS
+    from ..engine.orchestrator import resume_config
+
+    saved = resume_config(point.config.out)
+    return {k: getattr(point.config, k) for k in RESUMABLE_FIELDS
+            if k in EXECUTION_FIELDS and getattr(saved, k) != getattr(point.config, k)}
+
+
+class _Events(Callback):
+    """Tune's trial events, on the sweep's process, as the sweep's events and outcomes."""
+
+    def __init__(self, points: dict[str, tuple[SweepPoint, str]], on_event):
+        self.points, self.on_event = points, on_event
+        self.outcomes: dict[str, PointOutcome] = {}
+        self.errors: dict[str, str] = {}
+
+    def __getstate__(self):
+        # Tune saves its run config, callbacks included, for a restore that a sweep
+        # never asks for (a re-run reads its points' folders): the listener (a
+        # progress display with its locks) stays here.
+        return {**self.__dict__, "on_event": None}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        point, status = self.points[_point_of(trial)]
+        self.on_event("start", point, {"status": status})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        point, _ = self.points[_point_of(trial)]
+        if FAILED in result:
+            self.errors[point.name] = result[FAILED]
+        else:
+            self.on_event("round", point, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        point, _ = self.points[_point_of(trial)]
+        if point.name in self.errors:
+            self._fail(point, self.errors[point.name])
+            return
+        from ..results import RunFolder
+
+        summary = json.loads(RunFolder(point.config.out).read_bytes("summary.json"))
+        self.outcomes[point.name] = PointOutcome(point, "finished", summary)
+        self.on_event("finish", point, summary)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        point, _ = self.points[_point_of(trial)]
+        self._fail(point, f"its trial's process failed (Tune's record: {trial.local_path})")
+
+    def _fail(self, point: SweepPoint, error: str) -> None:
+        self.outcomes[point.name] = PointOutcome(point, "failed", error=error)
+        self.on_event("fail", point, {"error": error})
