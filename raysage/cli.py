@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, get_args, get_origin
 
 import typer
 
-from .config import FIELDS, load_config, parameter_fields, shown
+from .config import FIELDS, load_config, parameter_fields, parse_yaml, shown
 from .errors import RaysageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -356,6 +356,70 @@ def sweep_command(ctx: typer.Context, grid: Optional[list[str]] = GRID_OPTION,
     """
     flags, spec = config_flags(ctx.args, positional=1)
     _run_sweep(Path(spec[0]) if spec else None, grid, parallel, list_only, **flags)
+
+
+SPACE_OPTION = typer.Option(None, "--space", help="FIELD=KIND:ARGS to search (repeatable): "
+                            "loguniform:LOW:HIGH, uniform:LOW:HIGH, randint:LOW:HIGH, "
+                            "choice:A,B or grid:A,B")
+METRIC_OPTION = typer.Option("final_accuracy", "--metric", help="what the best config "
+                             "maximises (or minimises): final_accuracy, best_accuracy, "
+                             "accuracy@gib=X, accuracy@sim_time=X, gib_to=ACCURACY or "
+                             "sim_time_to=ACCURACY")
+
+
+@app.command("tune", epilog=flags_help(), **CONFIG_COMMAND)
+def tune_command(ctx: typer.Context, space: Optional[list[str]] = SPACE_OPTION,
+                 metric: str = METRIC_OPTION,
+                 samples: int = typer.Option(8, "--samples", help="trials to sample (each "
+                                             "grid value this many times)"),
+                 asha: bool = typer.Option(True, "--asha/--no-asha", help="stop trials whose "
+                                           "accuracy falls behind at the same round (ASHA)"),
+                 grace_rounds: int = typer.Option(1, "--grace-rounds", help="rounds every "
+                                                  "trial runs before ASHA may stop it"),
+                 parallel: Optional[int] = PARALLEL_OPTION) -> None:
+    """Search config values for the best value of a metric on Ray Tune; writes the best
+    config to OUT/best.yaml, for raysage simulate --config. Re-running the same command
+    continues an interrupted search.
+    """
+    from .studies.tune import Tuning, parse_objective, parse_space, run_tuning
+
+    flags, _ = config_flags(ctx.args)
+    try:
+        out = flags.pop("out", None)
+        if not out:
+            raise RaysageError("give --out DIR for the search's trials (a re-run with the "
+                               "same --out continues it)")
+        base = {k.replace("-", "_"): parse_yaml(v, f"--{k}") for k, v in flags.items()}
+        tuning = Tuning(out, base, [parse_space(t) for t in space or []],
+                        parse_objective(metric), samples, asha, grace_rounds, parallel)
+
+        def on_event(kind: str, trial: str, info: dict) -> None:
+            if kind == "start":
+                shown_values = ", ".join(f"{k}={_short(v)}" for k, v in info.items())
+                typer.echo(f"start  {trial}: {shown_values}", err=True)
+            elif "raysage_error" in info:
+                typer.echo(f"FAILED {trial}: {info['raysage_error']}", err=True)
+            else:
+                typer.echo(f"end    {trial}: accuracy {_fmt(info.get('progress_accuracy'))} "
+                           f"after {info.get('training_iteration', 0)} round(s)", err=True)
+
+        scores = run_tuning(tuning, on_event=on_event)
+    except RaysageError as exc:
+        _fail(str(exc))
+    for score in scores:
+        state = "all rounds" if score.finished else f"stopped at {score.rounds}"
+        values = ", ".join(f"{k}={_short(v)}" for k, v in score.values.items())
+        typer.echo(f"{metric} {_fmt(score.score, 4)}  {values}  ({state}) {score.folder}")
+    from .studies.tune import best_path
+
+    if not any(s.finished for s in scores):
+        _fail(f"no trial of {out} ran every round; nothing to choose from")
+    typer.echo(f"best: {', '.join(f'{k}={v}' for k, v in scores[0].values.items())}; "
+               f"raysage simulate --config {best_path(out)}")
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 @app.command("report")

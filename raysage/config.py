@@ -203,6 +203,11 @@ class Config(BaseModel):
         False,
         description="start Ray's dashboard with a local cluster (its extra processes cost "
         "memory; off by default)")
+    tracking: Literal["none", "tensorboard", "mlflow"] = Field(
+        "none",
+        description="follow the run in TensorBoard (event files in <out>/tensorboard) or MLflow "
+        "(its default store, or MLFLOW_TRACKING_URI): the config as parameters, every round's "
+        "columns as metrics; needs raysage[tensorboard] or raysage[mlflow]")
     eval_clients: int = Field(
         10, ge=1,
         description="clients whose own models are evaluated when client models are unshared (SGLR)")
@@ -297,7 +302,8 @@ FIELDS: dict[str, Any] = {name: f for name, f in Config.model_fields.items()
 # backends, workers and memory budgets): sweeps and resumes may vary these freely.
 EXECUTION_FIELDS = frozenset({"out", "backend", "address", "workers", "cpus_per_worker", "cohort",
                               "gpus_per_worker", "server_cpus", "server_gpus", "threads",
-                              "checkpoint_every", "state_memory_mib", "dashboard"})
+                              "checkpoint_every", "state_memory_mib", "dashboard",
+                              "tracking"})
 
 
 def parameter_fields(algorithms=None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import numpy as np
@@ -29,6 +29,7 @@ from ..config import Config, build_config, parse_yaml
 from ..errors import ConfigError, RaysageError
 from ..netsim.planner import RoundSchedule, Segment
 from ..results import RunFolder, RunWriter
+from ..results.tracking import Experiment, check_tracking, open_tracker, tracked
 from .backend import ActorFailure, make_backend, share_cpus
 from .checkpoint import (RESUMABLE_FIELDS, Manifest, Progress, check_config, read_manifest,
                          read_progress, remove_unlisted_state, verify_checkpoint,
@@ -428,7 +429,8 @@ def over_budget(cfg: Config, progress: Progress) -> bool:
 def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None = None,
              announce: Callable[[str], None] | None = None,
              resume: str | Path | None = None,
-             changes: dict[str, Any] | None = None) -> SimulationResult:
+             changes: dict[str, Any] | None = None,
+             experiment: Experiment | None = None) -> SimulationResult:
     """Run a whole simulation; the Python API behind ``raysage simulate``.
 
     With ``resume``, continue the run in that folder from its last checkpoint
@@ -436,23 +438,25 @@ def simulate(cfg: Config, *, on_round: Callable[[dict[str, Any]], None] | None =
     of the checkpoint and that the config is the one it was made with.
     ``changes`` may set the fields a resume may change (``RESUMABLE_FIELDS``: the
     rounds, the byte budget, the checkpoint and evaluation cadence, and where the
-    run executes).
+    run executes). ``experiment`` is what a tracker files the run under (a
+    sweep's; default ``raysage`` in MLflow's default store).
     """
     announce = announce or (lambda line: print(line, file=sys.stderr))
     if resume is None:
         cfg = share_cpus(cfg)
+        check_tracking(cfg.tracking)
     # The folder is the run's before anything reads or writes it: a second run
     # on it is refused here, not after both have started.
     run_dir = RunFolder(resume if resume is not None else cfg.out or default_run_dir(cfg))
     run_dir.lock(announce)
     try:
-        return _simulate(cfg, run_dir, on_round, announce, resume, changes or {})
+        return _simulate(cfg, run_dir, on_round, announce, resume, changes or {}, experiment)
     finally:
         run_dir.unlock()
 
 
 def _simulate(cfg: Config, run_dir: RunFolder, on_round, announce, resume,
-              changes: dict[str, Any]) -> SimulationResult:
+              changes: dict[str, Any], experiment: Experiment | None) -> SimulationResult:
     manifest = None
     if resume is not None:
         # Everything a resume reads is checked here, in seconds, before Ray starts.
@@ -493,6 +497,12 @@ def _simulate(cfg: Config, run_dir: RunFolder, on_round, announce, resume,
     orchestrator = Orchestrator(world, announce, run_dir)
     startup = time.perf_counter() - t0
     writer = writer or RunWriter(run_dir, cfg, algorithm=world.algorithm)
+    tracker = open_tracker(cfg.tracking, cfg.to_dict(), str(run_dir),
+                           name=PurePosixPath(run_dir.location.rstrip("/")).name,
+                           experiment=experiment)
+    if tracker is not None:
+        announce(f"raysage: tracking in {tracker.where}")
+        on_round = tracked(tracker, on_round)
     try:
         if manifest:
             orchestrator.restore(manifest)
@@ -523,6 +533,10 @@ def _simulate(cfg: Config, run_dir: RunFolder, on_round, announce, resume,
                 writer.truncate(progress.next_round)
         inversion = (orchestrator.invert(progress.next_round - 1, progress.global_state)
                      if cfg.inversion else {})
+    except BaseException:
+        if tracker is not None:
+            tracker.fail()
+        raise
     finally:
         orchestrator.close()
 
@@ -543,6 +557,8 @@ def _simulate(cfg: Config, run_dir: RunFolder, on_round, announce, resume,
                                "aux": world.setup.sizes.aux_frozen},
     }
     writer.finish(summary)
+    if tracker is not None:
+        tracker.finish(summary, {"config.yaml": run_dir.read_bytes("config.yaml")})
     return SimulationResult(Path(run_dir.root) if run_dir.is_local else str(run_dir), writer.rounds,
                             writer.clients, summary, progress.global_state)
 

@@ -17,6 +17,7 @@ so a sweep stopped in any way is continued by running it again.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -37,7 +38,7 @@ from ..errors import ConfigError, RaysageError
 # What a run writes into its folder; only these are removed when an
 # interrupted point without a checkpoint starts over.
 RUN_FILES = ("config.yaml", "run.parquet", "rounds.parquet", "clients.parquet",
-             "checkpoint.json", "state", "summary.json")
+             "checkpoint.json", "state", "summary.json", "tensorboard")
 
 
 @dataclass(frozen=True)
@@ -277,7 +278,7 @@ def _run_trials(sweep: Sweep, todo: list[SweepPoint], statuses: dict[str, str],
         points = {p.name: (p, statuses[p.name]) for p in todo}
         trainable = tune.with_resources(
             tune.with_parameters(_trial, points=points, run_point=run_point,
-                                 cwd=os.getcwd()),
+                                 cwd=os.getcwd(), experiment=_experiment(sweep)),
             # Soft SPREAD: a run's workers on as many nodes as have room, as simulate
             # places them.
             lambda config: tune.PlacementGroupFactory(bundles[config["point"]],
@@ -291,17 +292,8 @@ def _run_trials(sweep: Sweep, todo: list[SweepPoint], statuses: dict[str, str],
                                         trial_dirname_creator=_point_of),
             run_config=tune.RunConfig(name="sweep", storage_path=tune_folder(sweep.root),
                                       callbacks=[events], verbose=0))
-        # Tune's newer console output prints its experiment's header whatever the
-        # verbosity; the sweep's own lines say what happens.
-        quiet = os.environ.get(NEW_OUTPUT)
-        os.environ[NEW_OUTPUT] = "0"
-        try:
+        with quiet_tune():
             tuner.fit()
-        finally:
-            if quiet is None:
-                os.environ.pop(NEW_OUTPUT, None)
-            else:
-                os.environ[NEW_OUTPUT] = quiet
         return events.outcomes
     finally:
         if not was_running and backend.started_here:
@@ -319,8 +311,20 @@ def _point_of(trial) -> str:
     return trial.config["point"]
 
 
+def _experiment(sweep: Sweep):
+    """A sweep is one experiment, named after its folder, in the MLflow store this
+    process sees (its trials' processes may not have its environment)."""
+    from ..results.tracking import Experiment, check_tracking, mlflow_uri
+
+    kinds = {p.config.tracking for p in sweep.points}
+    for kind in kinds:
+        check_tracking(kind)
+    name = sweep.root.rstrip("/").rsplit("/", 1)[-1] or "raysage"
+    return Experiment(name, mlflow_uri() if "mlflow" in kinds else None)
+
+
 def _trial(config: dict[str, Any], points: dict[str, tuple[SweepPoint, str]],
-           run_point: Callable[..., Any] | None, cwd: str) -> None:
+           run_point: Callable[..., Any] | None, cwd: str, experiment) -> None:
     """One point, in its trial's process: run (or resume) it, reporting every round."""
     from ray import tune
 
@@ -337,14 +341,30 @@ def _trial(config: dict[str, Any], points: dict[str, tuple[SweepPoint, str]],
         resume = point.config.out if status == "resume" else None
         (run_point or simulate)(
             point.config, resume=resume, changes=_layout_changes(point) if resume else None,
-            on_round=lambda row: tune.report(dict(row)), announce=lambda line: None)
+            on_round=lambda row: tune.report(dict(row)), announce=lambda line: None,
+            experiment=experiment)
     except RaysageError as exc:
         tune.report({FAILED: str(exc)})
     except Exception as exc:  # a point's failure must not take the others down
         tune.report({FAILED: f"{type(exc).__name__}: {exc}"})
 
 
-NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"
+@contextlib.contextmanager
+def quiet_tune():
+    """Tune's newer console output prints its experiment's header whatever the
+    verbosity; raysage's own lines say what happens."""
+    name = "RAY_AIR_NEW_OUTPUT"
+    before = os.environ.get(name)
+    os.environ[name] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 # The metric a trial reports instead of a round when its point failed.
 FAILED = "raysage_error"
 

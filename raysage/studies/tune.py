@@ -1,0 +1,345 @@
+"""Tuning: search a space of config values for the best value of a metric, on Ray Tune.
+
+A tuning run is a folder of trials, each an ordinary run folder
+(``<out>/<trial>__<field>=<value>``), so ``raysage report`` reads it like a
+sweep. Trials report every round to Tune, whose ASHA scheduler stops those
+whose accuracy falls behind at the same round; the best config is chosen
+from the trials that ran every round, by the objective computed from their
+own ``rounds.parquet``, and written as a YAML that ``raysage simulate
+--config`` takes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import yaml
+from ray.tune import Callback
+
+from ..config import FIELDS, Config, build_config, parameter_fields, parse_yaml, shown
+from ..errors import ConfigError, RaysageError
+from .sweep import point_name, quiet_tune, tune_folder
+
+# --space FIELD=KIND:ARGS. Numbers are parsed as YAML scalars.
+KINDS = {
+    "loguniform": "loguniform:LOW:HIGH (floats, sampled evenly in log space)",
+    "uniform": "uniform:LOW:HIGH",
+    "randint": "randint:LOW:HIGH (integers, HIGH excluded)",
+    "choice": "choice:A,B,C (sampled)",
+    "grid": "grid:A,B,C (every value, times --samples)",
+}
+
+
+def parse_space(text: str) -> tuple[str, str, list[Any]]:
+    """``client_lr=loguniform:1e-4:1e-1`` -> ('client_lr', 'loguniform', [1e-4, 0.1])."""
+    name, sep, spec = text.partition("=")
+    name = name.strip().replace("-", "_")
+    kind, _, args = spec.partition(":")
+    usage = "; ".join(KINDS.values())
+    if not sep or not name or kind not in KINDS or not args:
+        raise ConfigError(f"--space {shown(text)} is not FIELD=KIND:ARGS with KIND one of: "
+                          f"{usage}; e.g. --space client_lr=loguniform:1e-4:1e-1")
+    if kind in ("choice", "grid"):
+        values = [_value(v, name) for v in args.split(",")]
+    else:
+        values = [_value(v, name) for v in args.split(":")]
+        if (len(values) != 2 or not all(isinstance(v, (int, float)) for v in values)
+                or not values[0] < values[1] or (kind == "loguniform" and values[0] <= 0)):
+            raise ConfigError(f"--space {shown(text)}: {KINDS[kind]} needs two numbers, "
+                              "LOW < HIGH" + (" and LOW > 0" if kind == "loguniform" else ""))
+    return name, kind, values
+
+
+def _value(text: str, name: str) -> Any:
+    """A number as Python reads it (YAML would take 1e-3 for a string), else YAML."""
+    text = text.strip()
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    return parse_yaml(text, f"--space {name}")
+
+
+def domain(kind: str, values: list[Any]):
+    from ray import tune
+
+    if kind == "loguniform":
+        return tune.loguniform(float(values[0]), float(values[1]))
+    if kind == "uniform":
+        return tune.uniform(float(values[0]), float(values[1]))
+    if kind == "randint":
+        return tune.randint(int(values[0]), int(values[1]))
+    if kind == "choice":
+        return tune.choice(values)
+    return tune.grid_search(values)
+
+
+# ------------------------------------------------------------------ objectives
+
+@dataclass(frozen=True)
+class Objective:
+    """What a trial is scored by, from its round rows.
+
+    ``final_accuracy`` / ``best_accuracy``; ``accuracy@gib=X`` (best accuracy
+    once X GiB have travelled) and ``accuracy@sim_time=X`` (seconds of
+    simulated time), higher is better; ``gib_to=A`` and ``sim_time_to=A``
+    (GiB or simulated seconds until accuracy A, a trial that never gets there
+    scores infinity), lower is better.
+    """
+
+    text: str
+    kind: str
+    bound: float | None = None
+
+    @property
+    def mode(self) -> str:
+        return "min" if self.kind in ("gib_to", "sim_time_to") else "max"
+
+    def score(self, rows: list[dict[str, Any]]) -> float:
+        evaluated = [r for r in rows if not math.isnan(r["accuracy"])]
+        if not evaluated:
+            return math.nan
+        if self.kind == "final_accuracy":
+            return evaluated[-1]["accuracy"]
+        if self.kind == "best_accuracy":
+            return max(r["accuracy"] for r in evaluated)
+        if self.kind in ("accuracy@gib", "accuracy@sim_time"):
+            within = [r["accuracy"] for r in evaluated if _spent(r, self.kind) <= self.bound]
+            return max(within) if within else math.nan
+        reached = [r for r in evaluated if r["accuracy"] >= self.bound]
+        return _spent(reached[0], self.kind) if reached else math.inf
+
+    def better(self, a: float, b: float) -> bool:
+        if math.isnan(b):
+            return not math.isnan(a)
+        return a > b if self.mode == "max" else a < b
+
+
+def _spent(row: dict[str, Any], kind: str) -> float:
+    return row["cumulative_bytes"] / 2**30 if "gib" in kind else row["sim_time"]
+
+
+OBJECTIVES = ("final_accuracy", "best_accuracy", "accuracy@gib=X", "accuracy@sim_time=X",
+              "gib_to=ACCURACY", "sim_time_to=ACCURACY")
+
+
+def parse_objective(text: str) -> Objective:
+    if text in ("final_accuracy", "best_accuracy"):
+        return Objective(text, text)
+    kind, sep, bound = text.partition("=")
+    if sep and kind in ("accuracy@gib", "accuracy@sim_time", "gib_to", "sim_time_to"):
+        try:
+            value = float(bound)
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value > 0:
+            return Objective(text, kind, value)
+    raise ConfigError(f"--metric {shown(text)} is not one of {', '.join(OBJECTIVES)} (X and "
+                      "ACCURACY positive numbers)")
+
+
+# ------------------------------------------------------------------ the search
+
+@dataclass
+class Tuning:
+    root: str
+    base: dict[str, Any]                    # config fields every trial shares
+    space: list[tuple[str, str, list[Any]]]
+    objective: Objective
+    samples: int = 8
+    asha: bool = True
+    grace_rounds: int = 1
+    parallel: int | None = None
+
+
+@dataclass
+class TrialScore:
+    folder: str
+    values: dict[str, Any]
+    score: float
+    rounds: int
+    finished: bool
+
+
+def check_tuning(tuning: Tuning) -> Config:
+    """Every field and value checked before anything runs; returns the base config."""
+    if not tuning.space:
+        raise ConfigError("nothing to tune: give --space FIELD=KIND:ARGS, e.g. --space "
+                          "client_lr=loguniform:1e-4:1e-1")
+    if tuning.samples < 1:
+        raise ConfigError(f"--samples {tuning.samples} must be at least 1")
+    params = set(parameter_fields())
+    for name, kind, values in tuning.space:
+        if name not in FIELDS and name not in params:
+            raise ConfigError(f"--space: unknown config field '{name}'")
+        if name == "out":
+            raise ConfigError("--space: 'out' cannot be tuned; give --out DIR")
+        for value in (values if kind in ("choice", "grid") else values[:1]):
+            try:
+                build_config({**tuning.base, name: value}, {"out": None})
+            except ConfigError as exc:
+                raise ConfigError(f"--space {name}: {exc}") from None
+    return build_config(tuning.base, {"out": None})
+
+
+def run_tuning(tuning: Tuning, *, on_event: Callable[[str, str, dict], None] | None = None,
+               run_point: Callable[..., Any] | None = None) -> list[TrialScore]:
+    """Run the search, or continue an interrupted one in the same folder (Tune's own
+    restore: finished and stopped trials stay as they are); returns every trial's
+    score, best first, and writes the best config to ``<root>/best.yaml``."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from ..engine.backend import RayBackend, trial_bundles
+
+    base = check_tuning(tuning)
+    names = [n for n, _, _ in tuning.space]
+    was_running = ray.is_initialized()
+    backend = RayBackend(base.replace(backend="ray"))
+    try:
+        bundles = trial_bundles(base, backend.node_resources, backend.describe())
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, base=tuning.base, root=tuning.root, names=names,
+                                 run_point=run_point, cwd=os.getcwd()),
+            tune.PlacementGroupFactory(bundles, strategy="SPREAD"))
+        experiment = f"{tune_folder(tuning.root)}/tune"
+        if tune.Tuner.can_restore(experiment):
+            tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
+                                       restart_errored=True)
+        else:
+            # max_t past the last round: ASHA stops a trial that reaches max_t, which
+            # would cut the run short of writing its summary.
+            scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=base.rounds + 1,
+                                       grace_period=max(1, min(tuning.grace_rounds,
+                                                               base.rounds)))
+                         if tuning.asha else FIFOScheduler())
+            tuner = tune.Tuner(
+                trainable,
+                param_space={n: domain(k, v) for n, k, v in tuning.space},
+                tune_config=tune.TuneConfig(
+                    metric=PROGRESS, mode="max", num_samples=tuning.samples,
+                    # The config's seed seeds the sampling: the same command samples the
+                    # same values.
+                    search_alg=BasicVariantGenerator(random_state=base.seed),
+                    scheduler=scheduler, max_concurrent_trials=tuning.parallel or 0),
+                run_config=tune.RunConfig(name="tune", storage_path=tune_folder(tuning.root),
+                                          callbacks=[_TrialEvents()], verbose=0))
+        _listener[0] = on_event or (lambda kind, trial, info: None)
+        with quiet_tune():
+            tuner.fit()
+    finally:
+        _listener[0] = lambda kind, trial, info: None
+        if not was_running and backend.started_here:
+            ray.shutdown()
+    scores = score_trials(tuning.root, names, base.rounds, tuning.objective)
+    finished = [s for s in scores if s.finished and not math.isnan(s.score)]
+    if finished:
+        best = {k: v for k, v in tuning.base.items() if k != "out"} | finished[0].values
+        with open(best_path(tuning.root), "w") as f:
+            yaml.safe_dump(best, f, sort_keys=False)
+    return scores
+
+
+# What ASHA compares trials by at each round: the accuracy of the latest evaluation.
+PROGRESS = "progress_accuracy"
+
+
+def best_path(root: str) -> str:
+    return os.path.join(root, "best.yaml")
+
+
+def _short(value: Any) -> Any:
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
+def _trial(config: dict[str, Any], base: dict[str, Any], root: str, names: list[str],
+           run_point, cwd: str) -> None:
+    """One trial, in its own process: its run folder is named after Tune's trial id
+    (the same after a restore) and the values it tries."""
+    from ray import tune
+
+    from ..engine.orchestrator import simulate
+    from .sweep import FAILED, SweepPoint, _layout_changes, clear_point, point_status
+
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    values = {n: config[n] for n in names}
+    trial = tune.get_context().get_trial_id()
+    name = f"trial_{trial}__" + point_name({n: _short(v) for n, v in values.items()})
+    latest = [math.nan]
+
+    def report(row: dict[str, Any]) -> None:
+        if not math.isnan(row["accuracy"]):
+            latest[0] = row["accuracy"]
+        tune.report({**row, PROGRESS: latest[0]})
+
+    try:
+        cfg = build_config({**base, **values}, {"out": f"{root.rstrip('/')}/{name}"})
+        point = SweepPoint(name, values, cfg)
+        status = point_status(point)
+        if status == "done":     # finished just before the search was interrupted
+            from ..results import RunFolder
+
+            for row in RunFolder(cfg.out).read_table("rounds.parquet"):
+                report(row)
+            return
+        if status == "restart":
+            clear_point(point)
+        resume = cfg.out if status == "resume" else None
+        (run_point or simulate)(cfg, resume=resume,
+                                changes=_layout_changes(point) if resume else None,
+                                on_round=report, announce=lambda line: None)
+    except RaysageError as exc:
+        tune.report({FAILED: str(exc), PROGRESS: math.nan})
+    except Exception as exc:  # one trial's failure must not end the search
+        tune.report({FAILED: f"{type(exc).__name__}: {exc}", PROGRESS: math.nan})
+
+
+# Who hears of trials in this process. Tune saves its callbacks with the search and
+# a restored search brings back those it saved, so they hold no listener of their own.
+_listener: list[Callable[[str, str, dict], None]] = [lambda kind, trial, info: None]
+
+
+class _TrialEvents(Callback):
+    """Tune's trial events as lines for the command: start, and where each ended."""
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        _listener[0]("start", trial.trial_id, dict(trial.config))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        _listener[0]("end", trial.trial_id, dict(trial.last_result or {}))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        _listener[0]("end", trial.trial_id, {"raysage_error": "its trial's process failed"})
+
+
+def score_trials(root: str, names: list[str], rounds: int, objective: Objective
+                 ) -> list[TrialScore]:
+    """Every trial folder under ``root`` scored from its rounds; trials that ran every
+    round first, best first, then those stopped early."""
+    from ..engine.orchestrator import resume_config
+    from ..results import RunFolder
+
+    scores = []
+    for entry in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        folder = RunFolder(os.path.join(root, entry))
+        if not entry.startswith("trial_") or not folder.exists("rounds.parquet"):
+            continue
+        rows = folder.read_table("rounds.parquet")
+        cfg = resume_config(folder.location)
+        values = {n: getattr(cfg if n in FIELDS else cfg.params, n, None) for n in names}
+        scores.append(TrialScore(folder.location, values,
+                                 objective.score(rows), len(rows),
+                                 len(rows) >= rounds))
+
+    def key(s: TrialScore):
+        value = s.score if objective.mode == "min" else -s.score
+        return (not s.finished, math.isnan(s.score), value)
+
+    return sorted(scores, key=key)

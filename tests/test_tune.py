@@ -1,0 +1,91 @@
+"""raysage tune: spaces and objectives, and a search with ASHA on Ray Tune."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from raysage.config import build_config
+from raysage.engine.orchestrator import simulate
+from raysage.errors import ConfigError
+from raysage.studies.tune import (Tuning, parse_objective, parse_space, run_tuning,
+                                  score_trials)
+
+TINY = {"algorithm": "fedavg", "clients": 4, "samples_per_client": 100, "test_samples": 200,
+        "rounds": 3, "batch_size": 10, "backend": "serial", "cpus_per_worker": 1,
+        "checkpoint_every": 1}
+
+
+def test_spaces_parse_and_bad_ones_are_one_line():
+    assert parse_space("client_lr=loguniform:1e-4:1e-1") == ("client_lr", "loguniform",
+                                                             [1e-4, 0.1])
+    assert parse_space("batch-size=grid:10,20") == ("batch_size", "grid", [10, 20])
+    assert parse_space("client_optimizer=choice:sgd,adam")[2] == ["sgd", "adam"]
+    for bad in ("client_lr", "client_lr=normal:0:1", "client_lr=loguniform:0:1",
+                "client_lr=uniform:1:0", "client_lr=uniform:1"):
+        with pytest.raises(ConfigError, match="--space"):
+            parse_space(bad)
+
+
+ROWS = [{"accuracy": 0.2, "cumulative_bytes": 2**29, "sim_time": 10.0},
+        {"accuracy": math.nan, "cumulative_bytes": 2**30, "sim_time": 20.0},
+        {"accuracy": 0.5, "cumulative_bytes": 3 * 2**29, "sim_time": 30.0},
+        {"accuracy": 0.4, "cumulative_bytes": 2**31, "sim_time": 40.0}]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("final_accuracy", 0.4), ("best_accuracy", 0.5),
+    ("accuracy@gib=1", 0.2),            # by 1 GiB only round 0 was evaluated
+    ("accuracy@gib=1.5", 0.5), ("accuracy@sim_time=5", math.nan),
+    ("gib_to=0.45", 1.5), ("sim_time_to=0.3", 30.0), ("gib_to=0.9", math.inf)])
+def test_objectives_score_round_rows_as_defined(text, expected):
+    score = parse_objective(text).score(ROWS)
+    assert (math.isnan(score) and math.isnan(expected)) or score == expected
+
+
+def test_bad_objectives_and_empty_spaces_are_refused(tmp_path):
+    for bad in ("accuracy", "gib_to=", "gib_to=-1", "accuracy@gib=x"):
+        with pytest.raises(ConfigError, match="--metric"):
+            parse_objective(bad)
+    with pytest.raises(ConfigError, match="nothing to tune"):
+        run_tuning(Tuning(str(tmp_path), TINY, [], parse_objective("final_accuracy")))
+    with pytest.raises(ConfigError, match="unknown config field 'client_rl'"):
+        run_tuning(Tuning(str(tmp_path), TINY, [parse_space("client_rl=uniform:0.1:1")],
+                          parse_objective("final_accuracy")))
+    assert not any(tmp_path.iterdir())
+
+
+def test_six_trials_with_asha_pick_a_best_config_that_simulate_reproduces(tmp_path,
+                                                                          ray_session):
+    root = tmp_path / "lr"
+    tuning = Tuning(str(root), TINY, [parse_space("client_lr=loguniform:1e-3:3e-1")],
+                    parse_objective("final_accuracy"), samples=6, parallel=1)
+    scores = run_tuning(tuning)
+    assert len(scores) == 6 and len({s.values["client_lr"] for s in scores}) == 6
+    finished = [s for s in scores if s.finished]
+    stopped = [s for s in scores if not s.finished]
+    assert finished and all(s.rounds == 3 for s in finished)
+    # one trial at a time, in the seeded sampling's order: ASHA stops the last one, whose
+    # accuracy after round 0 is below every earlier trial's
+    assert stopped and all(s.rounds < 3 for s in stopped)
+    # best first among the finished, by final accuracy read from their own rows
+    assert [s.score for s in finished] == sorted((s.score for s in finished), reverse=True)
+    best = yaml.safe_load((root / "best.yaml").read_text())
+    assert best == TINY | {"client_lr": finished[0].values["client_lr"]}
+    again = simulate(build_config(best, {"out": str(tmp_path / "best")}),
+                     announce=lambda line: None)
+    assert again.summary["final_accuracy"] == finished[0].score
+    assert (pq.read_table(f"{finished[0].folder}/rounds.parquet").column("train_loss")
+            == pq.read_table(again.run_dir / "rounds.parquet").column("train_loss"))
+    # raysage report reads a tuning folder like a sweep's (the stopped trials too)
+    from raysage.studies.report import write_report
+
+    assert write_report([root], tmp_path / "report")["runs"] == 6
+    # the same command samples the same values, and continues rather than repeats
+    before = {s.folder for s in scores}
+    assert {s.folder for s in run_tuning(tuning)} == before
+    assert {s.folder for s in score_trials(str(root), ["client_lr"], 3,
+                                           parse_objective("best_accuracy"))} == before
