@@ -89,3 +89,9 @@ def test_six_trials_with_asha_pick_a_best_config_that_simulate_reproduces(tmp_pa
     assert {s.folder for s in run_tuning(tuning)} == before
     assert {s.folder for s in score_trials(str(root), ["client_lr"], 3,
                                            parse_objective("best_accuracy"))} == before
+    # another space in the same folder would be restored as the old one: refused
+    other = Tuning(str(root), TINY, [parse_space("client_lr=loguniform:1e-2:1e-1")],
+                   parse_objective("final_accuracy"), samples=6, parallel=1)
+    with pytest.raises(ConfigError, match=r"holds a search with space = "
+                                          r".*client_lr=loguniform:0.001:0.3"):
+        run_tuning(other)

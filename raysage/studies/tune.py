@@ -200,6 +200,7 @@ def run_tuning(tuning: Tuning, *, on_event: Callable[[str, str, dict], None] | N
 
     base = check_tuning(tuning)
     names = [n for n, _, _ in tuning.space]
+    claim_folder(tuning)
     was_running = ray.is_initialized()
     backend = RayBackend(base.replace(backend="ray"))
     try:
@@ -244,6 +245,32 @@ def run_tuning(tuning: Tuning, *, on_event: Callable[[str, str, dict], None] | N
         with open(best_path(tuning.root), "w") as f:
             yaml.safe_dump(best, f, sort_keys=False)
     return scores
+
+
+def claim_folder(tuning: Tuning) -> None:
+    """Record what the folder's search is (``<root>/tuning.yaml``), or check that a
+    re-run asks for the same: Tune's restore would otherwise go on with the old
+    space and report it as the new one's."""
+    search = {"base": tuning.base, "space": [f"{n}={k}:" + (",".join(map(str, v))
+                                                             if k in ("choice", "grid")
+                                                             else ":".join(map(str, v)))
+                                             for n, k, v in tuning.space],
+              "samples": tuning.samples, "asha": tuning.asha,
+              "grace_rounds": tuning.grace_rounds}
+    path = os.path.join(tuning.root, "tuning.yaml")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = yaml.safe_load(f)
+        changed = [k for k in search if saved.get(k) != search[k]]
+        if changed:
+            k = changed[0]
+            raise ConfigError(f"{tuning.root} holds a search with {k} = {shown(saved.get(k))}, "
+                              f"not {shown(search[k])}; give another --out, or remove the "
+                              "folder to start over")
+        return
+    os.makedirs(tuning.root, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(search, f, sort_keys=False)
 
 
 # What ASHA compares trials by at each round: the accuracy of the latest evaluation.
