@@ -117,3 +117,23 @@ def test_a_sweep_is_one_mlflow_experiment_with_a_run_per_point(tmp_path, monkeyp
         assert run.data.params["client_lr"] == run.info.run_name.split("=")[1]
         assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "sim_time")
                 ] == [(r["round"], r["sim_time"]) for r in rows]
+
+
+def test_a_search_is_one_mlflow_experiment_too(tmp_path, monkeypatch, ray_session):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from raysage.studies.tune import Tuning, parse_objective, parse_space, run_tuning
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    scores = run_tuning(Tuning(str(tmp_path / "search"), TINY | {"tracking": "mlflow",
+                                                                 "rounds": 2},
+                               [parse_space("client_lr=grid:0.01,0.02")],
+                               parse_objective("final_accuracy"), samples=1, asha=False))
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("search").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(
+        s.folder.rsplit("/", 1)[-1] for s in scores)
+    assert all(r.data.params["client_lr"] in ("0.01", "0.02") for r in runs)

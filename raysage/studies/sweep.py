@@ -278,7 +278,9 @@ def _run_trials(sweep: Sweep, todo: list[SweepPoint], statuses: dict[str, str],
         points = {p.name: (p, statuses[p.name]) for p in todo}
         trainable = tune.with_resources(
             tune.with_parameters(_trial, points=points, run_point=run_point,
-                                 cwd=os.getcwd(), experiment=_experiment(sweep)),
+                                 cwd=os.getcwd(),
+                                 experiment=experiment_of(sweep.root, {p.config.tracking
+                                                                       for p in todo})),
             # Soft SPREAD: a run's workers on as many nodes as have room, as simulate
             # places them.
             lambda config: tune.PlacementGroupFactory(bundles[config["point"]],
@@ -311,15 +313,14 @@ def _point_of(trial) -> str:
     return trial.config["point"]
 
 
-def _experiment(sweep: Sweep):
-    """A sweep is one experiment, named after its folder, in the MLflow store this
-    process sees (its trials' processes may not have its environment)."""
+def experiment_of(root: str, kinds: set[str]):
+    """A sweep (or a search) is one experiment, named after its folder, in the MLflow
+    store this process sees (its trials' processes may not have its environment)."""
     from ..results.tracking import Experiment, check_tracking, mlflow_uri
 
-    kinds = {p.config.tracking for p in sweep.points}
     for kind in kinds:
         check_tracking(kind)
-    name = sweep.root.rstrip("/").rsplit("/", 1)[-1] or "raysage"
+    name = root.rstrip("/").rsplit("/", 1)[-1] or "raysage"
     return Experiment(name, mlflow_uri() if "mlflow" in kinds else None)
 
 

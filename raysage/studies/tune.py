@@ -21,7 +21,7 @@ from ray.tune import Callback
 
 from ..config import FIELDS, Config, build_config, parameter_fields, parse_yaml, shown
 from ..errors import ConfigError, RaysageError
-from .sweep import point_name, quiet_tune, tune_folder
+from .sweep import experiment_of, point_name, quiet_tune, tune_folder
 
 # --space FIELD=KIND:ARGS. Numbers are parsed as YAML scalars.
 KINDS = {
@@ -207,7 +207,8 @@ def run_tuning(tuning: Tuning, *, on_event: Callable[[str, str, dict], None] | N
         bundles = trial_bundles(base, backend.node_resources, backend.describe())
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base=tuning.base, root=tuning.root, names=names,
-                                 run_point=run_point, cwd=os.getcwd()),
+                                 run_point=run_point, cwd=os.getcwd(),
+                                 experiment=experiment_of(tuning.root, {base.tracking})),
             tune.PlacementGroupFactory(bundles, strategy="SPREAD"))
         experiment = f"{tune_folder(tuning.root)}/tune"
         if tune.Tuner.can_restore(experiment):
@@ -286,7 +287,7 @@ def _short(value: Any) -> Any:
 
 
 def _trial(config: dict[str, Any], base: dict[str, Any], root: str, names: list[str],
-           run_point, cwd: str) -> None:
+           run_point, cwd: str, experiment) -> None:
     """One trial, in its own process: its run folder is named after Tune's trial id
     (the same after a restore) and the values it tries."""
     from ray import tune
@@ -321,7 +322,8 @@ def _trial(config: dict[str, Any], base: dict[str, Any], root: str, names: list[
         resume = cfg.out if status == "resume" else None
         (run_point or simulate)(cfg, resume=resume,
                                 changes=_layout_changes(point) if resume else None,
-                                on_round=report, announce=lambda line: None)
+                                on_round=report, announce=lambda line: None,
+                                experiment=experiment)
     except RaysageError as exc:
         tune.report({FAILED: str(exc), PROGRESS: math.nan})
     except Exception as exc:  # one trial's failure must not end the search
