@@ -361,37 +361,42 @@ def sweep_command(ctx: typer.Context, grid: Optional[list[str]] = GRID_OPTION,
 SPACE_OPTION = typer.Option(None, "--space", help="FIELD=KIND:ARGS to search (repeatable): "
                             "loguniform:LOW:HIGH, uniform:LOW:HIGH, randint:LOW:HIGH, "
                             "choice:A,B or grid:A,B")
-METRIC_OPTION = typer.Option("final_accuracy", "--metric", help="what the best config "
-                             "maximises (or minimises): final_accuracy, best_accuracy, "
+METRIC_OPTION = typer.Option(None, "--metric", help="what the best config "
+                             "maximises (or minimises): final_accuracy (default), best_accuracy, "
                              "accuracy@gib=X, accuracy@sim_time=X, gib_to=ACCURACY or "
                              "sim_time_to=ACCURACY")
 
 
 @app.command("tune", epilog=flags_help(), **CONFIG_COMMAND)
 def tune_command(ctx: typer.Context, space: Optional[list[str]] = SPACE_OPTION,
-                 metric: str = METRIC_OPTION,
-                 samples: int = typer.Option(8, "--samples", help="trials to sample (each "
-                                             "grid value this many times)"),
+                 metric: Optional[str] = METRIC_OPTION,
+                 samples: Optional[int] = typer.Option(None, "--samples", min=1,
+                                                       help="trials to sample, each grid "
+                                                       "value this many times (default 8)"),
                  asha: bool = typer.Option(True, "--asha/--no-asha", help="stop trials whose "
                                            "accuracy falls behind at the same round (ASHA)"),
                  grace_rounds: int = typer.Option(1, "--grace-rounds", help="rounds every "
                                                   "trial runs before ASHA may stop it"),
+                 searcher: str = typer.Option("random", "--searcher", help="random (and "
+                                              "grid) sampling, or optuna (TPE; needs the "
+                                              "optuna package)"),
                  parallel: Optional[int] = PARALLEL_OPTION) -> None:
     """Search config values for the best value of a metric on Ray Tune; writes the best
     config to OUT/best.yaml, for raysage simulate --config. Re-running the same command
     continues an interrupted search.
-    """
-    from .studies.tune import Tuning, parse_objective, parse_space, run_tuning
 
-    flags, _ = config_flags(ctx.args)
+    SPEC (optional, first plain argument): YAML of config fields plus 'space' (field ->
+    KIND:ARGS), and optionally 'metric' and 'samples'.
+    """
+    from .studies.tune import load_tuning, run_tuning
+
+    flags, spec = config_flags(ctx.args, positional=1)
     try:
-        out = flags.pop("out", None)
-        if not out:
-            raise RaysageError("give --out DIR for the search's trials (a re-run with the "
-                               "same --out continues it)")
-        base = {k.replace("-", "_"): parse_yaml(v, f"--{k}") for k, v in flags.items()}
-        tuning = Tuning(out, base, [parse_space(t) for t in space or []],
-                        parse_objective(metric), samples, asha, grace_rounds, parallel)
+        base = {k: parse_yaml(v, f"--{k}") for k, v in flags.items()}
+        tuning = load_tuning(spec[0] if spec else None, space or [], base, metric=metric,
+                             samples=samples, asha=asha, grace_rounds=grace_rounds,
+                             parallel=parallel, searcher=searcher)
+        out = tuning.root
 
         def on_event(kind: str, trial: str, info: dict) -> None:
             if kind == "start":
@@ -409,7 +414,8 @@ def tune_command(ctx: typer.Context, space: Optional[list[str]] = SPACE_OPTION,
     for score in scores:
         state = "all rounds" if score.finished else f"stopped at {score.rounds}"
         values = ", ".join(f"{k}={_short(v)}" for k, v in score.values.items())
-        typer.echo(f"{metric} {_fmt(score.score, 4)}  {values}  ({state}) {score.folder}")
+        typer.echo(f"{tuning.objective.text} {_fmt(score.score, 4)}  {values}  ({state}) "
+                   f"{score.folder}")
     from .studies.tune import best_path
 
     if not any(s.finished for s in scores):

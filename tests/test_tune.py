@@ -95,3 +95,51 @@ def test_six_trials_with_asha_pick_a_best_config_that_simulate_reproduces(tmp_pa
     with pytest.raises(ConfigError, match=r"holds a search with space = "
                                           r".*client_lr=loguniform:0.001:0.3"):
         run_tuning(other)
+
+
+def test_a_yaml_spec_and_flags_make_one_search(tmp_path):
+    from raysage.studies.tune import load_tuning
+
+    spec = tmp_path / "search.yaml"
+    spec.write_text("algorithm: fsl_sage\nrounds: 4\nmetric: best_accuracy\nsamples: 3\n"
+                    "space:\n  client_lr: loguniform:1e-4:1e-1\n  server_lr: uniform:0.001:0.01\n")
+    tuning = load_tuning(str(spec), ["server_lr=choice:0.001,0.002"],
+                         {"rounds": 5, "out": str(tmp_path / "s")}, metric=None, samples=None)
+    assert tuning.base == {"algorithm": "fsl_sage", "rounds": 5}       # flags override
+    assert tuning.space == [("client_lr", "loguniform", [1e-4, 0.1]),
+                            ("server_lr", "choice", [0.001, 0.002])]   # a flag replaces
+    assert (tuning.objective.text, tuning.samples, tuning.root) == ("best_accuracy", 3,
+                                                                    str(tmp_path / "s"))
+    with pytest.raises(ConfigError, match="give --out"):
+        load_tuning(str(spec), [], {}, metric=None, samples=None)
+    with pytest.raises(ConfigError, match="a grid: space needs --searcher random"):
+        load_tuning(None, ["seed=grid:1,2"], {"out": "x"}, metric=None, samples=None,
+                    searcher="optuna")
+
+
+def test_optuna_searches_when_installed_and_is_one_line_when_not(tmp_path, ray_session,
+                                                                 monkeypatch):
+    pytest.importorskip("optuna")
+    import builtins
+
+    tuning = Tuning(str(tmp_path / "tpe"), TINY | {"rounds": 2},
+                    [parse_space("client_lr=loguniform:1e-3:3e-1")],
+                    parse_objective("final_accuracy"), samples=2, asha=False,
+                    searcher="optuna")
+    scores = run_tuning(tuning)
+    assert len(scores) == 2 and all(s.finished for s in scores)
+    assert all(1e-3 <= s.values["client_lr"] <= 3e-1 for s in scores)
+
+    real_import = builtins.__import__
+
+    def without_optuna(name, *args, **kwargs):
+        if name == "optuna":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_optuna)
+    refused = Tuning(str(tmp_path / "refused"), TINY, tuning.space, tuning.objective,
+                     searcher="optuna")
+    with pytest.raises(ConfigError, match="--searcher optuna needs the optuna package"):
+        run_tuning(refused)
+    assert not (tmp_path / "refused").exists()

@@ -154,6 +154,7 @@ class Tuning:
     asha: bool = True
     grace_rounds: int = 1
     parallel: int | None = None
+    searcher: str = "random"
 
 
 @dataclass
@@ -172,6 +173,7 @@ def check_tuning(tuning: Tuning) -> Config:
                           "client_lr=loguniform:1e-4:1e-1")
     if tuning.samples < 1:
         raise ConfigError(f"--samples {tuning.samples} must be at least 1")
+    check_searcher(tuning.searcher)
     params = set(parameter_fields())
     for name, kind, values in tuning.space:
         if name not in FIELDS and name not in params:
@@ -194,7 +196,6 @@ def run_tuning(tuning: Tuning, *, on_event: Callable[[str, str, dict], None] | N
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     from ..engine.backend import RayBackend, trial_bundles
 
@@ -228,7 +229,7 @@ def run_tuning(tuning: Tuning, *, on_event: Callable[[str, str, dict], None] | N
                     metric=PROGRESS, mode="max", num_samples=tuning.samples,
                     # The config's seed seeds the sampling: the same command samples the
                     # same values.
-                    search_alg=BasicVariantGenerator(random_state=base.seed),
+                    search_alg=searcher(tuning, base.seed),
                     scheduler=scheduler, max_concurrent_trials=tuning.parallel or 0),
                 run_config=tune.RunConfig(name="tune", storage_path=tune_folder(tuning.root),
                                           callbacks=[_TrialEvents()], verbose=0))
@@ -248,6 +249,65 @@ def run_tuning(tuning: Tuning, *, on_event: Callable[[str, str, dict], None] | N
     return scores
 
 
+SEARCHERS = {"random": None, "optuna": ("optuna", "ray.tune.search.optuna", "OptunaSearch")}
+
+
+def searcher(tuning: Tuning, seed: int):
+    """Tune's search algorithm: random (and grid) sampling, or Optuna's TPE when the
+    optuna package is installed. Either is seeded by the config's seed."""
+    from ray.tune.search import BasicVariantGenerator
+
+    if tuning.searcher == "random":
+        return BasicVariantGenerator(random_state=seed)
+    import importlib
+
+    check_searcher(tuning.searcher)
+    _, module, name = SEARCHERS[tuning.searcher]
+    return getattr(importlib.import_module(module), name)(seed=seed)
+
+
+def check_searcher(name: str) -> None:
+    if name not in SEARCHERS:
+        raise ConfigError(f"--searcher {shown(name)} is not one of {', '.join(SEARCHERS)}")
+    if SEARCHERS[name] is None:
+        return
+    package = SEARCHERS[name][0]
+    try:
+        __import__(package)
+    except ImportError:
+        raise ConfigError(f"--searcher {name} needs the {package} package; pip install "
+                          f"{package}, or use --searcher random") from None
+
+
+def load_tuning(spec: str | None, space: list[str], flags: dict[str, Any], *,
+                metric: str | None, samples: int | None, **options: Any) -> Tuning:
+    """A search from a YAML spec (config fields plus ``space:``, a mapping of field to
+    ``KIND:ARGS``, and optionally ``metric:`` and ``samples:``) and/or flags; flags
+    add to the spec's space and override its values."""
+    from ..config import read_yaml
+
+    values: dict[str, Any] = read_yaml(spec) if spec is not None else {}
+    spec_space = values.pop("space", None) or {}
+    if not isinstance(spec_space, dict):
+        raise ConfigError(f"{spec}: space is a mapping of config field -> KIND:ARGS, e.g. "
+                          "client_lr: loguniform:1e-4:1e-1")
+    metric = metric or values.pop("metric", "final_accuracy")
+    samples = samples or values.pop("samples", 8)
+    texts = {str(k).replace("-", "_"): f"{k}={v}" for k, v in spec_space.items()}
+    texts.update({parse_space(t)[0]: t for t in space})
+    base = {k.replace("-", "_"): v for k, v in {**values, **flags}.items()}
+    out = base.pop("out", None)
+    if not out:
+        raise ConfigError("give --out DIR for the search's trials (a re-run with the same "
+                          "--out continues it)")
+    tuning = Tuning(str(out), base, [parse_space(t) for t in texts.values()],
+                    parse_objective(str(metric)), int(samples), **options)
+    if tuning.searcher != "random" and any(k == "grid" for _, k, _ in tuning.space):
+        raise ConfigError(f"--searcher {tuning.searcher} samples; a grid: space needs "
+                          "--searcher random")
+    return tuning
+
+
 def claim_folder(tuning: Tuning) -> None:
     """Record what the folder's search is (``<root>/tuning.yaml``), or check that a
     re-run asks for the same: Tune's restore would otherwise go on with the old
@@ -257,7 +317,7 @@ def claim_folder(tuning: Tuning) -> None:
                                                              else ":".join(map(str, v)))
                                              for n, k, v in tuning.space],
               "samples": tuning.samples, "asha": tuning.asha,
-              "grace_rounds": tuning.grace_rounds}
+              "grace_rounds": tuning.grace_rounds, "searcher": tuning.searcher}
     path = os.path.join(tuning.root, "tuning.yaml")
     if os.path.exists(path):
         with open(path) as f:
