@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Submit a raysage simulation (or sweep) to a Ray cluster as a job; arguments
-# go to `raysage simulate`, or to `raysage sweep` after a first word `sweep`.
+# Submit a raysage simulation (or sweep, or search) to a Ray cluster as a job;
+# arguments go to `raysage simulate`, or to `raysage sweep` / `raysage tune`
+# after a first word `sweep` / `tune`.
 # It follows the job's log until the job ends (Ctrl-C stops following, not
 # the job) and exits non-zero if the job failed.
 #   cluster/submit.sh --clients 200 --out /shared/runs/a
 #   cluster/submit.sh sweep --grid seed=1,2,3 --out /shared/runs/seeds
+#   cluster/submit.sh tune --space client_lr=loguniform:1e-4:1e-1 --out /shared/runs/lr
 # The job API address comes from RAY_API_SERVER_ADDRESS (what `eval
 # "$(cluster/local-head.sh start)"` or `ray dashboard` sets up), else from an
 # http(s) RAY_ADDRESS, else http://127.0.0.1:8265.
@@ -34,8 +36,8 @@ if [[ -n "${RAYSAGE_RUNTIME_ENV_JSON:-}" ]]; then
 fi
 
 command=simulate
-if [[ "${1:-}" == sweep ]]; then
-  command=sweep
+if [[ "${1:-}" == sweep || "${1:-}" == tune ]]; then
+  command="$1"
   shift
 fi
 
