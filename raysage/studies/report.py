@@ -246,19 +246,18 @@ class Series:
 
 
 def _mean_curve(runs: list[Run]) -> list[dict[str, Any]]:
-    by_round = [{row["round"]: row for row in run.rounds} for run in runs]
-    common = set.intersection(*(set(rows) for rows in by_round))
-    curve = []
-    for r in sorted(common):
-        rows = [rows[r] for rows in by_round]
-        columns = set.intersection(*(set(row) for row in rows)) - {"round"}
-        mean = {"round": r}
-        for column in sorted(columns):
-            values = [_num(row[column]) for row in rows]
-            # A metric missing in one seed leaves a gap, not a one-seed "mean".
-            mean[column] = math.nan if any(math.isnan(v) for v in values) else sum(values) / len(values)
-        curve.append(mean)
-    return curve
+    """Each column's mean over the runs (seeds) at every round all of them reached. A
+    value missing in one run leaves a gap (NaN), not a mean of the others."""
+    import pandas as pd
+
+    frames = [pd.DataFrame(run.rounds).set_index("round") for run in runs]
+    rounds = sorted(set.intersection(*(set(f.index) for f in frames)))
+    columns = sorted(set.intersection(*(set(f.columns) for f in frames)))
+    values = pd.concat([f.loc[rounds, columns].apply(pd.to_numeric, errors="coerce")
+                        .astype(float) for f in frames])
+    by_round = values.groupby(level="round")
+    mean = by_round.mean().mask(values.isna().groupby(level="round").any())
+    return [{"round": int(r), **row} for r, row in zip(mean.index, mean.to_dict("records"))]
 
 
 def group_series(runs: list[Run]) -> list[Series]:
@@ -490,6 +489,8 @@ class ScalingLine:
 def scaling_lines(runs: list[Run], axis: str) -> list[ScalingLine]:
     """Per-run costs against ``axis`` (clients or workers), averaged over seeds;
     only lines with at least two axis values."""
+    import pandas as pd
+
     if len({_key(run.config.get(axis)) for run in runs}) < 2:
         return []
     groups: dict[str, tuple[dict, dict[Any, list[dict]], Run]] = {}
@@ -507,7 +508,7 @@ def scaling_lines(runs: list[Run], axis: str) -> list[ScalingLine]:
     for cfg, points, first in kept:
         extra = ", ".join(f"{f}={_show(cfg.get(f))}" for f in shown)
         label = first.label + (f" ({extra})" if extra else "")
-        means = [(x, len(costs), {k: _mean(c[k] for c in costs) for k in costs[0]})
+        means = [(x, len(costs), pd.DataFrame(costs).mean().to_dict())     # NaN skipped
                  for x, costs in sorted(points.items(), key=lambda item: _sort_value(item[0]))]
         lines.append(ScalingLine(cfg["algorithm"], label, means, first.colour))
     return sorted(lines, key=lambda line: (_rank(line.algorithm), line.label))
