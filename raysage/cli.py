@@ -445,13 +445,27 @@ def report_command(
     baseline: Optional[str] = typer.Option(None, "--baseline", help="the algorithm whose cost "
                                            "to the target the others' are divided by in the "
                                            "table, e.g. --baseline fsl_sage (default: no ratios)"),
+    tracking: str = typer.Option("none", "--tracking", help="also send report.md and the "
+                                 "figures to mlflow (as artifacts of a run 'report' in the "
+                                 "experiment named after the first folder, a sweep's) or "
+                                 "tensorboard (images in OUT/tensorboard)"),
 ) -> None:
     """Plots and a Markdown table from run folders' Parquet files."""
+    from .results.tracking import TRACKERS, check_tracking, track_report
     from .studies.report import write_report
+    from .studies.sweep import experiment_of
 
     try:
+        if tracking not in TRACKERS:
+            raise RaysageError(f"--tracking {shown(tracking)} is not one of "
+                               f"{', '.join(TRACKERS)}")
+        check_tracking(tracking)
         summary = write_report(run_dirs, out, target=target, metric=metric, lines=lines,
                                baseline=baseline)
+        if tracking != "none":
+            where = track_report(tracking, str(out), summary["figures"],
+                                 experiment_of(str(run_dirs[0]), {tracking}))
+            typer.echo(f"report tracked in {where}")
     except RaysageError as exc:
         _fail(str(exc))
     typer.echo(f"report of {summary['runs']} run(s): {summary['report']} and "

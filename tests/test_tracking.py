@@ -137,3 +137,37 @@ def test_a_search_is_one_mlflow_experiment_too(tmp_path, monkeypatch, ray_sessio
     assert sorted(r.info.run_name for r in runs) == sorted(
         s.folder.rsplit("/", 1)[-1] for s in scores)
     assert all(r.data.params["client_lr"] in ("0.01", "0.02") for r in runs)
+
+
+def test_a_reports_figures_go_to_the_sweeps_experiment_and_to_tensorboard(tmp_path,
+                                                                          monkeypatch):
+    pytest.importorskip("mlflow")
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator")
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from raysage.cli import app
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    for seed in (1, 2):
+        simulate(build_config(TINY | {"seed": seed, "out": str(tmp_path / "seeds" / f"s{seed}")}),
+                 announce=lambda line: None)
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", str(tmp_path / "seeds"), "--out",
+                                 str(tmp_path / "rep"), "--tracking", "mlflow"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("seeds").experiment_id])
+    names = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert "report.md" in names and "accuracy_vs_round.png" in names
+    result = runner.invoke(app, ["report", str(tmp_path / "seeds"), "--out",
+                                 str(tmp_path / "rep"), "--tracking", "tensorboard"])
+    assert result.exit_code == 0, result.output
+    events = event_accumulator.EventAccumulator(str(tmp_path / "rep" / "tensorboard"))
+    events.Reload()
+    assert "accuracy_vs_round" in events.Tags()["images"]
+    result = runner.invoke(app, ["report", str(tmp_path / "seeds"), "--tracking", "wandb"])
+    assert result.exit_code == 2 and "--tracking 'wandb' is not one of" in result.output

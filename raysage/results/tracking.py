@@ -149,3 +149,33 @@ def open_tracker(kind: str, config: dict[str, Any], folder: str, name: str,
                               "is not local; give a local --out or use --tracking mlflow")
         return TensorBoardTracker(config, folder)
     return MLflowTracker(config, name, experiment or Experiment())
+
+
+def track_report(kind: str, folder: str, figures: list[str], experiment: Experiment) -> str:
+    """A report's figures and report.md, as artifacts of a run named ``report`` in the
+    experiment (MLflow) or as images under ``<folder>/tensorboard`` (TensorBoard).
+    Returns where they went."""
+    _library(kind)
+    if kind == "mlflow":
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(experiment.uri)
+        found = client.get_experiment_by_name(experiment.name)
+        experiment_id = (found.experiment_id if found is not None
+                         else client.create_experiment(experiment.name))
+        run_id = client.create_run(experiment_id, run_name="report").info.run_id
+        for name in ["report.md", *figures]:
+            client.log_artifact(run_id, os.path.join(folder, name))
+        client.set_terminated(run_id)
+        return f"MLflow: experiment {experiment.name}, run report ({client.tracking_uri})"
+    from matplotlib.image import imread
+    from tensorboardX import SummaryWriter
+
+    logdir = os.path.join(folder, "tensorboard")
+    with SummaryWriter(logdir=logdir) as writer:
+        with open(os.path.join(folder, "report.md")) as f:
+            writer.add_text("report", f.read())
+        for name in figures:
+            image = imread(os.path.join(folder, name))
+            writer.add_image(os.path.splitext(name)[0], image, dataformats="HWC")
+    return f"TensorBoard: tensorboard --logdir {logdir}"
