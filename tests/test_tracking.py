@@ -171,3 +171,36 @@ def test_a_reports_figures_go_to_the_sweeps_experiment_and_to_tensorboard(tmp_pa
     assert "accuracy_vs_round" in events.Tags()["images"]
     result = runner.invoke(app, ["report", str(tmp_path / "seeds"), "--tracking", "wandb"])
     assert result.exit_code == 2 and "--tracking 'wandb' is not one of" in result.output
+
+
+def test_a_resumed_run_goes_on_in_the_mlflow_run_it_started(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_round_1(row):
+        if row["round"] == 1:
+            raise Stop
+
+    cfg = build_config(TINY | {"tracking": "mlflow", "out": str(out), "checkpoint_every": 1})
+    with pytest.raises(Stop):
+        simulate(cfg, on_round=stop_after_round_1, announce=lambda line: None)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("raysage").experiment_id])
+    assert run.info.status == "FAILED"
+    simulate(cfg, resume=str(out), changes={"rounds": 4}, announce=lambda line: None)
+    (run,) = client.search_runs([client.get_experiment_by_name("raysage").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["rounds"] == "3"
+    rows = _rounds(out)
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    # round 1 ran twice (its checkpoint came after the stop), the same both times
+    assert sorted(set((m.step, m.value) for m in history)) == [
+        (r["round"], r["train_loss"]) for r in rows]
+    assert len(rows) == 4

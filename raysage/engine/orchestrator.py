@@ -497,7 +497,7 @@ def _simulate(cfg: Config, run_dir: RunFolder, on_round, announce, resume,
     orchestrator = Orchestrator(world, announce, run_dir)
     startup = time.perf_counter() - t0
     writer = writer or RunWriter(run_dir, cfg, algorithm=world.algorithm)
-    tracker = open_tracker(cfg.tracking, cfg.to_dict(), str(run_dir),
+    tracker = open_tracker(cfg.tracking, cfg.to_dict(), run_dir,
                            name=PurePosixPath(run_dir.location.rstrip("/")).name,
                            experiment=experiment)
     if tracker is not None:

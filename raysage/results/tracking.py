@@ -13,6 +13,7 @@ execution field).
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -93,8 +94,12 @@ class TensorBoardTracker:
         self.writer.close()
 
 
+# In the run folder: which MLflow run a resumed run goes on in.
+MLFLOW_RUN_FILE = "mlflow_run.json"
+
+
 class MLflowTracker:
-    def __init__(self, config: dict[str, Any], name: str, experiment: Experiment):
+    def __init__(self, config: dict[str, Any], name: str, experiment: Experiment, folder):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -104,12 +109,37 @@ class MLflowTracker:
         found = self.client.get_experiment_by_name(experiment.name)
         experiment_id = (found.experiment_id if found is not None
                          else self.client.create_experiment(experiment.name))
-        self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+        self.run_id = self._resumed(folder, experiment_id)
+        logged: dict[str, str] = {}
+        if self.run_id is None:
+            self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+            folder.write_bytes(MLFLOW_RUN_FILE, json.dumps(
+                {"run_id": self.run_id, "experiment_id": experiment_id,
+                 "tracking_uri": self.client.tracking_uri}).encode())
+        else:
+            logged = self.client.get_run(self.run_id).data.params
+            self.client.update_run(self.run_id, status="RUNNING")
         self.where = (f"MLflow: experiment {experiment.name}, run {name} "
                       f"({self.client.tracking_uri})")
-        params = [Param(k, v) for k, v in parameters_of(config).items()]
+        # A resume keeps the parameters the run started with (MLflow refuses to change
+        # one); what a resume may change (rounds, layout) is in the run's config.yaml.
+        params = [Param(k, v) for k, v in parameters_of(config).items() if k not in logged]
         for i in range(0, len(params), 100):   # MLflow takes at most 100 per batch
             self.client.log_batch(self.run_id, params=params[i:i + 100])
+
+    def _resumed(self, folder, experiment_id: str) -> str | None:
+        """The MLflow run this run folder's earlier part went to, if it is in this store
+        and experiment."""
+        if not folder.exists(MLFLOW_RUN_FILE):
+            return None
+        saved = json.loads(folder.read_bytes(MLFLOW_RUN_FILE))
+        if (saved.get("tracking_uri") != self.client.tracking_uri
+                or saved.get("experiment_id") != experiment_id):
+            return None
+        try:
+            return self.client.get_run(saved["run_id"]).info.run_id
+        except Exception:     # deleted from the store since: start a new one
+            return None
 
     def log_round(self, row: dict[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -137,18 +167,19 @@ def tracked(tracker, on_round):
     return both
 
 
-def open_tracker(kind: str, config: dict[str, Any], folder: str, name: str,
+def open_tracker(kind: str, config: dict[str, Any], folder, name: str,
                  experiment: Experiment | None = None):
-    """The tracker a run's ``tracking`` names, or None."""
+    """The tracker a run's ``tracking`` names, or None; ``folder`` is the RunFolder. A
+    resumed run goes on in the MLflow run (or TensorBoard folder) it started."""
     if kind == "none":
         return None
     _library(kind)
     if kind == "tensorboard":
-        if "://" in folder:
+        if not folder.is_local:
             raise ConfigError(f"tracking = tensorboard writes into the run folder, and {folder} "
                               "is not local; give a local --out or use --tracking mlflow")
-        return TensorBoardTracker(config, folder)
-    return MLflowTracker(config, name, experiment or Experiment())
+        return TensorBoardTracker(config, folder.location)
+    return MLflowTracker(config, name, experiment or Experiment(), folder)
 
 
 def track_report(kind: str, folder: str, figures: list[str], experiment: Experiment) -> str:

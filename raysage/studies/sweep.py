@@ -38,7 +38,7 @@ from ..errors import ConfigError, RaysageError
 # What a run writes into its folder; only these are removed when an
 # interrupted point without a checkpoint starts over.
 RUN_FILES = ("config.yaml", "run.parquet", "rounds.parquet", "clients.parquet",
-             "checkpoint.json", "state", "summary.json", "tensorboard")
+             "checkpoint.json", "state", "summary.json", "tensorboard", "mlflow_run.json")
 
 
 @dataclass(frozen=True)
