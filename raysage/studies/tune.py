@@ -23,7 +23,7 @@ from ..config import FIELDS, Config, build_config, parameter_fields, parse_yaml,
 from ..errors import ConfigError, RaysageError
 from .sweep import experiment_of, point_name, quiet_tune, tune_folder
 
-# --space FIELD=KIND:ARGS. Numbers are parsed as YAML scalars.
+# --space FIELD=KIND:ARGS. Numbers are read as Python reads them, other values as YAML.
 KINDS = {
     "loguniform": "loguniform:LOW:HIGH (floats, sampled evenly in log space)",
     "uniform": "uniform:LOW:HIGH",
