@@ -52,6 +52,9 @@ def test_bad_objectives_and_empty_spaces_are_refused(tmp_path):
             parse_objective(bad)
     with pytest.raises(ConfigError, match="nothing to tune"):
         run_tuning(Tuning(str(tmp_path), TINY, [], parse_objective("final_accuracy")))
+    with pytest.raises(ConfigError, match=r"--space participation: .*participation"):
+        run_tuning(Tuning(str(tmp_path), TINY, [parse_space("participation=uniform:0.5:2")],
+                          parse_objective("final_accuracy")))       # HIGH out of bounds
     with pytest.raises(ConfigError, match="unknown config field 'client_rl'"):
         run_tuning(Tuning(str(tmp_path), TINY, [parse_space("client_rl=uniform:0.1:1")],
                           parse_objective("final_accuracy")))

@@ -179,6 +179,11 @@ def _scientific(cfg: Config) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_FIELDS}
 
 
+def first_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+    """The first field whose wanted value a folder's saved record does not have."""
+    return next((k for k in wanted if saved.get(k) != wanted[k]), None)
+
+
 def point_status(point: SweepPoint) -> str:
     """'done', 'resume' (has a checkpoint), 'restart' (interrupted before one) or 'new'.
 
@@ -194,9 +199,8 @@ def point_status(point: SweepPoint) -> str:
     if folder.exists("config.yaml"):
         saved = resume_config(point.config.out)
         theirs, ours = _scientific(saved), _scientific(point.config)
-        changed = [k for k in ours if theirs.get(k) != ours[k]]
-        if changed:
-            k = changed[0]
+        k = first_difference(theirs, ours)
+        if k is not None:
             raise ConfigError(f"{folder} holds a run with {k} = {shown(theirs.get(k))}, but this "
                               f"sweep's point has {k} = {shown(ours[k])}; remove the folder or "
                               "give the sweep another --out")

@@ -21,7 +21,7 @@ from ray.tune import Callback
 
 from ..config import FIELDS, Config, build_config, parameter_fields, parse_yaml, shown
 from ..errors import ConfigError, RaysageError
-from .sweep import experiment_of, point_name, quiet_tune, tune_folder
+from .sweep import experiment_of, first_difference, point_name, quiet_tune, tune_folder
 
 # --space FIELD=KIND:ARGS. Numbers are read as Python reads them, other values as YAML.
 KINDS = {
@@ -180,7 +180,10 @@ def check_tuning(tuning: Tuning) -> Config:
             raise ConfigError(f"--space: unknown config field '{name}'")
         if name == "out":
             raise ConfigError("--space: 'out' cannot be tuned; give --out DIR")
-        for value in (values if kind in ("choice", "grid") else values[:1]):
+        # Both ends of a range: a value out of bounds would fail trials mid-search.
+        ends = values if kind in ("choice", "grid") else (
+            [values[0], values[1] - 1] if kind == "randint" else values)
+        for value in ends:
             try:
                 build_config({**tuning.base, name: value}, {"out": None})
             except ConfigError as exc:
@@ -322,9 +325,8 @@ def claim_folder(tuning: Tuning) -> None:
     if os.path.exists(path):
         with open(path) as f:
             saved = yaml.safe_load(f)
-        changed = [k for k in search if saved.get(k) != search[k]]
-        if changed:
-            k = changed[0]
+        k = first_difference(saved, search)
+        if k is not None:
             raise ConfigError(f"{tuning.root} holds a search with {k} = {shown(saved.get(k))}, "
                               f"not {shown(search[k])}; give another --out, or remove the "
                               "folder to start over")
