@@ -104,9 +104,10 @@ class RayBackend:
                              log_to_driver=True, _node_ip_address="127.0.0.1",
                              dashboard_host="127.0.0.1")
             self.started_here = True
-        # A run started inside a placement group (a sweep's trial) places its actors
-        # in that group's bundles: the server in the first (beside the trial's own
-        # process), one client worker in each of the others (see ``trial_bundles``).
+        # A run started inside a placement group (a sweep's or a search's trial) places
+        # its actors in that group's bundles: the server in its own when it reserves
+        # anything (else beside the first worker), one client worker in each of the
+        # others (see ``trial_bundles``).
         self.group = ray.util.get_current_placement_group()
         resources = ray.cluster_resources()
         self.cpus = float(resources.get("CPU", 0))
