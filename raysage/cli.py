@@ -442,6 +442,9 @@ def report_command(
     lines: list[str] = typer.Option([], "--lines", help="a config field whose values are drawn "
                                     "as lines within a panel rather than as panels of their own "
                                     "(repeatable), e.g. --lines align_interval"),
+    panels: list[str] = typer.Option([], "--panels", help="a scalability axis (clients, "
+                                     "workers) drawn as panels, one per value, rather than as "
+                                     "lines, e.g. --panels clients for a study over clients"),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="the algorithm whose cost "
                                            "to the target the others' are divided by in the "
                                            "table, e.g. --baseline fsl_sage (default: no ratios)"),
@@ -461,7 +464,7 @@ def report_command(
                                f"{', '.join(TRACKERS)}")
         check_tracking(tracking)
         summary = write_report(run_dirs, out, target=target, metric=metric, lines=lines,
-                               baseline=baseline)
+                               baseline=baseline, panels=panels)
         if tracking != "none":
             where = track_report(tracking, str(out), summary["figures"],
                                  experiment_of(str(run_dirs[0]), {tracking}))

@@ -166,7 +166,7 @@ def test_write_report_writes_figures_and_markdown(tmp_path):
     assert summary["runs"] == 10
     expected = {"accuracy_vs_communication.png", "accuracy_vs_sim_time.png",
                 "accuracy_vs_round.png", "best_accuracy_vs_alpha.png",
-                "scalability_clients.png", "scalability_workers.png"}
+                "scalability_clients.png", "scalability_workers.png", "study_vs_clients.png"}
     assert set(summary["figures"]) == expected
     written = {p.name for p in (tmp_path / "report").iterdir()}
     assert written == expected | {"report.md"}     # no temporary files left behind
@@ -425,3 +425,107 @@ def test_runs_from_before_a_new_config_field_join_their_series(tmp_path):
     series = group_series(load_runs(tmp_path / "runs"))
     assert len(series) == 1
     assert [r["accuracy"] for r in series[0].rounds] == pytest.approx([0.3, 0.5])
+
+
+# ---------------------------------------------------------------- study over clients
+def test_a_field_that_goes_with_the_algorithm_is_a_setting_not_a_panel(tmp_path):
+    # Each algorithm at its own tuned learning rate: one panel, the rates listed once.
+    make_run(tmp_path / "runs", "fsl", curve(FSL), algorithm="fsl_sage", client_lr=1e-4,
+             server_lr=5e-4)
+    make_run(tmp_path / "runs", "fedavg", curve(CSE), algorithm="fedavg", client_lr=5e-4)
+    make_run(tmp_path / "runs", "fedavg-lr", curve(CSE), algorithm="fedavg", client_lr=0.1)
+    series = group_series(load_runs(tmp_path / "runs"))
+    assert report.following_fields(series[:2]) == {"client_lr": "algorithm",
+                                                   "server_lr": "algorithm"}
+    assert {row["facet"] for row in target_table(series[:2], target=0.5)} == {"all runs"}
+    # Two FedAvg rates: the rate is a question of the study again, so it makes panels.
+    assert report.following_fields(series) == {"server_lr": "algorithm"}
+    assert {row["facet"] for row in target_table(series, target=0.5)} == {
+        "client_lr=0.0001", "client_lr=0.0005", "client_lr=0.1"}
+
+    write_report([tmp_path / "runs" / "fsl", tmp_path / "runs" / "fedavg"],
+                 tmp_path / "report", target=0.5)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "- `client_lr` goes with the algorithm: FSL-SAGE 0.0001, FedAvg 0.0005" in text
+    assert "### all runs" in text
+
+
+def _clients_study(root):
+    """Two algorithms over 10 and 100 clients; evaluation every round at 10 and every
+    other round at 100, so eval_every goes with the client count."""
+    def rows(accuracy, gib, sim, state, cosine=NAN, alignments=NAN):
+        out = curve(accuracy, gib_per_round=gib, sim_per_round=sim)
+        for row in out:
+            row.update(server_state_bytes=state * 2 ** 20, estimate_cosine=cosine,
+                       alignments=alignments, cumulative_energy_j=100.0 * (row["round"] + 1))
+        return out
+    make_run(root, "fsl-10", rows([0.2, 0.5, 0.6], 0.5, 10.0, 40, cosine=0.5, alignments=10),
+             algorithm="fsl_sage", clients=10, client_lr=1e-4)
+    make_run(root, "fedavg-10", rows([0.3, 0.4, 0.45, 0.55], 1.0, 5.0, 0),
+             algorithm="fedavg", clients=10, client_lr=5e-4)
+    make_run(root, "fsl-100", rows([0.1, NAN, 0.3, NAN, 0.35], 0.1, 2.0, 400, cosine=0.2,
+                                   alignments=5),
+             algorithm="fsl_sage", clients=100, participation=0.1, eval_every=2,
+             client_lr=1e-4)
+    make_run(root, "fedavg-100", rows([0.2, NAN, 0.4, NAN, 0.42], 0.3, 1.0, 0),
+             algorithm="fedavg", clients=100, participation=0.1, eval_every=2,
+             client_lr=5e-4)
+
+
+def test_client_study_scores_every_algorithm_within_the_budget_all_spent(tmp_path):
+    _clients_study(tmp_path / "runs")
+    series = group_series(load_runs(tmp_path / "runs"))
+    rows = report.client_study(series)
+    # participation and eval_every go with the client count, the rates with the algorithm
+    assert {row["facet"] for row in rows} == {"all runs"}
+    got = {(row["clients"], row["algorithm"]): row for row in rows}
+    # Target: the weakest best, FSL-SAGE's 0.35 at 100 clients.
+    assert [row["target"] for row in rows] == [pytest.approx(0.35)] * 4
+    # 10 clients: FSL-SAGE spends 1.5 GiB / 30 s, FedAvg 4 GiB / 20 s; the budgets are
+    # 1.5 GiB (FedAvg's best within it: 0.3 at 1 GiB) and 20 s (FSL-SAGE's: 0.5 at 20 s).
+    fsl, fedavg = got[(10, "fsl_sage")], got[(10, "fedavg")]
+    assert fsl["budget_gib"] == fedavg["budget_gib"] == pytest.approx(1.5)
+    assert (fsl["best_at_budget_bytes"], fedavg["best_at_budget_bytes"]) == (0.6, 0.3)
+    assert fsl["budget_sim_time"] == pytest.approx(20.0)
+    assert (fsl["best_at_budget_time"], fedavg["best_at_budget_time"]) == (0.5, 0.55)
+    # To 0.35 both take two rounds: FSL-SAGE 1 GiB, FedAvg 2 GiB, 200 J each.
+    assert (fsl["gib_to_target"], fsl["energy_to_target"]) == (pytest.approx(1.0), 200.0)
+    assert (fedavg["gib_to_target"], fedavg["energy_to_target"]) == (pytest.approx(2.0), 200.0)
+    # 100 clients: totals 0.5 GiB / 10 s and 1.5 GiB / 5 s. FSL-SAGE reaches 0.35 in its
+    # last round (0.5 GiB, 500 J), FedAvg in round 2 (0.9 GiB, 300 J).
+    fsl, fedavg = got[(100, "fsl_sage")], got[(100, "fedavg")]
+    assert fsl["budget_gib"] == pytest.approx(0.5)
+    assert (fsl["best_at_budget_bytes"], fedavg["best_at_budget_bytes"]) == (0.35, 0.2)
+    # within 5 s FSL-SAGE evaluated only round 0 (round 1 was not evaluated)
+    assert (fsl["best_at_budget_time"], fedavg["best_at_budget_time"]) == (0.1, 0.42)
+    assert (fsl["gib_to_target"], fsl["energy_to_target"]) == (pytest.approx(0.5), 500.0)
+    assert (fedavg["gib_to_target"], fedavg["energy_to_target"]) == (pytest.approx(0.9), 300.0)
+    # Server state, alignments per client (5 a round over 5 rounds, 100 clients), cosine.
+    assert (fsl["server_state_mib"], fedavg["server_state_mib"]) == (400.0, 0.0)
+    assert fsl["alignments_per_client"] == pytest.approx(0.25)
+    assert got[(10, "fsl_sage")]["alignments_per_client"] == pytest.approx(3.0)
+    assert math.isnan(fedavg["alignments_per_client"]) and fedavg["estimate_cosine"] is None
+    assert fsl["estimate_cosine"] == pytest.approx(0.2)
+
+    summary = write_report(tmp_path / "runs", tmp_path / "report")
+    assert "study_vs_clients.png" in summary["figures"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Over the number of clients" in text
+    assert "| 100 | FSL-SAGE | 1 | 5 | 35.00% | 0.5000 | 35.00% | 5.0 | 10.00% | 0.5000 " \
+        "| 0.5 | 400.0 | 0.25 | 0.200 |" in text
+    assert "- `eval_every` goes with the clients: clients=10 1, clients=100 2" in text
+
+
+def test_panels_draw_the_client_count_as_panels(tmp_path):
+    _clients_study(tmp_path / "runs")
+    series = group_series(load_runs(tmp_path / "runs"))
+    assert {row["facet"] for row in target_table(series, target=0.5)} == {"all runs"}
+    rows = target_table(series, target=0.4, panels=("clients",))
+    assert [(row["facet"], row["label"]) for row in rows] == [
+        ("clients=10", "FSL-SAGE"), ("clients=10", "FedAvg"),
+        ("clients=100", "FSL-SAGE"), ("clients=100", "FedAvg")]
+    # the study over clients is the same however the curves are drawn
+    assert report.client_study(series, panels=("clients",)) == report.client_study(series)
+    with pytest.raises(report.ConfigError, match="--panels partition: only a scalability axis"):
+        write_report(tmp_path / "runs", tmp_path / "report", panels=["partition"])
+    assert not (tmp_path / "report").exists()

@@ -243,3 +243,37 @@ def test_a_sweep_whose_driver_is_killed_completes_on_a_rerun(tmp_path):
         assert f"skip   {name} (finished)" in again.stderr
     assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items())
     assert len(list(out.glob("*/summary.json"))) == 4
+
+
+def test_per_algorithm_fields_apply_to_that_algorithms_points_only(tmp_path):
+    spec = tmp_path / "tuned.yaml"
+    spec.write_text("clients: 4\nrounds: 2\nbackend: serial\n"
+                    "per_algorithm:\n  fedavg: {client_lr: 0.0005}\n"
+                    "  fsl_sage: {client_lr: 0.0001, server-lr: 0.0006}\n"
+                    "grid:\n  - algorithm: [fsl_sage, fedavg, cse_fsl]\n"
+                    "  - algorithm: [fedavg]\n    client_lr: [0.02]\n")
+    points = {p.name: p.config for p in load_sweep(spec, [], {}).points}
+    assert (points["algorithm=fsl_sage"].client_lr, points["algorithm=fsl_sage"].server_lr) \
+        == (0.0001, 0.0006)
+    assert points["algorithm=fedavg"].client_lr == 0.0005
+    default = build_config({"algorithm": "cse_fsl"})
+    assert (points["algorithm=cse_fsl"].client_lr, points["algorithm=cse_fsl"].server_lr) \
+        == (default.client_lr, default.server_lr)
+    assert points["algorithm=fedavg__client_lr=0.02"].client_lr == 0.02   # the grid wins
+    # ... and a flag wins over the spec, its per-algorithm fields included.
+    flagged = {p.name: p.config for p in load_sweep(spec, [], {"client_lr": 0.3}).points}
+    assert {c.client_lr for n, c in flagged.items() if "0.02" not in n} == {0.3}
+    assert flagged["algorithm=fsl_sage"].server_lr == 0.0006
+
+
+def test_bad_per_algorithm_blocks_fail_with_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="per_algorithm: .*'fedavgg' is not an algorithm"):
+        build_sweep(TINY, [{"algorithm": ["fedavg"]}], str(tmp_path),
+                    per_algorithm={"fedavgg": {"client_lr": 0.1}})
+    with pytest.raises(ConfigError, match="per_algorithm is a mapping"):
+        build_sweep(TINY, [{"algorithm": ["fedavg"]}], str(tmp_path),
+                    per_algorithm={"fedavg": 0.1})
+    with pytest.raises(ConfigError, match="point algorithm=fedavg: .*client_lr"):
+        build_sweep(TINY, [{"algorithm": ["fedavg"]}], str(tmp_path),
+                    per_algorithm={"fedavg": {"client_lr": -1}})
+    assert not any(tmp_path.iterdir())

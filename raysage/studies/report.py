@@ -11,7 +11,14 @@ one subplot each, with one line per algorithm; the number of clients, when
 swept, is a scalability axis instead and tells lines apart within a facet, as
 do the fields a report is asked to draw as lines (``lines``): a sensitivity
 study of one algorithm's parameters reads best as variants side by side in the
-panel of the setting they share, not as a panel per run.
+panel of the setting they share, not as a panel per run. ``panels`` turns a
+scalability axis back into facets (a study over clients compares the
+algorithms at each client count).
+
+A field whose value goes with the algorithm (each baseline at its own tuned
+learning rate) or with the client count (an evaluation interval that grows
+with the rounds) is a setting of that line or panel, not a facet of its own;
+report.md lists such settings.
 """
 
 from __future__ import annotations
@@ -292,15 +299,44 @@ class Facet:
     series: list[Series]
 
 
-def _line_fields(series: list[Series], lines: tuple[str, ...] = ()) -> list[str]:
+def _line_fields(series: list[Series], lines: tuple[str, ...] = (),
+                 panels: tuple[str, ...] = ()) -> list[str]:
     varying = _varying([s.config for s in series])
-    return [f for f in dict.fromkeys((*SCALING_AXES, *lines)) if f in varying]
+    return [f for f in dict.fromkeys((*SCALING_AXES, *lines)) if f in varying and f not in panels]
+
+
+def _follows(series: list[Series], field: str, by: str) -> bool:
+    """Whether the series that have ``field`` hold one value of it per value of ``by``."""
+    seen: dict[str, str] = {}
+    for s in series:
+        if field in s.config:
+            value = _key(s.config[field])
+            if seen.setdefault(_key(s.config.get(by)), value) != value:
+                return False
+    return True
+
+
+def following_fields(series: list[Series], lines: tuple[str, ...] = (),
+                     panels: tuple[str, ...] = ()) -> dict[str, str]:
+    """Varying fields that go with the algorithm, a line field or a panel field
+    (field -> the one it goes with): settings, not facets."""
+    varying = _varying([s.config for s in series])
+    leaders = [f for f in ("algorithm", *SCALING_AXES, *lines, *panels) if f in varying]
+    settings = {}
+    for f in varying:
+        if f not in leaders:
+            by = next((by for by in leaders if _follows(series, f, by)), None)
+            if by is not None:
+                settings[f] = by
+    return settings
 
 
 def _facets(series: list[Series], lines: tuple[str, ...] = (),
-            exclude: tuple[str, ...] = ()) -> list[Facet]:
+            exclude: tuple[str, ...] = (), panels: tuple[str, ...] = ()) -> list[Facet]:
+    axes = [a for a in SCALING_AXES if a not in panels]
+    settings = following_fields(series, lines, panels)
     fields = [f for f in _varying([s.config for s in series])
-              if f not in ("algorithm", *SCALING_AXES, *lines, *exclude)]
+              if f not in ("algorithm", *axes, *lines, *exclude, *settings)]
     if "alpha" in fields and "partition" not in fields:
         fields.insert(fields.index("alpha"), "partition")   # "alpha=0.1" alone hides the partition
     groups: dict[tuple, list[Series]] = defaultdict(list)
@@ -423,15 +459,16 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
 
 def target_table(series: list[Series], target: float | None = None,
                  metric: str = "accuracy", lines: tuple[str, ...] = (),
-                 baseline: str | None = None) -> list[dict[str, Any]]:
+                 baseline: str | None = None,
+                 panels: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Per facet and algorithm: best/final metric and the cost of reaching the target
     (bytes, simulated time, client energy), also as a ratio to the baseline
     algorithm's cost (> 1: the baseline needed less), and the mean leakage measured
     over the run."""
     m = _metric(metric)
-    line_fields = _line_fields(series, lines)
+    line_fields = _line_fields(series, lines, panels)
     rows = []
-    for facet in _facets(series, lines):
+    for facet in _facets(series, lines, panels=panels):
         if target is not None:
             goal, rule = target, "given"
         else:
@@ -514,6 +551,107 @@ def scaling_lines(runs: list[Run], axis: str) -> list[ScalingLine]:
     return sorted(lines, key=lambda line: (_rank(line.algorithm), line.label))
 
 
+# ---------------------------------------------------------------- study over clients
+def _best_within(rounds: list[dict[str, Any]], m: Metric, column: str, budget: float) -> float:
+    """The best value of the metric evaluated while ``column`` was within the budget."""
+    within = [row for row in rounds if _num(row.get(column)) <= budget * (1 + 1e-9)]
+    return _best(within, m)
+
+
+def _column_max(rounds: list[dict[str, Any]], column: str) -> float:
+    values = [v for v in (_num(row.get(column)) for row in rounds) if not math.isnan(v)]
+    return max(values) if values else math.nan
+
+
+def client_study(series: list[Series], metric: str = "accuracy", target: float | None = None,
+                 lines: tuple[str, ...] = (), panels: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Per facet (partition, say), client count and algorithm: what the same training
+    buys as the data is split over more clients. The budgets are per client count:
+    the bytes and simulated time that every algorithm at that count spent (the least
+    of their totals), so each is scored on what all of them had; the target is one
+    per facet (given, or its weakest series' best), so costs compare across counts.
+    Empty unless the client count varies."""
+    if len({_key(s.config.get("clients")) for s in series}) < 2:
+        return []
+    m = _metric(metric)
+    line_fields = [f for f in _line_fields(series, lines) if f != "clients"]
+    rows = []
+    for facet in _facets(series, lines, exclude=("clients",), panels=panels):
+        goal = target if target is not None else _default_target(
+            [_best(s.rounds, m) for s in facet.series], m)
+        by_clients: dict[Any, list[Series]] = defaultdict(list)
+        for s in facet.series:
+            by_clients[s.config.get("clients")].append(s)
+        for clients in sorted(by_clients, key=_sort_value):
+            members = by_clients[clients]
+            budget_bytes = min(_column_max(s.rounds, "cumulative_bytes") for s in members)
+            budget_time = min(_column_max(s.rounds, "sim_time") for s in members)
+            for s in sorted(members, key=lambda s: (_rank(s.algorithm), _key(s.config))):
+                hit = time_to_target(s.rounds, goal, metric) if goal is not None else None
+                alignments = [v for v in (_num(r.get("alignments")) for r in s.rounds)
+                              if not math.isnan(v)]
+                rows.append({
+                    "facet": facet.label, "clients": clients, "algorithm": s.algorithm,
+                    "label": _line_label(s, line_fields), "colour": s.colour,
+                    "runs": len(s.runs), "rounds": len(s.rounds),
+                    "best": _best(s.rounds, m),
+                    "budget_gib": budget_bytes / GIB,
+                    "best_at_budget_bytes": _best_within(s.rounds, m, "cumulative_bytes",
+                                                         budget_bytes),
+                    "budget_sim_time": budget_time,
+                    "best_at_budget_time": _best_within(s.rounds, m, "sim_time", budget_time),
+                    "target": goal,
+                    "gib_to_target": hit[1] if hit else None,
+                    "energy_to_target": (_at_round(s.rounds, hit[0], "cumulative_energy_j")
+                                         if hit else None),
+                    "server_state_mib": _column_max(s.rounds, "server_state_bytes") / 2 ** 20,
+                    "alignments_per_client": (sum(alignments) / float(clients)
+                                              if alignments else math.nan),
+                    "estimate_cosine": _leakage(s.rounds, "estimate_cosine"),
+                    "nmse_after": _leakage(s.rounds, "nmse_after"),
+                })
+    return rows
+
+
+STUDY_PANELS = (  # row key, panel title, y label, scale
+    ("best_at_budget_bytes", "at equal bytes (least total of the algorithms at each N)",
+     "best test accuracy (%)", 100.0),
+    ("best_at_budget_time", "at equal simulated time (least total at each N)",
+     "best test accuracy (%)", 100.0),
+    ("gib_to_target", "communication to the target", "GiB", 1.0),
+    ("energy_to_target", "client energy to the target", "kJ", 1e-3),
+    ("server_state_mib", "server's peak state", "MiB", 1.0),
+    ("estimate_cosine", "gradient estimate vs true (mean over rounds)", "cosine", 1.0),
+)
+
+
+def _study_figure(rows: list[dict[str, Any]], series: list[Series], metric: Metric):
+    facets = list(dict.fromkeys(row["facet"] for row in rows))
+    fig, axes = _grid(len(STUDY_PANELS) * len(facets),
+                      "Over the number of clients, same data and training" + _context(series))
+    for i, facet in enumerate(facets):
+        mine = [row for row in rows if row["facet"] == facet]
+        for j, (key, title, ylabel, scale) in enumerate(STUDY_PANELS):
+            if metric.name != "accuracy" and key.startswith("best"):
+                ylabel = metric.title
+                scale = metric.scale
+            ax = axes[i * len(STUDY_PANELS) + j]
+            for label in dict.fromkeys(row["label"] for row in mine):
+                points = [(row["clients"], row[key]) for row in mine if row["label"] == label]
+                points = [(x, y * scale) for x, y in points
+                          if y is not None and not math.isnan(y)]
+                if points:
+                    colour = next(row["colour"] for row in mine if row["label"] == label)
+                    ax.plot([p[0] for p in points], [p[1] for p in points], "-o", color=colour,
+                            label=label)
+            ax.set_xscale("log")
+            target = mine[0]["target"]
+            name = f"{title} ({metric.show(target)})" if "target" in title and target else title
+            _finish(ax, f"{facet}: {name}" if len(facets) > 1 else name,
+                    "clients (log scale)", ylabel)
+    return fig
+
+
 # ---------------------------------------------------------------- figures
 CURVE_AXES = {  # x name -> (axis label, value of a round row)
     "communication": ("communication (GiB)", lambda row: _num(row.get("cumulative_bytes")) / GIB),
@@ -564,9 +702,10 @@ def _context(series: list[Series]) -> str:
 
 
 def _curve_figure(series: list[Series], metric: Metric, x: str,
-                  targets: dict[str, float | None] | None = None, lines: tuple[str, ...] = ()):
+                  targets: dict[str, float | None] | None = None, lines: tuple[str, ...] = (),
+                  panels: tuple[str, ...] = ()):
     xlabel, x_of = CURVE_AXES[x]
-    facets, line_fields = _facets(series, lines), _line_fields(series, lines)
+    facets, line_fields = _facets(series, lines, panels=panels), _line_fields(series, lines, panels)
     style = _line_styles(series, line_fields)
     fig, axes = _grid(len(facets), f"{metric.title.split(' (')[0]} vs {x.replace('_', ' ')}"
                       + _context(series))
@@ -591,14 +730,15 @@ def _curve_figure(series: list[Series], metric: Metric, x: str,
     return fig
 
 
-def _observer_figure(series: list[Series], figure: Figure, lines: tuple[str, ...] = ()):
+def _observer_figure(series: list[Series], figure: Figure, lines: tuple[str, ...] = (),
+                     panels: tuple[str, ...] = ()):
     """An observer's measurements against round: one panel per column that any run
     measured, per facet (see raysage.observers)."""
     panels = [p for p in figure.panels
               if any(not math.isnan(_num(r.get(p.column))) for s in series for r in s.rounds)]
     if not panels:
         return None
-    facets, line_fields = _facets(series, lines), _line_fields(series, lines)
+    facets, line_fields = _facets(series, lines, panels=panels), _line_fields(series, lines, panels)
     style = _line_styles(series, line_fields)
     fig, axes = _grid(len(panels) * len(facets), figure.title + _context(series),
                       ncols=len(panels))
@@ -631,9 +771,10 @@ def _spans_decades(ax) -> bool:
     return bool(ends and starts) and max(ends) / min(starts) > 100
 
 
-def _alpha_figure(series: list[Series], metric: Metric, lines: tuple[str, ...] = ()):
-    line_fields = _line_fields(series, lines)
-    facets = [f for f in _facets(series, lines, exclude=("partition", "alpha"))
+def _alpha_figure(series: list[Series], metric: Metric, lines: tuple[str, ...] = (),
+                  panels: tuple[str, ...] = ()):
+    line_fields = _line_fields(series, lines, panels)
+    facets = [f for f in _facets(series, lines, exclude=("partition", "alpha"), panels=panels)
               if any(s.config.get("partition") == "dirichlet" for s in f.series)]
     fig, axes = _grid(len(facets), "Best test accuracy vs Dirichlet alpha" + _context(series))
     for ax, facet in zip(axes, facets):
@@ -717,9 +858,56 @@ def _share(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _settings(series: list[Series], lines: tuple[str, ...], panels: tuple[str, ...]) -> list[str]:
+    """report.md's lines for the fields that go with the algorithm or an axis."""
+    out = []
+    for field, by in following_fields(series, lines, panels).items():
+        pairs = {}
+        for s in series:
+            if field in s.config:
+                lead = s.label if by == "algorithm" else f"{by}={_show(s.config.get(by))}"
+                pairs.setdefault(lead, _show(s.config[field]))
+        out.append(f"- `{field}` goes with the {by}: " +
+                   ", ".join(f"{lead} {value}" for lead, value in pairs.items()))
+    return out
+
+
+def _study_markdown(rows: list[dict[str, Any]], metric: Metric) -> list[str]:
+    out = ["", "## Over the number of clients", "",
+           "At each client count the budgets are the least total bytes and simulated time of "
+           "the algorithms there, so each is scored on what all of them had spent; the best "
+           f"{metric.name} within them is shown. The target is one per facet, so costs compare "
+           "across counts. Server state is the most the server held in any round (models, "
+           "optimizer state, per-client state); alignments per client count FSL-SAGE's "
+           "alignments over the run divided by the clients; the estimate cosine is the mean "
+           "over rounds of the gradient a client trained on against the true one."]
+    for facet in dict.fromkeys(row["facet"] for row in rows):
+        mine = [row for row in rows if row["facet"] == facet]
+        goal = mine[0]["target"]
+        out += ["", f"### {facet}", "",
+                f"Target: {metric.name} {metric.show(goal)}." if goal is not None else
+                "No target.", "",
+                "| clients | algorithm | runs | rounds | best | GiB budget | best within it "
+                "| sim s budget | best within it | GiB to target | client kJ to target "
+                "| server peak MiB | alignments / client | estimate cosine |",
+                "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in mine:
+            per_client = row["alignments_per_client"]
+            out.append("| " + " | ".join([
+                _show(row["clients"]), row["label"], str(row["runs"]), str(row["rounds"]),
+                metric.show(row["best"]), _gib(row["budget_gib"]),
+                metric.show(row["best_at_budget_bytes"]), _seconds(row["budget_sim_time"]),
+                metric.show(row["best_at_budget_time"]), _gib(row["gib_to_target"]),
+                _kilojoules(row["energy_to_target"]), f"{row['server_state_mib']:.1f}",
+                "-" if math.isnan(per_client) else f"{per_client:.2f}",
+                _share(row["estimate_cosine"])]) + " |")
+    return out
+
+
 def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: Metric,
               scaling: dict[str, list[ScalingLine]], figures: list[str],
-              baseline: str | None = None) -> str:
+              baseline: str | None = None, study: list[dict[str, Any]] = (),
+              settings: list[str] = ()) -> str:
     out = [f"# raysage report: {metric.title.split(' (')[0]}", "",
            (f"{len(runs)} runs in {len(series)} series; runs that differ only in seed or in "
             "execution settings are one series, averaged over the rounds all of them have."), "",
@@ -733,6 +921,9 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
             " (unfinished)" if isinstance(planned, int) and len(run.rounds) < planned else "")
         out.append(f"- `{run.path}`: {run.label}, seed "
                    f"{run.config.get('seed')}, {done}")
+    if settings:
+        out += ["", "Settings that go with a line or panel rather than making panels of their "
+                "own:", "", *settings]
     named = next((run.label or run.algorithm for run in runs if run.algorithm == baseline), None)
     ratios = (f"Ratios are the algorithm's cost over {named}'s (above 1x: {named} needed "
               "less). " if named else "")
@@ -763,6 +954,8 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
                 cells += [show(row[value])] + ([_times(row[ratio])] if named else [])
             out.append("| " + " | ".join(cells + [_share(row[c]) for c in LEAKAGE_PANELS])
                        + " |")
+    if study:
+        out += _study_markdown(list(study), metric)
     for axis, lines in scaling.items():
         out += ["", f"## Scalability: {axis}", "",
                 "Per-round means leave out round 0 (one-off setup) when a run has more rounds.", "",
@@ -782,16 +975,22 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
 
 def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str | os.PathLike,
                  target: float | None = None, metric: str = "auto",
-                 lines: Iterable[str] = (), baseline: str | None = None) -> dict[str, Any]:
+                 lines: Iterable[str] = (), baseline: str | None = None,
+                 panels: Iterable[str] = ()) -> dict[str, Any]:
     """Figures and report.md for the given runs in out_dir; returns a summary.
 
     ``metric="auto"`` is test loss when every run is a language model, else accuracy.
     ``lines`` are config fields that tell lines apart within a panel instead of
-    splitting the figures into panels. ``baseline`` names the algorithm whose cost
+    splitting the figures into panels; ``panels`` are scalability axes (clients)
+    drawn as panels instead of lines. ``baseline`` names the algorithm whose cost
     to the target every other one's is divided by (none: no ratios).
     """
     runs = load_runs(paths)
-    lines = tuple(lines)
+    lines, panels = tuple(lines), tuple(panels)
+    for name in panels:
+        if name not in SCALING_AXES:
+            raise ConfigError(f"--panels {name}: only a scalability axis ({', '.join(SCALING_AXES)}) "
+                              "is drawn as lines by default; other fields already make panels")
     if baseline is not None and not any(run.algorithm == baseline for run in runs):
         found = sorted({run.algorithm for run in runs})
         raise ConfigError(f"--baseline {baseline}: no run is of that algorithm; give one of "
@@ -805,7 +1004,8 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
         metric = "test_loss" if language else "accuracy"
     m = _metric(metric)
     series = group_series(runs)
-    table = target_table(series, target, metric, lines, baseline)
+    table = target_table(series, target, metric, lines, baseline, panels)
+    study = client_study(series, metric, target, lines, panels)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -823,22 +1023,26 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
     for x, (_, x_of) in CURVE_AXES.items():
         # Runs written before a column existed (energy) get no empty figure.
         if any(not math.isnan(x_of(r)) for s in series for r in s.rounds):
-            save(_curve_figure(series, m, x, targets, lines), f"{m.name}_vs_{x}.png")
+            save(_curve_figure(series, m, x, targets, lines, panels), f"{m.name}_vs_{x}.png")
     alphas = {s.config.get("alpha") for s in series if s.config.get("partition") == "dirichlet"}
     if m.name == "accuracy" and len(alphas) >= 2:
-        save(_alpha_figure(series, m, lines), "best_accuracy_vs_alpha.png")
+        save(_alpha_figure(series, m, lines, panels), "best_accuracy_vs_alpha.png")
     for observer in OBSERVERS:
-        drawn = _observer_figure(series, observer.figure, lines)
+        drawn = _observer_figure(series, observer.figure, lines, panels)
         if drawn is not None:
             save(drawn, observer.figure.name)
     # (The walrus would bind in this function's scope: it must not reuse ``lines``.)
     scaling = {axis: found for axis in SCALING_AXES if (found := scaling_lines(runs, axis))}
     for axis, found in scaling.items():
         save(_scaling_figure(found, axis), f"scalability_{axis}.png")
+    if study:
+        save(_study_figure(study, series, m), "study_vs_clients.png")
 
-    _save_text(_markdown(runs, series, table, m, scaling, figures, baseline),
+    _save_text(_markdown(runs, series, table, m, scaling, figures, baseline, study,
+                         _settings(series, lines, panels)),
                out / "report.md")
     return {"runs": len(runs), "series": len(series), "figures": figures, "table": table,
+            "study": study,
             "scalability": {axis: [(line.label, line.points) for line in lines]
                             for axis, lines in scaling.items()},
             "report": str(out / "report.md")}

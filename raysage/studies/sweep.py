@@ -107,10 +107,33 @@ def point_name(values: dict[str, Any]) -> str:
     return "__".join(parts) or "base"
 
 
+def _check_per_algorithm(per_algorithm: Any, where: str) -> dict[str, dict[str, Any]]:
+    if per_algorithm is None:
+        return {}
+    if not isinstance(per_algorithm, dict) or not all(
+            isinstance(v, dict) for v in per_algorithm.values()):
+        raise ConfigError(f"{where}: per_algorithm is a mapping of algorithm -> fields, e.g. "
+                          "per_algorithm: {fedavg: {client_lr: 5.2e-4}}; got "
+                          f"{shown(per_algorithm)}")
+    for name in per_algorithm:
+        algorithm_class(name)   # an unknown name fails here, with the known ones
+    return {name: {k.replace("-", "_"): v for k, v in fields.items()}
+            for name, fields in per_algorithm.items()}
+
+
 def build_sweep(base: dict[str, Any], grids: list[dict[str, list[Any]]],
-                root: str | None, parallel: int | None = None, where: str = "sweep") -> Sweep:
-    """Expand and validate every point up front: a bad value fails before anything runs."""
+                root: str | None, parallel: int | None = None, where: str = "sweep",
+                per_algorithm: dict[str, dict[str, Any]] | None = None) -> Sweep:
+    """Expand and validate every point up front: a bad value fails before anything runs.
+
+    ``per_algorithm`` holds fields that apply to one algorithm's points only (its
+    tuned learning rates, say); a grid value of the same field wins over them.
+    """
     base = {k.replace("-", "_"): v for k, v in base.items()}
+    try:
+        per_algorithm = _check_per_algorithm(per_algorithm, where)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: per_algorithm: {exc}") from None
     root = root if root is not None else base.get("out")
     if not root:
         raise ConfigError(f"{where}: no folder for the sweep; give --out DIR (a re-run with the "
@@ -131,8 +154,9 @@ def build_sweep(base: dict[str, Any], grids: list[dict[str, list[Any]]],
             values = dict(zip(names, combo))
             name = point_name(values)
             try:
-                fields = {**base, **values}
-                own = algorithm_class(fields.get("algorithm", FIELDS["algorithm"].default))
+                name_of = {**base, **values}.get("algorithm", FIELDS["algorithm"].default)
+                fields = {**base, **per_algorithm.get(name_of, {}), **values}
+                own = algorithm_class(name_of)
                 # Another algorithm's parameters do not apply to this point.
                 fields = {k: v for k, v in fields.items()
                           if k in FIELDS or k in own.Params.model_fields or k not in params}
@@ -149,7 +173,8 @@ def build_sweep(base: dict[str, Any], grids: list[dict[str, list[Any]]],
 
 def load_sweep(spec: str | Path | None, grid_flags: list[str], overrides: dict[str, Any],
                parallel: int | None = None) -> Sweep:
-    """A sweep from a YAML spec (config fields + ``grid`` + ``parallel``) and/or flags.
+    """A sweep from a YAML spec (config fields + ``grid`` + ``per_algorithm`` +
+    ``parallel``) and/or flags.
 
     ``--grid`` flags add their fields to every grid of the spec (or make the
     only grid); config flags override the spec's base values.
@@ -161,16 +186,23 @@ def load_sweep(spec: str | Path | None, grid_flags: list[str], overrides: dict[s
         values = read_yaml(spec)
     grid_spec = values.pop("grid", None)
     spec_parallel = values.pop("parallel", None)
+    per_algorithm = values.pop("per_algorithm", None)
     grids = grid_spec if isinstance(grid_spec, list) else [grid_spec] if grid_spec else []
     from_flags = dict(parse_grid_flag(flag) for flag in grid_flags)
     if from_flags:
         grids = [{**g, **from_flags} for g in grids] if grids else [from_flags]
-    base = {**values, **{k: v for k, v in overrides.items() if v is not None}}
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    base = {**values, **flags}
+    if isinstance(per_algorithm, dict):
+        # A flag on the command line wins over the spec, its per-algorithm fields too.
+        per_algorithm = {name: {k: v for k, v in fields.items() if k.replace("-", "_") not in flags}
+                         if isinstance(fields, dict) else fields
+                         for name, fields in per_algorithm.items()}
     root = base.get("out")
     if root is None and spec is not None:
         root = str(Path("runs") / Path(spec).stem)
     return build_sweep(base, grids, root, parallel if parallel is not None else spec_parallel,
-                       where)
+                       where, per_algorithm)
 
 
 # --- the state of a point's folder -------------------------------------------------------
