@@ -863,7 +863,9 @@ def _settings(series: list[Series], lines: tuple[str, ...], panels: tuple[str, .
     out = []
     for field, by in following_fields(series, lines, panels).items():
         pairs = {}
-        for s in series:
+        ordered = series if by == "algorithm" else sorted(
+            series, key=lambda s: _sort_value(s.config.get(by)))
+        for s in ordered:
             if field in s.config:
                 lead = s.label if by == "algorithm" else f"{by}={_show(s.config.get(by))}"
                 pairs.setdefault(lead, _show(s.config[field]))
