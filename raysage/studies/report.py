@@ -614,19 +614,18 @@ def client_study(series: list[Series], metric: str = "accuracy", target: float |
 
 
 STUDY_PANELS = (  # row key, panel title, y label, scale
-    ("best_at_budget_bytes", "at equal bytes (least total of the algorithms at each N)",
-     "best test accuracy (%)", 100.0),
-    ("best_at_budget_time", "at equal simulated time (least total at each N)",
-     "best test accuracy (%)", 100.0),
-    ("gib_to_target", "communication to the target", "GiB", 1.0),
-    ("energy_to_target", "client energy to the target", "kJ", 1e-3),
+    ("best_at_budget_bytes", "at equal bytes", "best test accuracy (%)", 100.0),
+    ("best_at_budget_time", "at equal simulated time", "best test accuracy (%)", 100.0),
+    ("gib_to_target", "bytes to target", "GiB", 1.0),
+    ("energy_to_target", "client energy to target", "kJ", 1e-3),
     ("server_state_mib", "server's peak state", "MiB", 1.0),
-    ("estimate_cosine", "gradient estimate vs true (mean over rounds)", "cosine", 1.0),
+    ("estimate_cosine", "estimate's cosine", "cosine with the true gradient", 1.0),
 )
 
 
 def _study_figure(rows: list[dict[str, Any]], series: list[Series], metric: Metric):
     facets = list(dict.fromkeys(row["facet"] for row in rows))
+    # The budgets (each count's least total of the algorithms) are explained in report.md.
     fig, axes = _grid(len(STUDY_PANELS) * len(facets),
                       "Over the number of clients, same data and training" + _context(series))
     for i, facet in enumerate(facets):
