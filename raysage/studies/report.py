@@ -445,7 +445,7 @@ def _at_round(rounds: list[dict[str, Any]], rnd: int, column: str) -> float | No
     return None if math.isnan(value) else value
 
 
-def _leakage(rounds: list[dict[str, Any]], column: str) -> float | None:
+def _measured_mean(rounds: list[dict[str, Any]], column: str) -> float | None:
     """Mean over the rounds that measured it; None when nothing of the kind was measured."""
     values = [v for v in (_num(row.get(column)) for row in rounds) if not math.isnan(v)]
     return sum(values) / len(values) if values else None
@@ -495,7 +495,7 @@ def target_table(series: list[Series], target: float | None = None,
                 "time_ratio": _ratio(hit[2], ref_hit[2]) if hit and ref_hit else None,
                 "energy_to_target": energy,
                 "energy_ratio": _ratio(energy, ref_energy),
-                **{column: _leakage(s.rounds, column) for column in LEAKAGE_PANELS},
+                **{column: _measured_mean(s.rounds, column) for column in LEAKAGE_PANELS},
             })
     return rows
 
@@ -607,8 +607,7 @@ def client_study(series: list[Series], metric: str = "accuracy", target: float |
                     "server_state_mib": _column_max(s.rounds, "server_state_bytes") / 2 ** 20,
                     "alignments_per_client": (sum(alignments) / float(clients)
                                               if alignments else math.nan),
-                    "estimate_cosine": _leakage(s.rounds, "estimate_cosine"),
-                    "nmse_after": _leakage(s.rounds, "nmse_after"),
+                    "estimate_cosine": _measured_mean(s.rounds, "estimate_cosine"),
                 })
     return rows
 
