@@ -460,16 +460,16 @@ def _clients_study(root):
                        alignments=alignments, cumulative_energy_j=100.0 * (row["round"] + 1))
         return out
     make_run(root, "fsl-10", rows([0.2, 0.5, 0.6], 0.5, 10.0, 40, cosine=0.5, alignments=10),
-             algorithm="fsl_sage", clients=10, client_lr=1e-4)
+             algorithm="fsl_sage", clients=10, client_lr=1e-4, rounds=3)
     make_run(root, "fedavg-10", rows([0.3, 0.4, 0.45, 0.55], 1.0, 5.0, 0),
-             algorithm="fedavg", clients=10, client_lr=5e-4)
+             algorithm="fedavg", clients=10, client_lr=5e-4, rounds=4)
     make_run(root, "fsl-100", rows([0.1, NAN, 0.3, NAN, 0.35], 0.1, 2.0, 400, cosine=0.2,
                                    alignments=5),
              algorithm="fsl_sage", clients=100, participation=0.1, eval_every=2,
-             client_lr=1e-4)
+             client_lr=1e-4, rounds=5)
     make_run(root, "fedavg-100", rows([0.2, NAN, 0.4, NAN, 0.42], 0.3, 1.0, 0),
              algorithm="fedavg", clients=100, participation=0.1, eval_every=2,
-             client_lr=5e-4)
+             client_lr=5e-4, rounds=5)
 
 
 def test_client_study_scores_every_algorithm_within_the_budget_all_spent(tmp_path):
@@ -529,3 +529,19 @@ def test_panels_draw_the_client_count_as_panels(tmp_path):
     with pytest.raises(report.ConfigError, match="--panels partition: only a scalability axis"):
         write_report(tmp_path / "runs", tmp_path / "report", panels=["partition"])
     assert not (tmp_path / "report").exists()
+
+
+def test_a_run_still_going_does_not_set_the_budget_of_the_others(tmp_path):
+    _clients_study(tmp_path / "runs")
+    # CSE-FSL at 10 clients, planned for 6 rounds, has written 2: 0.2 GiB and 2 s so far.
+    make_run(tmp_path / "runs", "cse-10", curve([0.1, 0.3], gib_per_round=0.1,
+                                                sim_per_round=1.0), algorithm="cse_fsl",
+             clients=10, rounds=6)
+    rows = {(r["clients"], r["algorithm"]): r
+            for r in report.client_study(group_series(load_runs(tmp_path / "runs")))}
+    assert rows[(10, "cse_fsl")]["unfinished"] and not rows[(10, "fsl_sage")]["unfinished"]
+    # the budgets of the finished runs, as without it: 1.5 GiB and 20 s
+    assert rows[(10, "fsl_sage")]["budget_gib"] == pytest.approx(1.5)
+    assert rows[(10, "fsl_sage")]["budget_sim_time"] == pytest.approx(20.0)
+    write_report(tmp_path / "runs", tmp_path / "report")
+    assert "| 10 | CSE-FSL (unfinished) | 1 | 2 |" in (tmp_path / "report" / "report.md").read_text()

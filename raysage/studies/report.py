@@ -552,6 +552,19 @@ def scaling_lines(runs: list[Run], axis: str) -> list[ScalingLine]:
 
 
 # ---------------------------------------------------------------- study over clients
+def _stopped_at_budget(run: Run) -> bool:
+    budget = run.config.get("budget_gib")
+    spent = _num(run.rounds[-1].get("cumulative_bytes")) / GIB if run.rounds else 0.0
+    return budget is not None and spent >= budget
+
+
+def unfinished(run: Run) -> bool:
+    """A run with fewer rounds than planned that did not stop at its byte budget."""
+    planned = run.config.get("rounds")
+    return (isinstance(planned, int) and len(run.rounds) < planned
+            and not _stopped_at_budget(run))
+
+
 def _best_within(rounds: list[dict[str, Any]], m: Metric, column: str, budget: float) -> float:
     """The best value of the metric evaluated while ``column`` was within the budget."""
     within = [row for row in rounds if _num(row.get(column)) <= budget * (1 + 1e-9)]
@@ -584,8 +597,10 @@ def client_study(series: list[Series], metric: str = "accuracy", target: float |
             by_clients[s.config.get("clients")].append(s)
         for clients in sorted(by_clients, key=_sort_value):
             members = by_clients[clients]
-            budget_bytes = min(_column_max(s.rounds, "cumulative_bytes") for s in members)
-            budget_time = min(_column_max(s.rounds, "sim_time") for s in members)
+            # A run still going would set everyone's budget at where it happens to be.
+            complete = [s for s in members if not any(map(unfinished, s.runs))] or members
+            budget_bytes = min(_column_max(s.rounds, "cumulative_bytes") for s in complete)
+            budget_time = min(_column_max(s.rounds, "sim_time") for s in complete)
             for s in sorted(members, key=lambda s: (_rank(s.algorithm), _key(s.config))):
                 hit = time_to_target(s.rounds, goal, metric) if goal is not None else None
                 alignments = [v for v in (_num(r.get("alignments")) for r in s.rounds)
@@ -594,6 +609,7 @@ def client_study(series: list[Series], metric: str = "accuracy", target: float |
                     "facet": facet.label, "clients": clients, "algorithm": s.algorithm,
                     "label": _line_label(s, line_fields), "colour": s.colour,
                     "runs": len(s.runs), "rounds": len(s.rounds),
+                    "unfinished": any(map(unfinished, s.runs)),
                     "best": _best(s.rounds, m),
                     "budget_gib": budget_bytes / GIB,
                     "best_at_budget_bytes": _best_within(s.rounds, m, "cumulative_bytes",
@@ -894,7 +910,8 @@ def _study_markdown(rows: list[dict[str, Any]], metric: Metric) -> list[str]:
         for row in mine:
             per_client = row["alignments_per_client"]
             out.append("| " + " | ".join([
-                _show(row["clients"]), row["label"], str(row["runs"]), str(row["rounds"]),
+                _show(row["clients"]), row["label"] + (" (unfinished)" if row["unfinished"] else ""),
+                str(row["runs"]), str(row["rounds"]),
                 metric.show(row["best"]), _gib(row["budget_gib"]),
                 metric.show(row["best_at_budget_bytes"]), _seconds(row["budget_sim_time"]),
                 metric.show(row["best_at_budget_time"]), _gib(row["gib_to_target"]),
@@ -914,11 +931,9 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
            "## Runs", ""]
     for run in runs:
         planned, budget = run.config.get("rounds"), run.config.get("budget_gib")
-        spent = _num(run.rounds[-1].get("cumulative_bytes")) / GIB if run.rounds else 0.0
-        stopped = budget is not None and spent >= budget
         done = f"{len(run.rounds)}/{planned} rounds" + (
-            f" (stopped at the {budget:g} GiB budget)" if stopped else
-            " (unfinished)" if isinstance(planned, int) and len(run.rounds) < planned else "")
+            f" (stopped at the {budget:g} GiB budget)" if _stopped_at_budget(run) else
+            " (unfinished)" if unfinished(run) else "")
         out.append(f"- `{run.path}`: {run.label}, seed "
                    f"{run.config.get('seed')}, {done}")
     if settings:
