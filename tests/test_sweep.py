@@ -15,7 +15,7 @@ from raysage.config import build_config
 from raysage.engine.orchestrator import simulate
 from raysage.errors import ConfigError
 from raysage.studies.sweep import (build_sweep, load_sweep, parse_grid_flag, point_status,
-                                   run_sweep)
+                                   quiet_tune, run_sweep)
 
 TINY = {"clients": 2, "samples_per_client": 20, "test_samples": 50, "rounds": 3,
         "batch_size": 10, "align_epochs": 2, "align_buffer": 20, "align_batch_size": 20,
@@ -277,3 +277,19 @@ def test_bad_per_algorithm_blocks_fail_with_one_line(tmp_path):
         build_sweep(TINY, [{"algorithm": ["fedavg"]}], str(tmp_path),
                     per_algorithm={"fedavg": {"client_lr": -1}})
     assert not any(tmp_path.iterdir())
+
+
+def test_tunes_warning_about_trials_that_never_started_is_silenced(caplog):
+    """After Ctrl-C Tune warns, one line per trial that had not started, that it
+    cannot read their metrics: a sweep prints its own one-line summary instead."""
+    import logging
+
+    from ray.tune.analysis import experiment_analysis
+
+    tunes = experiment_analysis.logger
+    before = tunes.level
+    with caplog.at_level(logging.WARNING), quiet_tune():
+        tunes.warning("Failed to fetch metrics for 3 trial(s)")
+        tunes.error("a real error still shows")
+    assert [r.getMessage() for r in caplog.records] == ["a real error still shows"]
+    assert tunes.level == before

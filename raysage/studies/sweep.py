@@ -386,16 +386,28 @@ def _trial(config: dict[str, Any], points: dict[str, tuple[SweepPoint, str]],
         tune.report({FAILED: f"{type(exc).__name__}: {exc}"})
 
 
+# Tune builds a table of every trial's metrics when fit returns, which raysage never
+# reads; after Ctrl-C it warns, one line per trial that had not started, that their
+# metric files are missing.
+_UNREAD_RESULTS_LOGGER = "ray.tune.analysis.experiment_analysis"
+
+
 @contextlib.contextmanager
 def quiet_tune():
     """Tune's newer console output prints its experiment's header whatever the
     verbosity; raysage's own lines say what happens."""
+    import logging
+
     name = "RAY_AIR_NEW_OUTPUT"
     before = os.environ.get(name)
     os.environ[name] = "0"
+    unread = logging.getLogger(_UNREAD_RESULTS_LOGGER)
+    level = unread.level
+    unread.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        unread.setLevel(level)
         if before is None:
             os.environ.pop(name, None)
         else:
