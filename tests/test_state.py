@@ -334,6 +334,27 @@ def test_the_memory_estimate_counts_the_spill_and_the_disk(tmp_path):
     assert need.dataset < 10 * MIB
 
 
+@pytest.mark.parametrize("clients, participation", [(10_000, 0.001), (20, 1.0)])
+def test_the_server_state_estimate_counts_the_uploads_the_run_can_make(clients, participation):
+    """FSL-SAGE's server keeps up to align_buffer (1,000) uploaded samples per client. A
+    client of 5 samples that took part in all 500 rounds would fill it; with 10 of
+    10,000 clients a round, the run's 5,000 client-rounds upload 25,000 samples in all."""
+    world = build_world(build_config(dict(
+        algorithm="fsl_sage", clients=clients, participation=participation, rounds=500,
+        samples_per_client=5, state_memory_mib=1, checkpoint_every=0)))
+    need = estimate(world, 1)
+    sizes = world.algorithm.sizes
+    per_sample = sizes.smashed_per_sample + sizes.labels_per_sample
+    selected = round(clients * participation)
+    touched = min(clients, selected * 500)
+    # One batch of 5 a round (batch 20), uploaded at its first step.
+    server_state = min(touched * 1000, selected * 500 * 5) * per_sample
+    worker_spill = touched * world.facts.client_state_bytes - MIB
+    assert need.spill == worker_spill + server_state - MIB
+    if clients == 10_000:   # not 5,000 full buffers
+        assert server_state == 25_000 * per_sample < touched * 1000 * per_sample / 10
+
+
 def test_the_driver_plans_without_importing_torch():
     code = ("import sys; from raysage.config import build_config; "
             "from raysage.engine.orchestrator import build_world; "

@@ -701,7 +701,8 @@ class Algorithm:
 
     def server_client_bytes(self, batch_sizes: list[int], rounds: int) -> int:
         """What the server keeps, at most, per client between rounds, for a client with
-        these local batches that takes part in up to ``rounds`` rounds."""
+        these local batches that takes part in up to ``rounds`` rounds; never more than
+        ``rounds`` times what one round leaves (the memory estimate relies on it)."""
         return 0
 
     def server_state_bytes(self, server: ServerState) -> int:
