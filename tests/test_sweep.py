@@ -279,17 +279,20 @@ def test_bad_per_algorithm_blocks_fail_with_one_line(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_tunes_warning_about_trials_that_never_started_is_silenced(caplog):
+def test_tunes_advice_after_ctrl_c_is_silenced_and_its_other_warnings_are_not(caplog):
     """After Ctrl-C Tune warns, one line per trial that had not started, that it
-    cannot read their metrics: a sweep prints its own one-line summary instead."""
+    cannot read their metrics, and advises Tuner.restore: a sweep prints its own
+    one-line summary, which says to re-run the same command, instead."""
     import logging
 
+    from ray.tune import tune as tune_module
     from ray.tune.analysis import experiment_analysis
 
-    tunes = experiment_analysis.logger
-    before = tunes.level
     with caplog.at_level(logging.WARNING), quiet_tune():
-        tunes.warning("Failed to fetch metrics for 3 trial(s)")
-        tunes.error("a real error still shows")
-    assert [r.getMessage() for r in caplog.records] == ["a real error still shows"]
-    assert tunes.level == before
+        experiment_analysis.logger.warning("Failed to fetch metrics for 3 trial(s)")
+        tune_module.logger.warning("Stop signal received (e.g. via SIGINT/Ctrl+C)")
+        tune_module.logger.warning("Experiment has been interrupted, but ...Tuner.restore")
+        tune_module.logger.warning("a trial cannot be scheduled")
+    experiment_analysis.logger.warning("Failed to fetch metrics outside a sweep")
+    assert [r.getMessage() for r in caplog.records] == [
+        "a trial cannot be scheduled", "Failed to fetch metrics outside a sweep"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -386,28 +387,41 @@ def _trial(config: dict[str, Any], points: dict[str, tuple[SweepPoint, str]],
         tune.report({FAILED: f"{type(exc).__name__}: {exc}"})
 
 
-# Tune builds a table of every trial's metrics when fit returns, which raysage never
-# reads; after Ctrl-C it warns, one line per trial that had not started, that their
-# metric files are missing.
-_UNREAD_RESULTS_LOGGER = "ray.tune.analysis.experiment_analysis"
+# What Tune says that raysage says better, by logger: after Ctrl-C its table of every
+# trial's metrics (which raysage never reads) warns about each trial that had not
+# started, and its interrupt messages advise Tuner.restore, where a raysage user
+# re-runs the same command, as the sweep's own last line says.
+_TUNE_NOISE = {
+    "ray.tune.analysis.experiment_analysis": ("Failed to fetch metrics",),
+    "ray.tune.tune": ("Stop signal received", "Experiment has been interrupted"),
+}
+
+
+class _DropTuneNoise(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
 
 
 @contextlib.contextmanager
 def quiet_tune():
     """Tune's newer console output prints its experiment's header whatever the
     verbosity; raysage's own lines say what happens."""
-    import logging
-
     name = "RAY_AIR_NEW_OUTPUT"
     before = os.environ.get(name)
     os.environ[name] = "0"
-    unread = logging.getLogger(_UNREAD_RESULTS_LOGGER)
-    level = unread.level
-    unread.setLevel(logging.ERROR)
+    filters = [(logging.getLogger(logger), _DropTuneNoise(prefixes))
+               for logger, prefixes in _TUNE_NOISE.items()]
+    for logger, noise in filters:
+        logger.addFilter(noise)
     try:
         yield
     finally:
-        unread.setLevel(level)
+        for logger, noise in filters:
+            logger.removeFilter(noise)
         if before is None:
             os.environ.pop(name, None)
         else:
