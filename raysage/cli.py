@@ -398,8 +398,12 @@ def tune_command(ctx: typer.Context, space: Optional[list[str]] = SPACE_OPTION,
                              parallel=parallel, searcher=searcher)
         out = tuning.root
 
+        interrupted: list[bool] = []
+
         def on_event(kind: str, trial: str, info: dict) -> None:
-            if kind == "start":
+            if kind == "interrupted":
+                interrupted.append(True)
+            elif kind == "start":
                 shown_values = ", ".join(f"{k}={_short(v)}" for k, v in info.items())
                 typer.echo(f"start  {trial}: {shown_values}", err=True)
             elif "raysage_error" in info:
@@ -418,6 +422,11 @@ def tune_command(ctx: typer.Context, space: Optional[list[str]] = SPACE_OPTION,
                    f"{score.folder}")
     from .studies.tune import best_path
 
+    if interrupted:
+        finished = sum(s.finished for s in scores)
+        typer.echo(f"search {out} interrupted: {finished} trial(s) ran every round; re-run the "
+                   "same command to continue it", err=True)
+        raise typer.Exit(1)
     if not any(s.finished for s in scores):
         _fail(f"no trial of {out} ran every round; nothing to choose from")
     typer.echo(f"best: {', '.join(f'{k}={v}' for k, v in scores[0].values.items())}; "

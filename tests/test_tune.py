@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -66,8 +69,11 @@ def test_six_trials_with_asha_pick_a_best_config_that_simulate_reproduces(tmp_pa
     root = tmp_path / "lr"
     tuning = Tuning(str(root), TINY, [parse_space("client_lr=loguniform:1e-3:3e-1")],
                     parse_objective("final_accuracy"), samples=6, parallel=1)
-    scores = run_tuning(tuning)
+    events = []
+    scores = run_tuning(tuning, on_event=lambda kind, trial, info: events.append(kind))
     assert len(scores) == 6 and len({s.values["client_lr"] for s in scores}) == 6
+    # ASHA's early stop is an end, not an interruption
+    assert events.count("start") == 6 and "interrupted" not in events
     finished = [s for s in scores if s.finished]
     stopped = [s for s in scores if not s.finished]
     assert finished and all(s.rounds == 3 for s in finished)
@@ -146,3 +152,55 @@ def test_optuna_searches_when_installed_and_is_one_line_when_not(tmp_path, ray_s
     with pytest.raises(ConfigError, match="--searcher optuna needs the optuna package"):
         run_tuning(refused)
     assert not (tmp_path / "refused").exists()
+
+
+
+def _ctrl_c_to(driver: int):
+    """A run_point that sends the search's driver Ctrl-C after its first round, as a
+    user would; it travels to the trial's process by value."""
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    def run(cfg, on_round=None, **kwargs):
+        def press(row):
+            on_round(row)
+            if row["round"] == 0:
+                os.kill(driver, signal.SIGINT)
+                time.sleep(10)      # Tune stops this trial before it goes on
+        return simulate(cfg, on_round=press, **kwargs)
+    return run
+
+
+def test_ctrl_c_ends_a_search_that_the_same_command_continues(tmp_path, ray_session,
+                                                               monkeypatch):
+    tuning = Tuning(str(tmp_path / "t"), TINY, [parse_space("client_lr=grid:0.01,0.02")],
+                    parse_objective("final_accuracy"), samples=1, parallel=1, asha=False)
+    events = []
+    scores = run_tuning(tuning, on_event=lambda kind, trial, info: events.append(kind),
+                        run_point=_ctrl_c_to(os.getpid()))
+    assert events[-1] == "interrupted" and not any(s.finished for s in scores)
+    events.clear()
+    scores = run_tuning(tuning, on_event=lambda kind, trial, info: events.append(kind))
+    assert "interrupted" not in events
+    assert sorted(s.values["client_lr"] for s in scores if s.finished) == [0.01, 0.02]
+
+    # raysage tune's last line after Ctrl-C says so, and how to go on
+    from typer.testing import CliRunner
+
+    from raysage import cli
+    from raysage.studies import tune as tuning_module
+
+    def cut_short(tuning, on_event):
+        on_event("interrupted", "", {})
+        return scores[:1]
+    monkeypatch.setattr(tuning_module, "run_tuning", cut_short)
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(cli.app, ["tune", "--space", "client_lr=loguniform:1e-3:1e-1",
+                                          "--out", str(out)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"search {out} interrupted: 1 trial(s) ran every round; re-run the same command to "
+        "continue it")

@@ -597,8 +597,9 @@ def client_study(series: list[Series], metric: str = "accuracy", target: float |
             by_clients[s.config.get("clients")].append(s)
         for clients in sorted(by_clients, key=_sort_value):
             members = by_clients[clients]
+            still_going = {id(s): any(map(unfinished, s.runs)) for s in members}
             # A run still going would set everyone's budget at where it happens to be.
-            complete = [s for s in members if not any(map(unfinished, s.runs))] or members
+            complete = [s for s in members if not still_going[id(s)]] or members
             budget_bytes = min(_column_max(s.rounds, "cumulative_bytes") for s in complete)
             budget_time = min(_column_max(s.rounds, "sim_time") for s in complete)
             for s in sorted(members, key=lambda s: (_rank(s.algorithm), _key(s.config))):
@@ -609,7 +610,7 @@ def client_study(series: list[Series], metric: str = "accuracy", target: float |
                     "facet": facet.label, "clients": clients, "algorithm": s.algorithm,
                     "label": _line_label(s, line_fields), "colour": s.colour,
                     "runs": len(s.runs), "rounds": len(s.rounds),
-                    "unfinished": any(map(unfinished, s.runs)),
+                    "unfinished": still_going[id(s)],
                     "best": _best(s.rounds, m),
                     "budget_gib": budget_bytes / GIB,
                     "best_at_budget_bytes": _best_within(s.rounds, m, "cumulative_bytes",

@@ -387,38 +387,50 @@ def _trial(config: dict[str, Any], points: dict[str, tuple[SweepPoint, str]],
         tune.report({FAILED: f"{type(exc).__name__}: {exc}"})
 
 
+# Tune's word that Ctrl-C reached it. Its trials all end as terminated either way,
+# so this line is the one sign that a search was cut short.
+TUNE_STOP_SIGNAL = "Stop signal received"
+
+
 # What Tune says that raysage says better, by logger: after Ctrl-C its table of every
 # trial's metrics (which raysage never reads) warns about each trial that had not
 # started, and its interrupt messages advise Tuner.restore, where a raysage user
 # re-runs the same command, as the sweep's own last line says.
 _TUNE_NOISE = {
     "ray.tune.analysis.experiment_analysis": ("Failed to fetch metrics",),
-    "ray.tune.tune": ("Stop signal received", "Experiment has been interrupted"),
+    "ray.tune.tune": (TUNE_STOP_SIGNAL, "Experiment has been interrupted"),
 }
 
 
 class _DropTuneNoise(logging.Filter):
-    def __init__(self, prefixes: tuple[str, ...]):
+    def __init__(self, prefixes: tuple[str, ...], dropped: list[str]):
         super().__init__()
         self.prefixes = prefixes
+        self.dropped = dropped
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
+        message = record.getMessage()
+        if message.startswith(self.prefixes):
+            self.dropped.append(message)
+            return False
+        return True
 
 
 @contextlib.contextmanager
 def quiet_tune():
     """Tune's newer console output prints its experiment's header whatever the
-    verbosity; raysage's own lines say what happens."""
+    verbosity; raysage's own lines say what happens. Yields the list of Tune's
+    messages it dropped."""
     name = "RAY_AIR_NEW_OUTPUT"
     before = os.environ.get(name)
     os.environ[name] = "0"
-    filters = [(logging.getLogger(logger), _DropTuneNoise(prefixes))
+    dropped: list[str] = []
+    filters = [(logging.getLogger(logger), _DropTuneNoise(prefixes, dropped))
                for logger, prefixes in _TUNE_NOISE.items()]
     for logger, noise in filters:
         logger.addFilter(noise)
     try:
-        yield
+        yield dropped
     finally:
         for logger, noise in filters:
             logger.removeFilter(noise)

@@ -21,7 +21,8 @@ from ray.tune import Callback
 
 from ..config import FIELDS, Config, build_config, parameter_fields, parse_yaml, shown
 from ..errors import ConfigError, RaysageError
-from .sweep import experiment_of, first_difference, point_name, quiet_tune, tune_folder
+from .sweep import (TUNE_STOP_SIGNAL, experiment_of, first_difference, point_name, quiet_tune,
+                    tune_folder)
 
 # --space FIELD=KIND:ARGS. Numbers are read as Python reads them, other values as YAML.
 KINDS = {
@@ -237,8 +238,10 @@ def run_tuning(tuning: Tuning, *, on_event: Callable[[str, str, dict], None] | N
                 run_config=tune.RunConfig(name="tune", storage_path=tune_folder(tuning.root),
                                           callbacks=[_TrialEvents()], verbose=0))
         _listener[0] = on_event or (lambda kind, trial, info: None)
-        with quiet_tune():
+        with quiet_tune() as dropped:
             tuner.fit()
+        if any(m.startswith(TUNE_STOP_SIGNAL) for m in dropped):
+            _listener[0]("interrupted", "", {})
     finally:
         _listener[0] = lambda kind, trial, info: None
         if not was_running and backend.started_here:
