@@ -95,6 +95,13 @@ def test_target_table_ratios_to_the_baseline(tmp_path):
     assert (by_alg["cse_fsl"]["rounds"], by_alg["cse_fsl"]["best"]) == (6, 0.55)
 
 
+def test_simulated_seconds_keep_three_digits_below_a_second():
+    from raysage.studies.report import _seconds
+
+    assert [_seconds(v) for v in (0.0213449, 0.37, 8.84, 108.46, None, NAN)] == [
+        "0.0213", "0.37", "8.8", "108.5", "not reached", "not reached"]
+
+
 def test_default_target_is_the_weakest_best_floored(tmp_path):
     make_run(tmp_path, "a", curve([0.3, 0.7]), algorithm="fsl_sage")
     make_run(tmp_path, "b", curve([0.2, 0.5678, 0.4]), algorithm="fedavg")
@@ -176,7 +183,9 @@ def test_write_report_writes_figures_and_markdown(tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "10 runs" in text
     # no energy or leakage columns in these runs: shown as not measured
-    assert ("| CSE-FSL (clients=10) | 1 | 55.00% | 55.00% | 6 | 2.5000 | 2.50x | 50.0 | 2.50x "
+    # six rounds of 0.5 GiB and 10 s: 3 GiB and 60 s in all, 2.5 GiB and 50 s to 50%
+    assert ("| CSE-FSL (clients=10) | 1 | 55.00% | 55.00% | 6 | 3.0000 | 60.0 | 2.5000 | 2.50x "
+            "| 50.0 | 2.50x "
             "| not reached | - | - | - | - |") in text
     assert "### partition=dirichlet, alpha=0.1" in text and "## Scalability: workers" in text
     assert "![accuracy vs communication](accuracy_vs_communication.png)" in text
@@ -246,7 +255,8 @@ def test_energy_to_target_and_leakage_in_table_and_figures(tmp_path):
     assert by_alg["fedavg"]["leak_label_smashed"] is None
     assert {"accuracy_vs_energy.png", "leakage_vs_round.png"} <= set(summary["figures"])
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "| FSL-SAGE | 1 | 60.00% | 60.00% | 3 | 1.0000 | 1.00x | 20.0 | 1.00x | 0.6 | 1.00x " \
+    assert "| FSL-SAGE | 1 | 60.00% | 60.00% | 3 | 1.5000 | 30.0 | 1.0000 | 1.00x | 20.0 | 1.00x " \
+        "| 0.6 | 1.00x " \
         "| 0.600 | 0.400 | 0.900 |" in text
     assert "| 0.5 | 0.83x | 0.950 | 0.300 | - |" in text
 

@@ -488,6 +488,8 @@ def target_table(series: list[Series], target: float | None = None,
                 "facet": facet.label, "algorithm": s.algorithm, "label": _line_label(s, line_fields),
                 "runs": len(s.runs), "best": _best(s.rounds, m), "final": _final(s.rounds, m),
                 "rounds": len(s.rounds), "target": goal, "target_rule": rule,
+                "total_gib": _column_max(s.rounds, "cumulative_bytes") / GIB,
+                "total_sim_time": _column_max(s.rounds, "sim_time"),
                 "round_to_target": hit[0] if hit else None,
                 "gib_to_target": hit[1] if hit else None,
                 "gib_ratio": _ratio(hit[1], ref_hit[1]) if hit and ref_hit else None,
@@ -858,7 +860,10 @@ def _gib(value: float | None) -> str:
 
 
 def _seconds(value: float | None) -> str:
-    return "not reached" if value is None or math.isnan(value) else f"{value:.1f}"
+    # A datacenter's round takes milliseconds: three significant digits below a second.
+    if value is None or math.isnan(value):
+        return "not reached"
+    return f"{value:.1f}" if value >= 1 else f"{value:.3g}"
 
 
 def _times(value: float | None) -> str:
@@ -950,7 +955,8 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
             "see the README's \"Leakage and energy\" for what they mean and their limits."]
     compare = ">=" if metric.higher_is_better else "<="
     versus = [f"vs {named}"] if named else []
-    heads = ["algorithm", "runs", "best", "final", "rounds", "GiB to target", *versus,
+    heads = ["algorithm", "runs", "best", "final", "rounds", "GiB in all", "sim time in all (s)",
+             "GiB to target", *versus,
              "sim time to target (s)", *versus, "client energy to target (kJ)", *versus,
              "input dCor", "label attack, smashed", "label attack, gradients"]
     for facet in dict.fromkeys(row["facet"] for row in table):
@@ -963,7 +969,8 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
                 "|---|" + "---:|" * (len(heads) - 1)]
         for row in rows:
             cells = [row["label"], str(row["runs"]), metric.show(row["best"]),
-                     metric.show(row["final"]), str(row["rounds"])]
+                     metric.show(row["final"]), str(row["rounds"]), _gib(row["total_gib"]),
+                     _seconds(row["total_sim_time"])]
             for value, ratio, show in (("gib_to_target", "gib_ratio", _gib),
                                        ("time_to_target", "time_ratio", _seconds),
                                        ("energy_to_target", "energy_ratio", _kilojoules)):
