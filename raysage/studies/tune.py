@@ -234,7 +234,7 @@ def run_tuning(tuning: Tuning, *, on_event: Callable[[str, str, dict], None] | N
                     # The config's seed seeds the sampling: the same command samples the
                     # same values.
                     search_alg=searcher(tuning, base.seed),
-                    scheduler=scheduler, max_concurrent_trials=tuning.parallel or 0),
+                    scheduler=scheduler),
                 run_config=tune.RunConfig(name="tune", storage_path=tune_folder(tuning.root),
                                           callbacks=[_TrialEvents()], verbose=0))
         _listener[0] = on_event or (lambda kind, trial, info: None)
@@ -260,16 +260,19 @@ SEARCHERS = {"random": None, "optuna": ("optuna", "ray.tune.search.optuna", "Opt
 
 def searcher(tuning: Tuning, seed: int):
     """Tune's search algorithm: random (and grid) sampling, or Optuna's TPE when the
-    optuna package is installed. Either is seeded by the config's seed."""
-    from ray.tune.search import BasicVariantGenerator
+    optuna package is installed. Either is seeded by the config's seed and runs at
+    most ``tuning.parallel`` trials at once (0: as many as the resources allow)."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     if tuning.searcher == "random":
-        return BasicVariantGenerator(random_state=seed)
+        # Tune's max_concurrent_trials ignores a sampler handed to it: it caps its own.
+        return BasicVariantGenerator(random_state=seed, max_concurrent=tuning.parallel or 0)
     import importlib
 
     check_searcher(tuning.searcher)
     _, module, name = SEARCHERS[tuning.searcher]
-    return getattr(importlib.import_module(module), name)(seed=seed)
+    found = getattr(importlib.import_module(module), name)(seed=seed)
+    return ConcurrencyLimiter(found, tuning.parallel) if tuning.parallel else found
 
 
 def check_searcher(name: str) -> None:
