@@ -135,9 +135,11 @@ def test_optuna_searches_when_installed_and_is_one_line_when_not(tmp_path, ray_s
     tuning = Tuning(str(tmp_path / "tpe"), TINY | {"rounds": 2},
                     [parse_space("client_lr=loguniform:1e-3:3e-1")],
                     parse_objective("final_accuracy"), samples=2, asha=False,
-                    searcher="optuna")
-    scores = run_tuning(tuning)
+                    searcher="optuna", parallel=1)
+    events = []
+    scores = run_tuning(tuning, on_event=lambda kind, trial, info: events.append(kind))
     assert len(scores) == 2 and all(s.finished for s in scores)
+    assert events == ["start", "end"] * 2        # one at a time, as parallel=1 asks
     assert all(1e-3 <= s.values["client_lr"] <= 3e-1 for s in scores)
 
     real_import = builtins.__import__
