@@ -279,6 +279,11 @@ PARALLEL_OPTION = typer.Option(None, "--parallel", min=1,
 LIST_OPTION = typer.Option(False, "--list", help="list the points and their state; run nothing")
 
 
+# A sweep's lines are read back from logs (grep, tail): one line each, never wrapped
+# at the terminal's width, and a point's name is never read as markup.
+LOG_LINE = {"markup": False, "soft_wrap": True}
+
+
 def _run_sweep(spec: Optional[Path], grid: Optional[list[str]], parallel: Optional[int],
                list_only: bool, **overrides: Any) -> None:
     from rich.console import Console
@@ -310,11 +315,11 @@ def _run_sweep(spec: Optional[Path], grid: Optional[list[str]], parallel: Option
                 total = point.config.rounds
                 if kind == "skip":
                     progress.advance(task)
-                    progress.console.print(f"skip   {point.name} (finished)", markup=False)
+                    progress.console.print(f"skip   {point.name} (finished)", **LOG_LINE)
                 elif kind == "start":
                     running[point.name] = f"round 0/{total}"
                     verb = {"resume": "resume", "restart": "restart"}.get(info["status"], "start")
-                    progress.console.print(f"{verb:6s} {point.name}", markup=False)
+                    progress.console.print(f"{verb:6s} {point.name}", **LOG_LINE)
                 elif kind == "round":
                     running[point.name] = f"round {info['round'] + 1}/{total}"
                 elif kind in ("finish", "fail"):
@@ -323,7 +328,7 @@ def _run_sweep(spec: Optional[Path], grid: Optional[list[str]], parallel: Option
                     line = (f"done   {point.name}: best acc {_fmt(info['best_accuracy'])}, "
                             f"{info['total_gib']:.3f} GiB, {info['wall_time_s']:.0f} s"
                             if kind == "finish" else f"FAILED {point.name}: {info['error']}")
-                    progress.console.print(line, markup=False)
+                    progress.console.print(line, **LOG_LINE)
                 show()
 
             outcomes = run_sweep(sweep, on_event=on_event, announce=lambda line: None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 
 import pyarrow.parquet as pq
@@ -236,11 +237,17 @@ def test_a_sweep_whose_driver_is_killed_completes_on_a_rerun(tmp_path):
         driver.wait(timeout=60)
     stamps = {p: os.stat(p).st_mtime_ns for name in finished
               for p in (out / name).glob("*.parquet")}
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    # a narrow terminal: each point's line stays one line
+    again = subprocess.run(command, env={**env, "COLUMNS": "30"}, capture_output=True,
+                           text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "4/4 points finished" in again.stdout
+    lines = again.stderr.splitlines()
     for name in finished:
-        assert f"skip   {name} (finished)" in again.stderr
+        assert f"skip   {name} (finished)" in lines
+    for name in {p.name for p in out.iterdir() if p.is_dir()} - finished - {".tune"}:
+        assert any(re.fullmatch(rf"done   {re.escape(name)}: best acc \S+, \S+ GiB, \d+ s",
+                                line) for line in lines), again.stderr
     assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items())
     assert len(list(out.glob("*/summary.json"))) == 4
 
