@@ -183,9 +183,12 @@ def test_write_report_writes_figures_and_markdown(tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "10 runs" in text
     # no energy or leakage columns in these runs: shown as not measured
-    # six rounds of 0.5 GiB and 10 s: 3 GiB and 60 s in all, 2.5 GiB and 50 s to 50%
-    assert ("| CSE-FSL (clients=10) | 1 | 55.00% | 55.00% | 6 | 3.0000 | 60.0 | 2.5000 | 2.50x "
-            "| 50.0 | 2.50x "
+    # six rounds of 0.5 GiB and 10 s: 3 GiB and 60 s in all, 2.5 GiB and 50 s to 50%;
+    # within FSL-SAGE's 1.5 GiB and 30 s (three rounds) its best is round 2's 30%
+    assert ("Budgets: 1.5000 GiB and 30.0 s of simulated time, the least that any series "
+            "spent in all") in text
+    assert ("| CSE-FSL (clients=10) | 1 | 55.00% | 55.00% | 6 | 3.0000 | 60.0 | 30.00% | 30.00% "
+            "| 2.5000 | 2.50x | 50.0 | 2.50x "
             "| not reached | - | - | - | - |") in text
     assert "### partition=dirichlet, alpha=0.1" in text and "## Scalability: workers" in text
     assert "![accuracy vs communication](accuracy_vs_communication.png)" in text
@@ -255,7 +258,9 @@ def test_energy_to_target_and_leakage_in_table_and_figures(tmp_path):
     assert by_alg["fedavg"]["leak_label_smashed"] is None
     assert {"accuracy_vs_energy.png", "leakage_vs_round.png"} <= set(summary["figures"])
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "| FSL-SAGE | 1 | 60.00% | 60.00% | 3 | 1.5000 | 30.0 | 1.0000 | 1.00x | 20.0 | 1.00x " \
+    # FedAvg's two rounds set the budgets (1 GiB, 20 s): FSL-SAGE's rounds 0-1, best 50%
+    assert "| FSL-SAGE | 1 | 60.00% | 60.00% | 3 | 1.5000 | 30.0 | 50.00% | 50.00% | 1.0000 " \
+        "| 1.00x | 20.0 | 1.00x " \
         "| 0.6 | 1.00x " \
         "| 0.600 | 0.400 | 0.900 |" in text
     assert "| 0.5 | 0.83x | 0.950 | 0.300 | - |" in text

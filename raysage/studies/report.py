@@ -478,6 +478,8 @@ def target_table(series: list[Series], target: float | None = None,
                     f"highest best {m.name} in the facet, ceiled to 2 decimals")
         hits = {id(s): time_to_target(s.rounds, goal, metric) if goal is not None else None
                 for s in facet.series}
+        budget_bytes, budget_time = _equal_budgets(
+            [s for s in facet.series if not any(map(unfinished, s.runs))] or facet.series)
         for s in facet.series:
             ref = _reference(s, facet, line_fields, baseline)
             hit, ref_hit = hits[id(s)], hits[id(ref)] if ref is not None else None
@@ -490,6 +492,11 @@ def target_table(series: list[Series], target: float | None = None,
                 "rounds": len(s.rounds), "target": goal, "target_rule": rule,
                 "total_gib": _column_max(s.rounds, "cumulative_bytes") / GIB,
                 "total_sim_time": _column_max(s.rounds, "sim_time"),
+                "budget_gib": budget_bytes / GIB,
+                "best_at_budget_bytes": _best_within(s.rounds, m, "cumulative_bytes",
+                                                     budget_bytes),
+                "budget_sim_time": budget_time,
+                "best_at_budget_time": _best_within(s.rounds, m, "sim_time", budget_time),
                 "round_to_target": hit[0] if hit else None,
                 "gib_to_target": hit[1] if hit else None,
                 "gib_ratio": _ratio(hit[1], ref_hit[1]) if hit and ref_hit else None,
@@ -578,6 +585,14 @@ def _column_max(rounds: list[dict[str, Any]], column: str) -> float:
     return max(values) if values else math.nan
 
 
+def _equal_budgets(complete: list[Series]) -> tuple[float, float]:
+    """The bytes and simulated time that every one of these series spent: the least
+    of their totals. Leave out series still going: one would set everyone's budget
+    at where it happens to be."""
+    return (min(_column_max(s.rounds, "cumulative_bytes") for s in complete),
+            min(_column_max(s.rounds, "sim_time") for s in complete))
+
+
 def client_study(series: list[Series], metric: str = "accuracy", target: float | None = None,
                  lines: tuple[str, ...] = (), panels: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Per facet (partition, say), client count and algorithm: what the same training
@@ -600,10 +615,8 @@ def client_study(series: list[Series], metric: str = "accuracy", target: float |
         for clients in sorted(by_clients, key=_sort_value):
             members = by_clients[clients]
             still_going = {id(s): any(map(unfinished, s.runs)) for s in members}
-            # A run still going would set everyone's budget at where it happens to be.
-            complete = [s for s in members if not still_going[id(s)]] or members
-            budget_bytes = min(_column_max(s.rounds, "cumulative_bytes") for s in complete)
-            budget_time = min(_column_max(s.rounds, "sim_time") for s in complete)
+            budget_bytes, budget_time = _equal_budgets(
+                [s for s in members if not still_going[id(s)]] or members)
             for s in sorted(members, key=lambda s: (_rank(s.algorithm), _key(s.config))):
                 hit = time_to_target(s.rounds, goal, metric) if goal is not None else None
                 alignments = [v for v in (_num(r.get("alignments")) for r in s.rounds)
@@ -956,7 +969,8 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
     compare = ">=" if metric.higher_is_better else "<="
     versus = [f"vs {named}"] if named else []
     heads = ["algorithm", "runs", "best", "final", "rounds", "GiB in all", "sim time in all (s)",
-             "GiB to target", *versus,
+             "best within the GiB budget", "best within the time budget", "GiB to target",
+             *versus,
              "sim time to target (s)", *versus, "client energy to target (kJ)", *versus,
              "input dCor", "label attack, smashed", "label attack, gradients"]
     for facet in dict.fromkeys(row["facet"] for row in table):
@@ -965,12 +979,16 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
         out += ["", f"### {facet}", "",
                 f"Target: {metric.name} {compare} {metric.show(goal)} ({rows[0]['target_rule']})."
                 if goal is not None else "No target: no algorithm has an evaluated round.", "",
+                f"Budgets: {_gib(rows[0]['budget_gib'])} GiB and "
+                f"{_seconds(rows[0]['budget_sim_time'])} s of simulated time, the least that "
+                "any series spent in all (leaving out series still going, unless all are).", "",
                 "| " + " | ".join(heads) + " |",
                 "|---|" + "---:|" * (len(heads) - 1)]
         for row in rows:
             cells = [row["label"], str(row["runs"]), metric.show(row["best"]),
                      metric.show(row["final"]), str(row["rounds"]), _gib(row["total_gib"]),
-                     _seconds(row["total_sim_time"])]
+                     _seconds(row["total_sim_time"]), metric.show(row["best_at_budget_bytes"]),
+                     metric.show(row["best_at_budget_time"])]
             for value, ratio, show in (("gib_to_target", "gib_ratio", _gib),
                                        ("time_to_target", "time_ratio", _seconds),
                                        ("energy_to_target", "energy_ratio", _kilojoules)):
