@@ -719,8 +719,9 @@ def _finish(ax, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     handles = ax.get_legend_handles_labels()[0]
-    if len(handles) > 4:    # inside, that many would hide the curves
-        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    if len(handles) > 4:
+        # Inside, that many would hide the curves; below, they would cover the x label.
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     elif handles:
         ax.legend(fontsize="small")
 
