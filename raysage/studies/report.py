@@ -30,7 +30,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..config import EXECUTION_FIELDS, FIELDS
 from ..errors import ConfigError, DataError
@@ -479,7 +479,7 @@ def target_table(series: list[Series], target: float | None = None,
         hits = {id(s): time_to_target(s.rounds, goal, metric) if goal is not None else None
                 for s in facet.series}
         budget_bytes, budget_time = _equal_budgets(
-            [s for s in facet.series if not any(map(unfinished, s.runs))] or facet.series)
+            facet.series, lambda s: any(map(unfinished, s.runs)))
         for s in facet.series:
             ref = _reference(s, facet, line_fields, baseline)
             hit, ref_hit = hits[id(s)], hits[id(ref)] if ref is not None else None
@@ -585,10 +585,12 @@ def _column_max(rounds: list[dict[str, Any]], column: str) -> float:
     return max(values) if values else math.nan
 
 
-def _equal_budgets(complete: list[Series]) -> tuple[float, float]:
+def _equal_budgets(members: list[Series], still_going: Callable[[Series], bool]
+                   ) -> tuple[float, float]:
     """The bytes and simulated time that every one of these series spent: the least
-    of their totals. Leave out series still going: one would set everyone's budget
-    at where it happens to be."""
+    of their totals. Series still going are left out (unless all are): one would set
+    everyone's budget at where it happens to be."""
+    complete = [s for s in members if not still_going(s)] or members
     return (min(_column_max(s.rounds, "cumulative_bytes") for s in complete),
             min(_column_max(s.rounds, "sim_time") for s in complete))
 
@@ -615,8 +617,7 @@ def client_study(series: list[Series], metric: str = "accuracy", target: float |
         for clients in sorted(by_clients, key=_sort_value):
             members = by_clients[clients]
             still_going = {id(s): any(map(unfinished, s.runs)) for s in members}
-            budget_bytes, budget_time = _equal_budgets(
-                [s for s in members if not still_going[id(s)]] or members)
+            budget_bytes, budget_time = _equal_budgets(members, lambda s: still_going[id(s)])
             for s in sorted(members, key=lambda s: (_rank(s.algorithm), _key(s.config))):
                 hit = time_to_target(s.rounds, goal, metric) if goal is not None else None
                 alignments = [v for v in (_num(r.get("alignments")) for r in s.rounds)
