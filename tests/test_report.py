@@ -560,3 +560,74 @@ def test_a_run_still_going_does_not_set_the_budget_of_the_others(tmp_path):
     assert rows[(10, "fsl_sage")]["budget_sim_time"] == pytest.approx(20.0)
     write_report(tmp_path / "runs", tmp_path / "report")
     assert "| 10 | CSE-FSL (unfinished) | 1 | 2 |" in (tmp_path / "report" / "report.md").read_text()
+
+
+# ---------------------------------------------------------------- seeds
+def _seeds_apart(root, fedavg_seed=200):
+    """FSL-SAGE at seeds 200 (fast devices) and 201 (three times slower stragglers),
+    FedAvg at one seed."""
+    make_run(root, "fsl-200", curve(FSL, sim_per_round=10.0), algorithm="fsl_sage", seed=200)
+    make_run(root, "fsl-201", curve([0.2, 0.4, 0.5], sim_per_round=30.0),
+             algorithm="fsl_sage", seed=201)
+    make_run(root, "fedavg", curve([0.3, 0.5], sim_per_round=15.0), algorithm="fedavg",
+             seed=fedavg_seed)
+
+
+def test_series_on_different_seeds_are_compared_over_the_seeds_they_share(tmp_path):
+    _seeds_apart(tmp_path / "runs")
+    rows = {row["algorithm"]: row for row in target_table(
+        group_series(load_runs(tmp_path / "runs")), target=0.5, baseline="fsl_sage")}
+    fsl, fedavg = rows["fsl_sage"], rows["fedavg"]
+    # Over both seeds FSL-SAGE's mean reaches 0.5 in round 2 at (30 + 90) / 2 = 60 s and
+    # FedAvg would look 0.5x its time; at seed 200, which both have: 20 s against 30 s.
+    assert (fsl["runs"], fsl["seeds"], fsl["shared_seeds"]) == (1, [200, 201], [200])
+    assert (fsl["round_to_target"], fsl["time_to_target"]) == (1, pytest.approx(20.0))
+    assert fedavg["time_ratio"] == pytest.approx(30.0 / 20.0)
+    # budgets: the least that either spent at seed 200, FedAvg's 2 rounds (1 GiB, 30 s)
+    assert (fsl["budget_gib"], fsl["budget_sim_time"]) == (pytest.approx(1.0), 30.0)
+    assert (fsl["best_at_budget_bytes"], fsl["best_at_budget_time"]) == (0.5, 0.6)
+    write_report(tmp_path / "runs", tmp_path / "report", target=0.5, baseline="fsl_sage")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert ("The series ran on different seeds (FSL-SAGE 200, 201; FedAvg 200)" in text
+            and "over the seeds all of them have: 200;" in text)
+    assert "| FSL-SAGE | 1 | 60.00% |" in text
+
+
+def test_series_on_the_same_seeds_get_no_seed_note(tmp_path):
+    make_run(tmp_path, "a", curve(FSL), algorithm="fsl_sage", seed=3)
+    make_run(tmp_path, "b", curve(CSE), algorithm="cse_fsl", seed=3)
+    rows = target_table(group_series(load_runs(tmp_path)), target=0.5)
+    assert [row["shared_seeds"] for row in rows] == [None, None]
+    write_report(tmp_path, tmp_path / "report")
+    assert "different seeds" not in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_series_that_share_no_seed_are_compared_as_they_are_and_flagged(tmp_path):
+    _seeds_apart(tmp_path / "runs", fedavg_seed=7)
+    rows = {row["algorithm"]: row for row in target_table(
+        group_series(load_runs(tmp_path / "runs")), target=0.5)}
+    assert rows["fsl_sage"]["shared_seeds"] == [] and rows["fsl_sage"]["runs"] == 2
+    assert rows["fsl_sage"]["time_to_target"] == pytest.approx(60.0)
+    write_report(tmp_path / "runs", tmp_path / "report")
+    assert ("share none (FSL-SAGE 200, 201; FedAvg 7)"
+            in (tmp_path / "report" / "report.md").read_text())
+
+
+def test_client_study_compares_each_count_over_its_shared_seeds(tmp_path):
+    _clients_study(tmp_path / "runs")
+    # a second FSL-SAGE seed at 10 clients, slower and costlier than everything else
+    make_run(tmp_path / "runs", "fsl-10-s2", curve([0.1, 0.2, 0.9], gib_per_round=5.0,
+                                                   sim_per_round=50.0),
+             algorithm="fsl_sage", clients=10, client_lr=1e-4, rounds=3, seed=201)
+    rows = {(r["clients"], r["algorithm"]): r
+            for r in report.client_study(group_series(load_runs(tmp_path / "runs")))}
+    fsl = rows[(10, "fsl_sage")]
+    # as without the second seed (test above): budgets 1.5 GiB and 20 s, best 0.6 / 0.5
+    assert (fsl["runs"], fsl["seeds"], fsl["shared_seeds"]) == (1, [200, 201], [200])
+    assert fsl["budget_gib"] == pytest.approx(1.5) and fsl["budget_sim_time"] == 20.0
+    assert (fsl["best_at_budget_bytes"], fsl["best_at_budget_time"]) == (0.6, 0.5)
+    assert rows[(100, "fsl_sage")]["shared_seeds"] is None
+    write_report(tmp_path / "runs", tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "so the rows of 10 clients compare every series over the seeds" in text
+    assert "so the rows of 100 clients" not in text

@@ -400,6 +400,32 @@ def _reference(s: Series, facet: Facet, line_fields: list[str],
     return None
 
 
+def _seeds(s: Series) -> list[Any]:
+    return sorted({run.config.get("seed") for run in s.runs}, key=_sort_value)
+
+
+def _on_shared_seeds(members: list[Series]) -> tuple[list[Series], list[Any] | None]:
+    """The series to compare with each other: each over the seeds all of them have.
+
+    A seed draws the partition, the initial models and each client's straggler
+    slowdown, so a series averaged over three seeds does not compare with one run of
+    another algorithm (with stragglers, one seed's round can take three times
+    another's). Returns the members and None when their seeds agree, the members cut
+    down to the shared seeds and those seeds when they do not, and the members as
+    they are with [] when no seed is shared."""
+    sets = [set(_seeds(s)) for s in members]
+    if all(seeds == sets[0] for seeds in sets):
+        return members, None
+    shared = set.intersection(*sets)
+    if not shared:
+        return members, []
+    cut = []
+    for s in members:
+        kept = [run for run in s.runs if run.config.get("seed") in shared]
+        cut.append(s if len(kept) == len(s.runs) else Series(s.config, kept, _mean_curve(kept)))
+    return cut, sorted(shared, key=_sort_value)
+
+
 # ---------------------------------------------------------------- targets
 def time_to_target(rounds: list[dict[str, Any]], target: float,
                    metric: str = "accuracy") -> tuple[int, float, float] | None:
@@ -468,7 +494,9 @@ def target_table(series: list[Series], target: float | None = None,
     m = _metric(metric)
     line_fields = _line_fields(series, lines, panels)
     rows = []
-    for facet in _facets(series, lines, panels=panels):
+    for whole in _facets(series, lines, panels=panels):
+        members, shared = _on_shared_seeds(whole.series)
+        facet = Facet(whole.label, members)
         if target is not None:
             goal, rule = target, "given"
         else:
@@ -480,7 +508,7 @@ def target_table(series: list[Series], target: float | None = None,
                 for s in facet.series}
         budget_bytes, budget_time = _equal_budgets(
             facet.series, lambda s: any(map(unfinished, s.runs)))
-        for s in facet.series:
+        for s, all_seeds in zip(facet.series, whole.series):
             ref = _reference(s, facet, line_fields, baseline)
             hit, ref_hit = hits[id(s)], hits[id(ref)] if ref is not None else None
             energy = _at_round(s.rounds, hit[0], "cumulative_energy_j") if hit else None
@@ -490,6 +518,7 @@ def target_table(series: list[Series], target: float | None = None,
                 "facet": facet.label, "algorithm": s.algorithm, "label": _line_label(s, line_fields),
                 "runs": len(s.runs), "best": _best(s.rounds, m), "final": _final(s.rounds, m),
                 "rounds": len(s.rounds), "target": goal, "target_rule": rule,
+                "seeds": _seeds(all_seeds), "shared_seeds": shared,
                 "total_gib": _column_max(s.rounds, "cumulative_bytes") / GIB,
                 "total_sim_time": _column_max(s.rounds, "sim_time"),
                 "budget_gib": budget_bytes / GIB,
@@ -615,7 +644,9 @@ def client_study(series: list[Series], metric: str = "accuracy", target: float |
         for s in facet.series:
             by_clients[s.config.get("clients")].append(s)
         for clients in sorted(by_clients, key=_sort_value):
-            members = by_clients[clients]
+            whole = by_clients[clients]
+            members, shared = _on_shared_seeds(whole)
+            all_seeds = {id(cut): _seeds(s) for cut, s in zip(members, whole)}
             still_going = {id(s): any(map(unfinished, s.runs)) for s in members}
             budget_bytes, budget_time = _equal_budgets(members, lambda s: still_going[id(s)])
             for s in sorted(members, key=lambda s: (_rank(s.algorithm), _key(s.config))):
@@ -626,6 +657,7 @@ def client_study(series: list[Series], metric: str = "accuracy", target: float |
                     "facet": facet.label, "clients": clients, "algorithm": s.algorithm,
                     "label": _line_label(s, line_fields), "colour": s.colour,
                     "runs": len(s.runs), "rounds": len(s.rounds),
+                    "seeds": all_seeds[id(s)], "shared_seeds": shared,
                     "unfinished": still_going[id(s)],
                     "best": _best(s.rounds, m),
                     "budget_gib": budget_bytes / GIB,
@@ -909,6 +941,24 @@ def _settings(series: list[Series], lines: tuple[str, ...], panels: tuple[str, .
     return out
 
 
+def _seed_note(rows: list[dict[str, Any]], where: str = "this table compares") -> list[str]:
+    """report.md's warning for a comparison whose series ran on different seeds."""
+    shared = rows[0]["shared_seeds"]
+    if shared is None:
+        return []
+    each = "; ".join(f"{row['label']} {', '.join(map(_show, row['seeds']))}" for row in rows)
+    why = ("A seed draws the partition, the initial models and each client's straggler "
+           "slowdown")
+    if shared:
+        return [f"The series ran on different seeds ({each}). {why}, so {where} "
+                f"every series over the seeds all of them have: "
+                f"{', '.join(map(_show, shared))}; the figures average each series over all "
+                "its seeds.", ""]
+    return [f"The series ran on different seeds and share none ({each}). {why}, so {where} "
+            "means over different seeds (with stragglers, their simulated times do "
+            "not compare); run every series on a common seed.", ""]
+
+
 def _study_markdown(rows: list[dict[str, Any]], metric: Metric) -> list[str]:
     out = ["", "## Over the number of clients", "",
            "At each client count the budgets are the least total bytes and simulated time of "
@@ -939,6 +989,11 @@ def _study_markdown(rows: list[dict[str, Any]], metric: Metric) -> list[str]:
                 _kilojoules(row["energy_to_target"]), f"{row['server_state_mib']:.1f}",
                 "-" if math.isnan(per_client) else f"{per_client:.2f}",
                 _share(row["estimate_cosine"])]) + " |")
+        for clients in dict.fromkeys(row["clients"] for row in mine):
+            note = _seed_note([row for row in mine if row["clients"] == clients],
+                              f"the rows of {_show(clients)} clients compare")
+            if note:
+                out += ["", note[0]]
     return out
 
 
@@ -981,6 +1036,7 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
         out += ["", f"### {facet}", "",
                 f"Target: {metric.name} {compare} {metric.show(goal)} ({rows[0]['target_rule']})."
                 if goal is not None else "No target: no algorithm has an evaluated round.", "",
+                *_seed_note(rows),
                 f"Budgets: {_gib(rows[0]['budget_gib'])} GiB and "
                 f"{_seconds(rows[0]['budget_sim_time'])} s of simulated time, the least that "
                 "any series spent in all (leaving out series still going, unless all are).", "",
