@@ -110,6 +110,18 @@ class Sampler:
         self._thread.join()
 
 
+def _absolute_paths(cmd: list[str]) -> list[str]:
+    """Path flags made absolute: a run started elsewhere must find the same files."""
+    out = list(cmd)
+    for i, arg in enumerate(out):
+        for flag in ("--data-dir", "--config"):
+            if arg == flag and i + 1 < len(out):
+                out[i + 1] = str(Path(out[i + 1]).resolve())
+            elif arg.startswith(flag + "="):
+                out[i] = f"{flag}={Path(arg[len(flag) + 1:]).resolve()}"
+    return out
+
+
 def measure(flags: list[str], python: str = sys.executable, tree: str | None = None) -> dict:
     """Run ``raysage simulate FLAGS`` and measure it; returns the figures.
 
@@ -127,6 +139,7 @@ def measure(flags: list[str], python: str = sys.executable, tree: str | None = N
             # this checkout's package, which `-m` would import first.
             env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
             cwd = tmp
+            cmd = _absolute_paths(cmd)
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 env=env, cwd=cwd)
