@@ -282,6 +282,15 @@ def test_unfinished_runs_are_reported(tmp_path):
     assert "3/10 rounds (unfinished)" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_each_run_lists_its_own_best_and_final(tmp_path):
+    make_run(tmp_path / "runs", "s1", curve([0.2, 0.6, 0.4]), seed=1, rounds=3)
+    make_run(tmp_path / "runs", "s2", curve([0.3, NAN, 0.5]), seed=2, rounds=3)
+    write_report(tmp_path / "runs", tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "FSL-SAGE, seed 1, 3/3 rounds, best 60.00%, final 40.00%" in text
+    assert "FSL-SAGE, seed 2, 3/3 rounds, best 50.00%, final 50.00%" in text
+
+
 def test_an_algorithm_has_one_colour_everywhere(tmp_path):
     # Each algorithm owns its label and colour; no two built-in ones share either.
     assert len({cls.colour for cls in ALGORITHMS.values()}) == len(ALGORITHMS)

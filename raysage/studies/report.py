@@ -1010,8 +1010,11 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
         done = f"{len(run.rounds)}/{planned} rounds" + (
             f" (stopped at the {budget:g} GiB budget)" if _stopped_at_budget(run) else
             " (unfinished)" if unfinished(run) else "")
+        # Each run's own best and final, so per-seed numbers come from the report too.
+        scores = (f", best {metric.show(_best(run.rounds, metric))}, final "
+                  f"{metric.show(_final(run.rounds, metric))}")
         out.append(f"- `{run.path}`: {run.label}, seed "
-                   f"{run.config.get('seed')}, {done}")
+                   f"{run.config.get('seed')}, {done}{scores}")
     if settings:
         out += ["", "Settings that go with a line or panel rather than making panels of their "
                 "own:", "", *settings]
