@@ -273,6 +273,51 @@ def test_per_algorithm_fields_apply_to_that_algorithms_points_only(tmp_path):
     assert flagged["algorithm=fsl_sage"].server_lr == 0.0006
 
 
+def _finished_search(root, algorithm, best_values):
+    """A search folder as `raysage tune` leaves it: tuning.yaml says what it searched,
+    best.yaml is its whole best config."""
+    import yaml
+
+    from raysage.studies.tune import Tuning, claim_folder, parse_objective, parse_space
+
+    base = {"algorithm": algorithm, "clients": 9, "rounds": 5, "backend": "serial"}
+    claim_folder(Tuning(str(root), base, [parse_space(f"{name}=loguniform:1e-4:1e-1")
+                                          for name in best_values],
+                        parse_objective("final_accuracy"), 6))
+    (root / "best.yaml").write_text(yaml.safe_dump(base | best_values, sort_keys=False))
+    return root
+
+
+def test_per_algorithm_takes_a_searchs_best_values_from_its_folder(tmp_path):
+    search = _finished_search(tmp_path / "tune-fedavg", "fedavg", {"client_lr": 0.00123})
+    spec = tmp_path / "tuned.yaml"
+    spec.write_text(f"clients: 4\nrounds: 2\nbackend: serial\n"
+                    f"per_algorithm:\n  fedavg: {search}\n"
+                    "grid:\n  - algorithm: [fsl_sage, fedavg]\n")
+    points = {p.name: p.config for p in load_sweep(spec, [], {}).points}
+    # only the searched field: the search's own clients and rounds do not come along
+    assert (points["algorithm=fedavg"].client_lr, points["algorithm=fedavg"].clients,
+            points["algorithm=fedavg"].rounds) == (0.00123, 4, 2)
+    assert points["algorithm=fsl_sage"].client_lr == build_config({}).client_lr
+    flagged = {p.name: p.config for p in load_sweep(spec, [], {"client_lr": 0.3}).points}
+    assert flagged["algorithm=fedavg"].client_lr == 0.3       # a flag still wins
+
+
+def test_a_search_folder_that_cannot_give_tuned_values_is_one_line(tmp_path):
+    def refused(per_algorithm, words):
+        with pytest.raises(ConfigError, match=words) as caught:
+            build_sweep(TINY, [{"algorithm": ["fedavg"]}], str(tmp_path / "out"),
+                        per_algorithm=per_algorithm)
+        assert "\n" not in str(caught.value)
+
+    refused({"fedavg": str(tmp_path)}, r"is not a raysage tune folder \(no tuning.yaml\)")
+    search = _finished_search(tmp_path / "tune-sl", "sl", {"client_lr": 0.01})
+    refused({"fedavg": str(search)}, "is a search for sl, not fedavg")
+    (search / "best.yaml").unlink()
+    refused({"sl": str(search)}, "has no best.yaml: no trial of its search ran every round")
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_per_algorithm_blocks_fail_with_one_line(tmp_path):
     with pytest.raises(ConfigError, match="per_algorithm: .*'fedavgg' is not an algorithm"):
         build_sweep(TINY, [{"algorithm": ["fedavg"]}], str(tmp_path),

@@ -109,16 +109,22 @@ def point_name(values: dict[str, Any]) -> str:
 
 
 def _check_per_algorithm(per_algorithm: Any, where: str) -> dict[str, dict[str, Any]]:
+    """Each algorithm's own fields: a mapping, or the folder of a ``raysage tune`` search
+    for it, whose best values of the fields it searched apply (no copying by hand)."""
     if per_algorithm is None:
         return {}
     if not isinstance(per_algorithm, dict) or not all(
-            isinstance(v, dict) for v in per_algorithm.values()):
-        raise ConfigError(f"{where}: per_algorithm is a mapping of algorithm -> fields, e.g. "
-                          "per_algorithm: {fedavg: {client_lr: 5.2e-4}}; got "
+            isinstance(v, (dict, str)) for v in per_algorithm.values()):
+        raise ConfigError(f"{where}: per_algorithm is a mapping of algorithm -> fields or "
+                          "-> the folder of its raysage tune search, e.g. "
+                          "per_algorithm: {fedavg: {client_lr: 5.2e-4}, sl: runs/tune-sl}; got "
                           f"{shown(per_algorithm)}")
+    from .tune import tuned_fields
+
     for name in per_algorithm:
         algorithm_class(name)   # an unknown name fails here, with the known ones
-    return {name: {k.replace("-", "_"): v for k, v in fields.items()}
+    return {name: {k.replace("-", "_"): v for k, v in
+                   (tuned_fields(fields, name) if isinstance(fields, str) else fields).items()}
             for name, fields in per_algorithm.items()}
 
 
@@ -194,10 +200,13 @@ def load_sweep(spec: str | Path | None, grid_flags: list[str], overrides: dict[s
         grids = [{**g, **from_flags} for g in grids] if grids else [from_flags]
     flags = {k: v for k, v in overrides.items() if v is not None}
     base = {**values, **flags}
-    if isinstance(per_algorithm, dict):
+    if per_algorithm is not None:
+        try:
+            per_algorithm = _check_per_algorithm(per_algorithm, where)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: per_algorithm: {exc}") from None
         # A flag on the command line wins over the spec, its per-algorithm fields too.
-        per_algorithm = {name: {k: v for k, v in fields.items() if k.replace("-", "_") not in flags}
-                         if isinstance(fields, dict) else fields
+        per_algorithm = {name: {k: v for k, v in fields.items() if k not in flags}
                          for name, fields in per_algorithm.items()}
     root = base.get("out")
     if root is None and spec is not None:

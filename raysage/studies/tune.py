@@ -350,6 +350,28 @@ def best_path(root: str) -> str:
     return os.path.join(root, "best.yaml")
 
 
+def tuned_fields(root: str, algorithm: str) -> dict[str, Any]:
+    """The values a finished search in ``root`` found for the fields it searched (not
+    the rest of its config): what a sweep's ``per_algorithm`` takes from it."""
+    from ..config import read_yaml
+
+    search, best = os.path.join(root, "tuning.yaml"), best_path(root)
+    if not os.path.isfile(search):
+        raise ConfigError(f"{root} is not a raysage tune folder (no tuning.yaml); give the "
+                          f"--out of a search for {algorithm}")
+    if not os.path.isfile(best):
+        raise ConfigError(f"{root} has no best.yaml: no trial of its search ran every round; "
+                          "finish it by re-running its raysage tune command")
+    saved = read_yaml(search)
+    searched = [str(entry).split("=", 1)[0] for entry in saved.get("space") or []]
+    found = read_yaml(best)
+    tuned_for = found.get("algorithm", FIELDS["algorithm"].default)
+    if tuned_for != algorithm:
+        raise ConfigError(f"{root} is a search for {tuned_for}, not {algorithm}; give the "
+                          f"folder of {algorithm}'s search")
+    return {name: found[name] for name in searched if name in found}
+
+
 def _short(value: Any) -> Any:
     return f"{value:.4g}" if isinstance(value, float) else value
 
