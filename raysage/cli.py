@@ -462,6 +462,9 @@ def report_command(
     baseline: Optional[str] = typer.Option(None, "--baseline", help="the algorithm whose cost "
                                            "to the target the others' are divided by in the "
                                            "table, e.g. --baseline fsl_sage (default: no ratios)"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="only each run's first "
+                                         "ROUNDS rounds, so runs made for different horizons "
+                                         "(20 and 40 rounds) compare over the same one"),
     tracking: str = typer.Option("none", "--tracking", help="also send report.md and the "
                                  "figures to mlflow (as artifacts of a run 'report' in the "
                                  "experiment named after the first folder, a sweep's) or "
@@ -478,7 +481,7 @@ def report_command(
                                f"{', '.join(TRACKERS)}")
         check_tracking(tracking)
         summary = write_report(run_dirs, out, target=target, metric=metric, lines=lines,
-                               baseline=baseline, panels=panels)
+                               baseline=baseline, panels=panels, rounds=rounds)
         if tracking != "none":
             where = track_report(tracking, str(out), summary["figures"],
                                  experiment_of(str(run_dirs[0]), {tracking}))

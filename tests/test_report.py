@@ -10,7 +10,7 @@ import pytest
 
 from raysage.algorithms import ALGORITHMS
 from raysage.config import build_config
-from raysage.errors import DataError
+from raysage.errors import ConfigError, DataError
 from raysage.studies import report
 from raysage.studies.report import (
     GIB,
@@ -430,6 +430,13 @@ def test_report_command_writes_the_report_and_fails_in_one_line(tmp_path):
     assert "| CSE-FSL |" in text and "3.00x" in text
     result = runner.invoke(app, ["report", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    # --rounds 2: CSE-FSL's third round, where it reached 0.5, is cut off
+    result = runner.invoke(app, ["report", str(tmp_path / "runs"), "--out",
+                                 str(tmp_path / "rep2"), "--rounds", "2", "--target", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "(--rounds 2)" in (tmp_path / "rep2" / "report.md").read_text()
+    result = runner.invoke(app, ["report", str(tmp_path / "runs"), "--rounds", "0"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
 
 
 def test_language_model_runs_are_reported_by_test_loss_by_default(tmp_path):
@@ -640,3 +647,27 @@ def test_client_study_compares_each_count_over_its_shared_seeds(tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "so the rows of 10 clients compare every series over the seeds" in text
     assert "so the rows of 100 clients" not in text
+
+
+def test_rounds_keeps_each_runs_first_rounds_so_horizons_compare(tmp_path):
+    # a 40-round run (here 6 of 6) beside a 3-round one: cut to 3 rounds, the long one
+    # is no longer ahead on rounds it has and the short one had not
+    make_run(tmp_path / "runs", "long", curve([0.2, 0.3, 0.4, 0.5, 0.8, 0.9]),
+             algorithm="fsl_sage", rounds=6)
+    make_run(tmp_path / "runs", "short", curve([0.1, 0.35, 0.45]), algorithm="fedavg",
+             rounds=3)
+    summary = write_report(tmp_path / "runs", tmp_path / "out", rounds=3)
+    rows = {row["algorithm"]: row for row in summary["table"]}
+    assert (rows["fsl_sage"]["rounds"], rows["fsl_sage"]["best"]) == (3, 0.4)
+    assert rows["fsl_sage"]["total_gib"] == pytest.approx(1.5)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Each run up to round 2 only (--rounds 3)." in text
+    assert "3/3 rounds, best 40.00%" in text and "unfinished" not in text
+    # a run shorter than the cut stays as it is (and unfinished if it was)
+    summary = write_report(tmp_path / "runs", tmp_path / "out", rounds=5)
+    assert {r["algorithm"]: r["rounds"] for r in summary["table"]} == {"fsl_sage": 5,
+                                                                        "fedavg": 3}
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ConfigError, match=r"^--rounds .*: give the number of rounds"):
+            write_report(tmp_path / "runs", tmp_path / "bad", rounds=bad)
+    assert not (tmp_path / "bad").exists()

@@ -185,6 +185,17 @@ def _read_run(folder: Path) -> Run:
     return Run(folder, config, sorted(rounds, key=lambda row: row["round"]), label, colour)
 
 
+def _first_rounds(run: Run, rounds: int | None) -> Run:
+    """The run as if it had been planned for at most ``rounds`` rounds (a run's first
+    rounds do not depend on how many follow)."""
+    if rounds is None:
+        return run
+    planned = run.config.get("rounds")
+    config = run.config | ({"rounds": min(planned, rounds)} if isinstance(planned, int) else {})
+    return Run(run.path, config, [row for row in run.rounds if row["round"] < rounds],
+               run.label, run.colour)
+
+
 def _run_folders(path: Path) -> list[Path]:
     if not path.exists():
         raise DataError(f"run path {path} does not exist; give a run folder or a folder "
@@ -1000,10 +1011,12 @@ def _study_markdown(rows: list[dict[str, Any]], metric: Metric) -> list[str]:
 def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: Metric,
               scaling: dict[str, list[ScalingLine]], figures: list[str],
               baseline: str | None = None, study: list[dict[str, Any]] = (),
-              settings: list[str] = ()) -> str:
+              settings: list[str] = (), rounds: int | None = None) -> str:
     out = [f"# raysage report: {metric.title.split(' (')[0]}", "",
            (f"{len(runs)} runs in {len(series)} series; runs that differ only in seed or in "
-            "execution settings are one series, averaged over the rounds all of them have."), "",
+            "execution settings are one series, averaged over the rounds all of them have."
+            + (f" Each run up to round {rounds - 1} only (--rounds {rounds})."
+               if rounds is not None else "")), "",
            "## Runs", ""]
     for run in runs:
         planned, budget = run.config.get("rounds"), run.config.get("budget_gib")
@@ -1078,16 +1091,22 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
 def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str | os.PathLike,
                  target: float | None = None, metric: str = "auto",
                  lines: Iterable[str] = (), baseline: str | None = None,
-                 panels: Iterable[str] = ()) -> dict[str, Any]:
+                 panels: Iterable[str] = (), rounds: int | None = None) -> dict[str, Any]:
     """Figures and report.md for the given runs in out_dir; returns a summary.
 
     ``metric="auto"`` is test loss when every run is a language model, else accuracy.
     ``lines`` are config fields that tell lines apart within a panel instead of
     splitting the figures into panels; ``panels`` are scalability axes (clients)
     drawn as panels instead of lines. ``baseline`` names the algorithm whose cost
-    to the target every other one's is divided by (none: no ratios).
+    to the target every other one's is divided by (none: no ratios). ``rounds``
+    keeps each run's first rounds only, so runs made for different horizons (20
+    and 40 rounds) compare over the same one.
     """
-    runs = load_runs(paths)
+    if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int)
+                               or rounds < 1):
+        raise ConfigError(f"--rounds {rounds}: give the number of rounds (1 or more) to keep "
+                          "of each run")
+    runs = [_first_rounds(run, rounds) for run in load_runs(paths)]
     lines, panels = tuple(lines), tuple(panels)
     for name in panels:
         if name not in SCALING_AXES:
@@ -1141,7 +1160,7 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
         save(_study_figure(study, series, m), "study_vs_clients.png")
 
     _save_text(_markdown(runs, series, table, m, scaling, figures, baseline, study,
-                         _settings(series, lines, panels)),
+                         _settings(series, lines, panels), rounds),
                out / "report.md")
     return {"runs": len(runs), "series": len(series), "figures": figures, "table": table,
             "study": study,
