@@ -310,6 +310,8 @@ def test_a_search_folder_that_cannot_give_tuned_values_is_one_line(tmp_path):
                         per_algorithm=per_algorithm)
         assert "\n" not in str(caught.value)
 
+    refused({"fedavg": str(tmp_path / "nowhere")},
+            "nowhere does not exist: run fedavg's raysage tune search with --out")
     refused({"fedavg": str(tmp_path)}, r"is not a raysage tune folder \(no tuning.yaml\)")
     search = _finished_search(tmp_path / "tune-sl", "sl", {"client_lr": 0.01})
     refused({"fedavg": str(search)}, "is a search for sl, not fedavg")
@@ -348,3 +350,30 @@ def test_tunes_advice_after_ctrl_c_is_silenced_and_its_other_warnings_are_not(ca
     experiment_analysis.logger.warning("Failed to fetch metrics outside a sweep")
     assert [r.getMessage() for r in caplog.records] == [
         "a trial cannot be scheduled", "Failed to fetch metrics outside a sweep"]
+
+
+def test_every_experiment_spec_expands_into_valid_points(tmp_path, monkeypatch):
+    """The specs in experiments/ are what users run first: each one validates, and the
+    points a spec names per algorithm get that algorithm's searched rates."""
+    from pathlib import Path
+
+    from raysage.algorithms import ALGORITHMS
+
+    # (06's full.yaml needs GPT-2's pretrained weights and tokenizer files)
+    specs = sorted(p for p in (Path(__file__).resolve().parents[1] / "experiments").glob(
+        "*/*.yaml") if p.parts[-2:] != ("06_gpt2_e2e", "full.yaml"))
+    assert len(specs) >= 10
+    monkeypatch.chdir(tmp_path)       # searches named by a spec live under runs/ here
+    for i, name in enumerate(sorted(ALGORITHMS)):
+        _finished_search(tmp_path / "runs" / "cifar-tune" / f"tune-{name}", name,
+                         {"client_lr": 1e-4 * (i + 1), "server_lr": 2e-4 * (i + 1)})
+    for spec in specs:
+        # (full-scale specs leave the data's place to the command line)
+        sweep = load_sweep(spec, [], {"data_dir": str(tmp_path)})
+        assert sweep.points, spec
+    reference = {p.name: p.config for p in load_sweep(specs[1], [], {}).points}
+    assert specs[1].name == "reference.yaml" and len(reference) == 24
+    sl = reference["algorithm=sl__seed=201"]
+    index = sorted(ALGORITHMS).index("sl")
+    assert (sl.client_lr, sl.server_lr, sl.rounds) == (1e-4 * (index + 1),
+                                                         2e-4 * (index + 1), 40)

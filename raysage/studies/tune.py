@@ -356,6 +356,9 @@ def tuned_fields(root: str, algorithm: str) -> dict[str, Any]:
     from ..config import read_yaml
 
     search, best = os.path.join(root, "tuning.yaml"), best_path(root)
+    if not os.path.isdir(root):
+        raise ConfigError(f"{root} does not exist: run {algorithm}'s raysage tune search with "
+                          f"--out {root} first")
     if not os.path.isfile(search):
         raise ConfigError(f"{root} is not a raysage tune folder (no tuning.yaml); give the "
                           f"--out of a search for {algorithm}")
