@@ -189,7 +189,9 @@ def test_write_report_writes_figures_and_markdown(tmp_path):
             "spent in all") in text
     assert ("| CSE-FSL (clients=10) | 1 | 55.00% | 55.00% | 6 | 3.0000 | 60.0 | 30.00% | 30.00% "
             "| 2.5000 | 2.50x | 50.0 | 2.50x "
-            "| not reached | - | - | - | - |") in text
+            "| not reached | - |") in text
+    # no run measured leakage: no leakage columns (the observer is off by default)
+    assert "input dCor" not in text and "Leakage columns" not in text
     assert "### partition=dirichlet, alpha=0.1" in text and "## Scalability: workers" in text
     assert "![accuracy vs communication](accuracy_vs_communication.png)" in text
     cse = [row for row in summary["table"] if row["algorithm"] == "cse_fsl"]

@@ -733,9 +733,11 @@ CURVE_AXES = {  # x name -> (axis label, value of a round row)
     "round": ("round", lambda row: float(row["round"])),
     "energy": ("energy of all clients (kJ)", lambda row: _num(row.get("cumulative_energy_j")) / 1e3),
 }
-# The leakage observer's columns (raysage/leakage.py): panel titles of the leakage figure.
-# The leakage observer's columns, also tabulated (their means over a run).
+# The leakage observer's columns (raysage/leakage.py), also tabulated (their means over a
+# run) under shorter heads than the leakage figure's panel titles.
 LEAKAGE_PANELS = {panel.column: panel.title for panel in Leakage.figure.panels}
+LEAKAGE_HEADS = dict(zip(LEAKAGE_PANELS, ("input dCor", "label attack, smashed",
+                                          "label attack, gradients"), strict=True))
 SCALING_PANELS = (  # cost, panel title, y label
     ("wall_per_round", "host wall time per round", "wall time / round (s, rounds >= 1)"),
     ("steps_per_s", "client throughput", "client steps / s of host time"),
@@ -1034,18 +1036,22 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
     named = next((run.label or run.algorithm for run in runs if run.algorithm == baseline), None)
     ratios = (f"Ratios are the algorithm's cost over {named}'s (above 1x: {named} needed "
               "less). " if named else "")
+    # Leakage columns only where some run measured leakage (the observer is off by default).
+    leakage = {c: head for c, head in LEAKAGE_HEADS.items()
+               if any(row[c] is not None for row in table)}
     out += ["", "## Cost to reach the target", "",
             ratios + "Energy is all clients' simulated energy up to the round that reached the "
-            "target. Leakage columns are means over the run's rounds of the leakage observer's "
-            "measurements (`-`: nothing of that kind crosses the link, or not measured); "
-            "see the README's \"Leakage and energy\" for what they mean and their limits."]
+            "target." + (" Leakage columns are means over the run's rounds of the leakage "
+                         "observer's measurements (`-`: nothing of that kind crosses the link, "
+                         "or not measured); see the README's \"Leakage and energy\" for what "
+                         "they mean and their limits." if leakage else "")]
     compare = ">=" if metric.higher_is_better else "<="
     versus = [f"vs {named}"] if named else []
     heads = ["algorithm", "runs", "best", "final", "rounds", "GiB in all", "sim time in all (s)",
              "best within the GiB budget", "best within the time budget", "GiB to target",
              *versus,
              "sim time to target (s)", *versus, "client energy to target (kJ)", *versus,
-             "input dCor", "label attack, smashed", "label attack, gradients"]
+             *leakage.values()]
     for facet in dict.fromkeys(row["facet"] for row in table):
         rows = [row for row in table if row["facet"] == facet]
         goal = rows[0]["target"]
@@ -1067,7 +1073,7 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
                                        ("time_to_target", "time_ratio", _seconds),
                                        ("energy_to_target", "energy_ratio", _kilojoules)):
                 cells += [show(row[value])] + ([_times(row[ratio])] if named else [])
-            out.append("| " + " | ".join(cells + [_share(row[c]) for c in LEAKAGE_PANELS])
+            out.append("| " + " | ".join(cells + [_share(row[c]) for c in leakage])
                        + " |")
     if study:
         out += _study_markdown(list(study), metric)
