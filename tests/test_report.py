@@ -673,3 +673,24 @@ def test_rounds_keeps_each_runs_first_rounds_so_horizons_compare(tmp_path):
         with pytest.raises(ConfigError, match=r"^--rounds .*: give the number of rounds"):
             write_report(tmp_path / "runs", tmp_path / "bad", rounds=bad)
     assert not (tmp_path / "bad").exists()
+
+
+def test_each_seed_of_a_series_is_listed_under_its_facet(tmp_path):
+    make_run(tmp_path / "runs", "f1", curve([0.2, 0.5, 0.6]), algorithm="fsl_sage", seed=1)
+    make_run(tmp_path / "runs", "f2", curve([0.3, 0.4, 0.45], sim_per_round=20.0),
+             algorithm="fsl_sage", seed=2)
+    make_run(tmp_path / "runs", "c1", curve([0.1, 0.2, 0.5]), algorithm="cse_fsl", seed=1)
+    make_run(tmp_path / "runs", "c2", curve([0.1, 0.5, 0.5]), algorithm="cse_fsl", seed=2)
+    summary = write_report(tmp_path / "runs", tmp_path / "out", target=0.5)
+    fsl = next(row for row in summary["table"] if row["algorithm"] == "fsl_sage")
+    # seed 1 reaches 0.5 in round 1 (1 GiB, 20 s); seed 2 never does
+    assert fsl["per_seed"] == [
+        {"seed": 1, "best": 0.6, "gib_to_target": pytest.approx(1.0), "time_to_target": 20.0},
+        {"seed": 2, "best": 0.45, "gib_to_target": None, "time_to_target": None}]
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| FSL-SAGE | 1 | 60.00% | 1.0000 | 20.0 |" in text
+    assert "| FSL-SAGE | 2 | 45.00% | not reached | not reached |" in text
+    assert "| CSE-FSL | 2 | 50.00% | 1.0000 | 20.0 |" in text
+    # one run per series: no such table
+    write_report(tmp_path / "runs" / "f1", tmp_path / "one")
+    assert "Each seed on its own" not in (tmp_path / "one" / "report.md").read_text()

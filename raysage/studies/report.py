@@ -544,9 +544,18 @@ def target_table(series: list[Series], target: float | None = None,
                 "time_ratio": _ratio(hit[2], ref_hit[2]) if hit and ref_hit else None,
                 "energy_to_target": energy,
                 "energy_ratio": _ratio(energy, ref_energy),
+                "per_seed": [_seed_row(run, goal, metric) for run in s.runs],
                 **{column: _measured_mean(s.rounds, column) for column in LEAKAGE_PANELS},
             })
     return rows
+
+
+def _seed_row(run: Run, goal: float | None, metric: str) -> dict[str, Any]:
+    """One run of a series on its own: how far apart its seeds are."""
+    hit = time_to_target(run.rounds, goal, metric) if goal is not None else None
+    return {"seed": run.config.get("seed"), "best": _best(run.rounds, _metric(metric)),
+            "gib_to_target": hit[1] if hit else None,
+            "time_to_target": hit[2] if hit else None}
 
 
 # ---------------------------------------------------------------- scalability
@@ -1075,6 +1084,13 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
                 cells += [show(row[value])] + ([_times(row[ratio])] if named else [])
             out.append("| " + " | ".join(cells + [_share(row[c]) for c in leakage])
                        + " |")
+        if any(len(row["per_seed"]) > 1 for row in rows):
+            out += ["", "Each seed on its own (the rows above score the mean curve of its seeds):", "",
+                    "| algorithm | seed | best | GiB to target | sim time to target (s) |",
+                    "|---|---:|---:|---:|---:|"]
+            out += [f"| {row['label']} | {one['seed']} | {metric.show(one['best'])} | "
+                    f"{_gib(one['gib_to_target'])} | {_seconds(one['time_to_target'])} |"
+                    for row in rows for one in row["per_seed"]]
     if study:
         out += _study_markdown(list(study), metric)
     for axis, lines in scaling.items():
