@@ -600,6 +600,9 @@ def test_series_on_different_seeds_are_compared_over_the_seeds_they_share(tmp_pa
     # FedAvg would look 0.5x its time; at seed 200, which both have: 20 s against 30 s.
     assert (fsl["runs"], fsl["seeds"], fsl["shared_seeds"]) == (1, [200, 201], [200])
     assert (fsl["round_to_target"], fsl["time_to_target"]) == (1, pytest.approx(20.0))
+    # each seed is still listed on its own, the one left out of the comparison too
+    assert [(one["seed"], one["time_to_target"]) for one in fsl["per_seed"]] == [
+        (200, 20.0), (201, 90.0)]
     assert fedavg["time_ratio"] == pytest.approx(30.0 / 20.0)
     # budgets: the least that either spent at seed 200, FedAvg's 2 rounds (1 GiB, 30 s)
     assert (fsl["budget_gib"], fsl["budget_sim_time"]) == (pytest.approx(1.0), 30.0)

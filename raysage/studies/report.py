@@ -544,7 +544,8 @@ def target_table(series: list[Series], target: float | None = None,
                 "time_ratio": _ratio(hit[2], ref_hit[2]) if hit and ref_hit else None,
                 "energy_to_target": energy,
                 "energy_ratio": _ratio(energy, ref_energy),
-                "per_seed": [_seed_row(run, goal, metric) for run in s.runs],
+                # every seed of the series, those the comparison left out too
+                "per_seed": [_seed_row(run, goal, metric) for run in all_seeds.runs],
                 **{column: _measured_mean(s.rounds, column) for column in LEAKAGE_PANELS},
             })
     return rows
@@ -1085,7 +1086,7 @@ def _markdown(runs: list[Run], series: list[Series], table: list[dict], metric: 
             out.append("| " + " | ".join(cells + [_share(row[c]) for c in leakage])
                        + " |")
         if any(len(row["per_seed"]) > 1 for row in rows):
-            out += ["", "Each seed on its own (the rows above score the mean curve of its seeds):", "",
+            out += ["", "Each seed on its own, all that each series has (the rows above score the mean curve over the seeds they compare):", "",
                     "| algorithm | seed | best | GiB to target | sim time to target (s) |",
                     "|---|---:|---:|---:|---:|"]
             out += [f"| {row['label']} | {one['seed']} | {metric.show(one['best'])} | "
